@@ -1,0 +1,122 @@
+"""A chat server: one object per room, hibernating between messages.
+
+Run it with ``python examples/chat.py [--port 8080]`` and connect a WebSocket client to
+``ws://127.0.0.1:8080/chat/<room>?nick=<nickname>``. Text messages are broadcast to the
+room; ``/who`` lists who is here; ``/msg <nick> <text>`` whispers; ``ping`` is answered
+with ``pong`` by the runtime without waking the room.
+
+The room keeps nothing in memory that it cannot rebuild: nicknames live in each socket's
+attachment and tags, so the room can be evicted at any time while everyone stays
+connected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from typing import Any
+from urllib.parse import parse_qs
+
+import trio
+
+from trio_hibernate import (
+    App,
+    DurableObject,
+    ObjectContext,
+    Request,
+    Response,
+    WebSocket,
+    WebSocketRequestResponsePair,
+    serve_objects,
+)
+
+NICK = re.compile(r"[A-Za-z0-9_-]{1,32}")
+HEARTBEAT = WebSocketRequestResponsePair("ping", "pong")
+
+
+class ChatRoom(DurableObject):
+    """A chat room. Tags: ``user:<nick>`` on every socket; attachment: ``{"nick": ...}``."""
+
+    def __init__(self, ctx: ObjectContext, env: Any) -> None:
+        super().__init__(ctx, env)
+        # Runs on every wake: keep it cheap. The heartbeat survives hibernation anyway;
+        # setting it again is harmless.
+        ctx.set_websocket_auto_response(HEARTBEAT)
+
+    async def fetch(self, request: Request) -> Response:
+        if request.websocket is None:
+            return Response(status=426, body="connect with a WebSocket\n")
+        nick = parse_qs(request.query).get("nick", [""])[0]
+        if not NICK.fullmatch(nick):
+            return Response(status=400, body="nick: 1-32 letters, digits, '_' or '-'\n")
+        if self.ctx.get_websockets(f"user:{nick}"):
+            return Response(status=409, body=f"{nick} is already in this room\n")
+        ws = request.websocket
+        ws.serialize_attachment({"nick": nick})
+        self.ctx.accept_websocket(ws, [f"user:{nick}"])
+        self.broadcast(f"* {nick} joined")
+        return Response(status=101, websocket=ws)
+
+    async def websocket_message(self, ws: WebSocket, message: str | bytes) -> None:
+        if isinstance(message, bytes):
+            ws.send("* binary messages are not supported")
+            return
+        nick = self.nick(ws)
+        if message == "/who":
+            ws.send("* here: " + ", ".join(sorted(self.nick(s) for s in self.present())))
+        elif message.startswith("/msg "):
+            _, target, text = (message.split(" ", 2) + [""])[:3]
+            peers = self.ctx.get_websockets(f"user:{target}")
+            for peer in peers:
+                peer.send(f"(whisper) {nick}: {text}")
+            if not peers:
+                ws.send(f"* no {target} here")
+        else:
+            self.broadcast(f"{nick}: {message}")
+
+    async def websocket_close(self, ws: WebSocket, code: int, reason: str, was_clean: bool) -> None:
+        self.broadcast(f"* {self.nick(ws)} left", exclude=ws)
+
+    async def websocket_error(self, ws: WebSocket, error: Exception) -> None:
+        self.broadcast(f"* {self.nick(ws)} dropped", exclude=ws)
+
+    def present(self) -> list[WebSocket]:
+        """Sockets that are still open (closing ones are still listed until they end)."""
+        return [ws for ws in self.ctx.get_websockets() if ws.ready_state == 1]
+
+    def broadcast(self, text: str, exclude: WebSocket | None = None) -> None:
+        for ws in self.present():
+            if ws is not exclude:
+                ws.send(text)
+
+    @staticmethod
+    def nick(ws: WebSocket) -> str:
+        attachment = ws.deserialize_attachment()
+        assert isinstance(attachment, dict)
+        return str(attachment["nick"])
+
+
+app = App({"chat": ChatRoom})
+
+
+async def main(port: int, address: str) -> None:
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(lambda task_status: serve_objects(app, address, port, task_status=task_status))
+        print(f"chat server listening on {server.url('/chat/<room>?nick=<name>')}", flush=True)
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--address", default="127.0.0.1")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        trio.run(main, args.port, args.address)
+    except KeyboardInterrupt:
+        print("bye")
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,72 @@
+"""trio-hibernate: hibernatable WebSocket objects (Durable Objects style) for Trio.
+
+An application defines :class:`DurableObject` classes and registers them in an
+:class:`App`. Each object is addressed by name, accepts WebSockets with tags and small
+attachments, and is evicted from memory when idle while its WebSockets stay connected;
+the next event constructs it again. Serve an app with :func:`open_server` /
+:func:`serve_objects`, or run a :func:`open_host` and hand it sockets.
+"""
+
+from ._app import App as App
+from ._autoresponse import WebSocketRequestResponsePair as WebSocketRequestResponsePair
+from ._connection import WebSocketProtocolError as WebSocketProtocolError
+from ._context import ObjectContext as ObjectContext
+from ._errors import (
+    DataCloneError as DataCloneError,
+    HibernateError as HibernateError,
+    InvalidCloseCodeError as InvalidCloseCodeError,
+    LimitExceededError as LimitExceededError,
+    WebSocketStateError as WebSocketStateError,
+)
+from ._host import (
+    Host as Host,
+    HostStatistics as HostStatistics,
+    ObjectStatistics as ObjectStatistics,
+    open_host as open_host,
+)
+from ._http import Request as Request, Response as Response
+from ._ids import ObjectId as ObjectId
+from ._lifecycle import ObjectState as ObjectState
+from ._limits import Limits as Limits
+from ._object import DurableObject as DurableObject
+from ._registry import ReadyState as ReadyState
+from ._server import Server as Server, open_server as open_server, serve_objects as serve_objects
+from ._version import __version__ as __version__
+from ._websocket import WebSocket as WebSocket
+
+__all__ = [
+    "App",
+    "DataCloneError",
+    "DurableObject",
+    "HibernateError",
+    "Host",
+    "HostStatistics",
+    "InvalidCloseCodeError",
+    "Limits",
+    "LimitExceededError",
+    "ObjectContext",
+    "ObjectId",
+    "ObjectState",
+    "ObjectStatistics",
+    "ReadyState",
+    "Request",
+    "Response",
+    "Server",
+    "WebSocket",
+    "WebSocketProtocolError",
+    "WebSocketRequestResponsePair",
+    "WebSocketStateError",
+    "__version__",
+    "open_host",
+    "open_server",
+    "serve_objects",
+]
+
+for _name in __all__:
+    _obj = globals()[_name]
+    if hasattr(_obj, "__module__") and _obj.__module__.startswith("trio_hibernate."):
+        try:
+            _obj.__module__ = "trio_hibernate"
+        except (AttributeError, TypeError):  # pragma: no cover - builtins/immutable
+            pass
+del _name, _obj

@@ -1,0 +1,523 @@
+"""One client connection: HTTP/1.1 request, then (maybe) a WebSocket. One task each.
+
+The connection task drives a non-blocking socket directly with ``h11`` (the request) and
+``wsproto`` (frames). It holds no object state: it turns bytes into events for the object
+(``Host._deliver``) and answers what needs no object itself: protocol pings, the
+auto-response, and the reply to a peer's Close. That is why it keeps running while the
+object hibernates.
+
+Writes are synchronous (object code calls ``ws.send`` without awaiting): a frame goes
+straight to the kernel with a non-blocking ``send``. Only if the kernel buffer is full does
+a short-lived flusher task appear, holding the backlog until the peer reads it. Per idle
+socket the runtime keeps this object, its ``wsproto`` connection, the socket and one
+parked task; queues, events and timers are created only while needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import TYPE_CHECKING, Final
+from urllib.parse import unquote
+
+import h11
+import trio
+from wsproto.connection import Connection as WSConnection, ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.utilities import generate_accept_token
+
+from ._errors import LimitExceededError
+from ._events import CloseEvent, ErrorEvent, FetchEvent, MessageEvent
+from ._http import Request, Response
+from ._websocket import WebSocket
+
+if TYPE_CHECKING:
+    from ._host import Host, ObjectEntry
+    from ._registry import SocketRecord
+
+__all__ = ["ServerConnection", "WebSocketProtocolError"]
+
+log = logging.getLogger("trio_hibernate.connection")
+
+_RECV_BYTES: Final = 65536
+_DROP_REASON: Final = "WebSocket disconnected without sending Close frame."
+_MAX_NAME_CHARS: Final = 256
+
+
+class WebSocketProtocolError(Exception):
+    """Passed to ``websocket_error``: the peer broke the protocol or a limit.
+
+    Attributes:
+        code: The close code the runtime sent (1002, 1007, 1009, or 1011 for a slow peer).
+    """
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"WebSocket protocol error ({code}): {reason}")
+        self.code = code
+        self.reason = reason
+
+
+def _simple_response(status: int, body: str, extra: tuple[tuple[str, str], ...] = ()) -> Response:
+    return Response(status=status, body=body + "\n", headers=extra)
+
+
+class ServerConnection:
+    """A client connection and, after the upgrade, the transport of its WebSocket."""
+
+    __slots__ = (
+        "_backlog",
+        "_entry",
+        "_dead",
+        "_flushed",
+        "_host",
+        "_pending",
+        "_pending_close",
+        "_record",
+        "_resume",
+        "_sock",
+        "_terminal",
+        "_watchdog",
+        "_ws",
+    )
+
+    def __init__(self, host: Host, sock: socket.socket) -> None:
+        self._host = host
+        self._sock = sock
+        self._ws: WSConnection | None = None
+        self._entry: ObjectEntry | None = None
+        self._record: SocketRecord | None = None
+        # Frames sent by the object before the 101 response went out; None afterwards.
+        self._pending: list[bytes] | None = []
+        self._pending_close: tuple[int | None, str] | None = None
+        self._backlog: bytearray | None = None
+        self._flushed: trio.Event | None = None
+        self._resume: trio.Event | None = None
+        self._watchdog: trio.CancelScope | None = None
+        self._terminal = False  # the terminal event is decided; no other may follow
+        self._dead = False  # the transport is unusable; writes are dropped
+
+    # -- the task ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the connection until it ends. Runs in the host nursery."""
+        host = self._host
+        try:
+            if await self._http_phase():
+                await self._websocket_phase()
+            await self._drain()
+        except trio.ClosedResourceError:
+            pass  # aborted by us (notify_closing): the reason was already recorded
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+            host._connection_ended(self)
+            if not self._terminal and self._record is not None:
+                # Cancelled (host shutdown) before the socket's end was decided.
+                self._terminal = True
+                self._record.peer_closed = True
+            self._dead = True
+            self._sock.close()
+
+    async def _recv(self) -> bytes:
+        """The next bytes from the peer; ``b""`` on EOF or a transport error."""
+        sock = self._sock
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                return sock.recv(_RECV_BYTES)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return b""
+
+    # -- HTTP ----------------------------------------------------------------------------
+
+    async def _http_phase(self) -> bool:
+        """Read one request, hand it to the object. True if it became a WebSocket."""
+        host = self._host
+        h = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
+        with trio.move_on_after(host.handshake_timeout):
+            try:
+                request = await self._read_request(h)
+            except h11.RemoteProtocolError as exc:
+                self._send_http(h, _simple_response(400, f"Bad Request: {exc}"))
+                return False
+            except LimitExceededError as exc:
+                self._send_http(h, _simple_response(413, str(exc)))
+                return False
+        if request is None:
+            return False  # EOF, or the handshake timed out
+        ws = request.websocket
+        routed = host._route(request.path)
+        if ws is not None and not isinstance(routed, Response):
+            routed = self._check_websocket_headers(request) or routed
+        if isinstance(routed, Response):
+            self._send_http(h, routed)
+            return False
+        self._entry = entry = routed
+        response = await self._fetch(entry, request)
+        record = ws._record if ws is not None else None
+        if ws is not None and response.status == 101 and response.websocket is ws and record:
+            self._upgrade(h, request, record, response)
+            return True
+        if record is not None:
+            entry.core.release(record)  # accepted, then refused: undo without any event
+            host._forget_if_unused(entry)
+        if response.status == 101:
+            log.error(
+                "fetch() for %s returned 101 with a WebSocket it did not accept for this "
+                "request; answering 500",
+                request.path,
+            )
+            response = _simple_response(500, "Internal Server Error")
+        self._send_http(h, response)
+        return False
+
+    async def _read_request(self, h: h11.Connection) -> Request | None:
+        host = self._host
+        head: h11.Request | None = None
+        body = bytearray()
+        while True:
+            event = h.next_event()
+            if event is h11.NEED_DATA:
+                h.receive_data(await self._recv())
+                continue
+            if isinstance(event, h11.Request):
+                head = event
+                if self._is_upgrade(event):
+                    break
+            elif isinstance(event, h11.Data):
+                body += event.data
+                limit = host.limits.max_request_body_bytes
+                if len(body) > limit:
+                    raise LimitExceededError(
+                        f"Payload Too Large: the request body is over {limit} bytes "
+                        "(Limits.max_request_body_bytes)",
+                        limit_name="max_request_body_bytes",
+                        limit=limit,
+                        value=len(body),
+                    )
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            else:
+                return None  # ConnectionClosed or PAUSED without a request: nothing to do
+        assert head is not None
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers]
+        target = head.target.decode("latin-1")
+        websocket = None
+        if self._is_upgrade(head):
+            websocket = WebSocket(transport=self, url=target, limits=host.limits)
+        return Request(
+            method=head.method.decode("ascii"),
+            url=target,
+            headers=headers,
+            body=bytes(body),
+            websocket=websocket,
+        )
+
+    @staticmethod
+    def _is_upgrade(head: h11.Request) -> bool:
+        connection = upgrade = b""
+        for name, value in head.headers:
+            if name == b"connection":
+                connection = value.lower()
+            elif name == b"upgrade":
+                upgrade = value.lower()
+        return (
+            head.method == b"GET"
+            and upgrade == b"websocket"
+            and b"upgrade" in (token.strip() for token in connection.split(b","))
+        )
+
+    async def _fetch(self, entry: ObjectEntry, request: Request) -> Response:
+        done = trio.Event()
+        box: list[object] = []
+
+        def reply(result: object) -> None:
+            box.append(result)
+            done.set()
+
+        self._host._deliver(entry, FetchEvent(request, reply))
+        await done.wait()
+        response = box[0]
+        assert isinstance(response, Response)
+        return response
+
+    @staticmethod
+    def _check_websocket_headers(request: Request) -> Response | None:
+        if request.header("sec-websocket-version") != "13":
+            return _simple_response(
+                426, "Upgrade Required: WebSocket version 13", (("sec-websocket-version", "13"),)
+            )
+        if not request.header("sec-websocket-key"):
+            return _simple_response(400, "Bad Request: missing Sec-WebSocket-Key")
+        return None
+
+    def _upgrade(
+        self, h: h11.Connection, request: Request, record: SocketRecord, response: Response
+    ) -> None:
+        key = request.header("sec-websocket-key")
+        assert key is not None
+        headers = [
+            (b"upgrade", b"websocket"),
+            (b"connection", b"Upgrade"),
+            (b"sec-websocket-accept", generate_accept_token(key.encode("ascii"))),
+        ]
+        headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers]
+        head = h.send(h11.InformationalResponse(status_code=101, headers=headers))
+        assert head is not None
+        trailing, _closed = h.trailing_data
+        self._record = record
+        self._ws = WSConnection(ConnectionType.SERVER, trailing_data=trailing)
+        pending = self._pending or []
+        self._pending = None
+        self._write(head)
+        for frame in pending:
+            self._write(frame)
+        if self._pending_close is not None:
+            self.start_close(*self._pending_close)
+
+    def _send_http(self, h: h11.Connection, response: Response) -> None:
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers]
+        headers += [
+            (b"content-length", str(len(response.body)).encode()),
+            (b"connection", b"close"),
+        ]
+        if h.our_state is not h11.SEND_RESPONSE:
+            return  # the peer broke the request badly enough that no response fits
+        self._pending = None
+        data = h.send(h11.Response(status_code=response.status, headers=headers))
+        assert data is not None
+        data += h.send(h11.Data(data=response.body)) or b""
+        data += h.send(h11.EndOfMessage()) or b""
+        self._write(data)
+
+    # -- WebSocket -----------------------------------------------------------------------
+
+    async def _websocket_phase(self) -> None:
+        ws = self._ws
+        record = self._record
+        entry = self._entry
+        assert ws is not None and record is not None and entry is not None
+        core = entry.core
+        host = self._host
+        deliver = host._deliver
+        max_queued = host.limits.max_queued_messages_per_websocket
+        max_bytes = host.limits.max_message_bytes
+        parts: list[str] | list[bytes] = []
+        size = 0
+        while True:
+            for event in ws.events():
+                kind = type(event)
+                if kind is TextMessage or kind is BytesMessage:
+                    assert isinstance(event, TextMessage | BytesMessage)
+                    chunk = event.data
+                    if isinstance(chunk, str):
+                        size += len(chunk) if chunk.isascii() else len(chunk.encode())
+                    else:
+                        size += len(chunk)
+                    if size > max_bytes:
+                        self._fail(1009, f"Message is too large: {size} > {max_bytes}")
+                        return
+                    if not event.message_finished:
+                        parts.append(chunk)  # type: ignore[arg-type]
+                        continue
+                    message: str | bytes = chunk
+                    if parts:
+                        parts.append(chunk)  # type: ignore[arg-type]
+                        message = "".join(parts) if kind is TextMessage else b"".join(parts)  # type: ignore[arg-type]
+                        parts = []
+                    size = 0
+                    if kind is TextMessage and core.is_auto_response(message):  # type: ignore[arg-type]
+                        reply = core.record_auto_response(record, host.wall_clock())
+                        host._auto_responses += 1
+                        if reply is not None:
+                            self.send_message(reply)
+                        continue
+                    deliver(entry, MessageEvent(record, message))
+                elif kind is Ping:
+                    assert isinstance(event, Ping)
+                    self._write(ws.send(event.response()))
+                elif kind is CloseConnection:
+                    assert isinstance(event, CloseConnection)
+                    self._on_close_frame(ws, record, event)
+                    return
+                # Pong: nothing to do.
+            if self._terminal:
+                return
+            if record.queued >= max_queued:
+                self._resume = trio.Event()
+                await self._resume.wait()
+                self._resume = None
+            data = await self._recv()
+            if not data:
+                self._end(CloseEvent(record, 1006, _DROP_REASON, False))
+                return
+            ws.receive_data(data)
+
+    def _on_close_frame(self, ws: WSConnection, record: SocketRecord, event: CloseConnection) -> None:
+        state = ws.state
+        code, reason = int(event.code), event.reason or ""
+        if state is ConnectionState.REMOTE_CLOSING:
+            # The peer started: answer at once (spec 7, Rule), then tell the object.
+            self._write(ws.send(event.response()))
+            self._end(CloseEvent(record, code, reason, True))
+        elif state is ConnectionState.CLOSED:
+            self._end(CloseEvent(record, code, reason, True))  # the answer to our close()
+        else:
+            # wsproto reports a protocol violation as a CloseConnection it did not receive.
+            if state is ConnectionState.OPEN:
+                self._write(ws.send(CloseConnection(code=code, reason=reason[:120])))
+            self._end(ErrorEvent(record, WebSocketProtocolError(code, reason)))
+
+    def _fail(self, code: int, reason: str) -> None:
+        ws = self._ws
+        record = self._record
+        assert ws is not None and record is not None
+        if ws.state is ConnectionState.OPEN:
+            self._write(ws.send(CloseConnection(code=code, reason=reason)))
+        self._end(ErrorEvent(record, WebSocketProtocolError(code, reason)))
+
+    def _end(self, event: CloseEvent | ErrorEvent) -> None:
+        """Decide the socket's terminal event (at most once) and queue it for the object."""
+        if self._terminal:
+            return
+        self._terminal = True
+        event.record.peer_closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        host = self._host
+        assert self._entry is not None
+        host._deliver(self._entry, event)
+
+    # -- Transport (called synchronously by object code) ----------------------------------
+
+    def send_message(self, data: str | bytes) -> None:
+        """Queue one data message (see :class:`~trio_hibernate._registry.Transport`)."""
+        if not self._dead:
+            self._write(self._host._encode(data))
+
+    def start_close(self, code: int | None, reason: str) -> None:
+        """Send our Close frame; the peer's answer ends the socket (or the watchdog does)."""
+        ws = self._ws
+        if ws is None:
+            self._pending_close = (code, reason)
+            return
+        if self._dead or ws.state is not ConnectionState.OPEN:
+            return
+        self._write(ws.send(CloseConnection(code=1005 if code is None else code, reason=reason)))
+        if not self._terminal:
+            self._host._spawn(self._close_watchdog)
+
+    def resume_reading(self) -> None:
+        """The object caught up with this socket's queued messages: read again."""
+        if self._resume is not None:
+            self._resume.set()
+
+    async def _close_watchdog(self) -> None:
+        with trio.CancelScope() as scope:
+            self._watchdog = scope
+            await trio.sleep(self._host.close_timeout)
+            if self._record is not None:
+                self._end(CloseEvent(self._record, 1006, _DROP_REASON, False))
+            self._abort()
+
+    def begin_shutdown(self, code: int, reason: str) -> None:
+        """Host shutdown: close with ``code`` and run no handler."""
+        self._terminal = True
+        ws = self._ws
+        if ws is not None and ws.state is ConnectionState.OPEN and not self._dead:
+            self._write(ws.send(CloseConnection(code=code, reason=reason)))
+            if self._record is not None:
+                self._record.peer_closed = True
+        else:
+            self._abort()
+
+    def _abort(self) -> None:
+        """Drop the transport now; the connection task wakes up and ends."""
+        if not self._dead:
+            self._dead = True
+            trio.lowlevel.notify_closing(self._sock)
+
+    # -- writing -------------------------------------------------------------------------
+
+    def _write(self, data: bytes | bytearray) -> None:
+        if self._pending is not None:
+            self._pending.append(bytes(data))
+            return
+        if self._dead:
+            return
+        backlog = self._backlog
+        if backlog is not None:
+            backlog += data
+            limit = self._host.limits.max_send_buffer_bytes
+            if len(backlog) > limit and self._record is not None:
+                self._end(
+                    ErrorEvent(
+                        self._record,
+                        WebSocketProtocolError(
+                            1011,
+                            f"the peer is not reading: over {limit} bytes buffered "
+                            "(Limits.max_send_buffer_bytes)",
+                        ),
+                    )
+                )
+                self._abort()
+            return
+        try:
+            sent = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._dead = True  # reset by the peer: the read side reports the drop
+            return
+        if sent < len(data):
+            self._backlog = bytearray(memoryview(data)[sent:])
+            self._host._spawn(self._flush)
+
+    async def _flush(self) -> None:
+        sock = self._sock
+        backlog = self._backlog
+        assert backlog is not None
+        try:
+            while backlog and not self._dead:
+                await trio.lowlevel.wait_writable(sock)
+                try:
+                    sent = sock.send(backlog)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    self._dead = True
+                    break
+                del backlog[:sent]
+        except trio.ClosedResourceError:
+            pass  # aborted by _abort(); nothing more can be written
+        finally:
+            self._backlog = None
+            if self._flushed is not None:
+                self._flushed.set()
+
+    async def _drain(self) -> None:
+        """Let buffered bytes reach the peer (bounded by the close timeout)."""
+        if self._backlog is not None and not self._dead:
+            self._flushed = trio.Event()
+            with trio.move_on_after(self._host.close_timeout):
+                await self._flushed.wait()
+        if not self._dead:
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # already reset by the peer
+
+    @staticmethod
+    def parse_target(path: str) -> tuple[str, str] | str:
+        """``/<namespace>/<name>[/...]`` -> (namespace, name), or an error message."""
+        parts = path.split("/", 3)
+        if len(parts) < 3 or parts[0] != "" or not parts[1] or not parts[2]:
+            return "expected a path of the form /<namespace>/<object name>[/...]"
+        name = unquote(parts[2])
+        if len(name) > _MAX_NAME_CHARS:
+            return f"object names are at most {_MAX_NAME_CHARS} characters (got {len(name)})"
+        if not name.isprintable():
+            return "object names cannot contain control characters"
+        return parts[1], name

@@ -1,0 +1,207 @@
+"""The object context (``self.ctx``): the seed's ``state`` methods, in Python."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, final
+
+from ._autoresponse import WebSocketRequestResponsePair
+from ._errors import LimitExceededError, WebSocketStateError
+from ._limits import MAX_EVENT_TIMEOUT_MS
+from ._registry import SocketRecord, normalize_tags
+from ._websocket import WebSocket
+
+if TYPE_CHECKING:
+    from ._ids import ObjectId
+    from ._lifecycle import ObjectCore
+
+__all__ = ["ObjectContext"]
+
+
+@final
+class ObjectContext:
+    """What an object instance knows about itself and its sockets.
+
+    A new context is made for every activation (every time the object wakes). Everything
+    it reports about sockets, tags, attachments, the auto-response and the event timeout
+    survives hibernation; the context object itself does not.
+    """
+
+    __slots__ = ("_core", "_handles", "_spawn", "id", "namespace")
+
+    def __init__(
+        self,
+        *,
+        namespace: str,
+        object_id: ObjectId,
+        core: ObjectCore,
+        spawn: Callable[[Callable[[], Awaitable[object]]], None],
+    ) -> None:
+        # Made by the runtime; never constructed by application code.
+        self.namespace = namespace
+        """The namespace (object class name in the app) of this object."""
+        self.id = object_id
+        """This object's :class:`ObjectId`."""
+        self._core = core
+        self._spawn = spawn
+        self._handles: dict[SocketRecord, WebSocket] = {}
+
+    def _handle(self, record: SocketRecord) -> WebSocket:
+        handle = self._handles.get(record)
+        if handle is None:
+            handle = self._handles[record] = WebSocket._for_record(record, self._core.limits)
+        return handle
+
+    def _record_of(self, ws: WebSocket) -> SocketRecord:
+        if not isinstance(ws, WebSocket):
+            raise TypeError(f"expected a WebSocket, got {type(ws).__name__}")
+        record = ws._record
+        if record is None or record.released or record not in self._core.registry:
+            raise WebSocketStateError(
+                "you must call 'accept_websocket()' before attempting to access the tags "
+                "of a WebSocket (this one is not accepted by this object, or is closed)."
+            )
+        return record
+
+    # -- sockets -------------------------------------------------------------------------
+
+    def accept_websocket(self, ws: WebSocket, tags: Iterable[str] = ()) -> None:
+        """Attach an upgrading WebSocket to this object, with optional ``tags``.
+
+        From now on its messages, close and error go to this object's handlers, also
+        after hibernation. Call it in ``fetch`` and return
+        ``Response(status=101, websocket=ws)``. Tags are fixed for the socket's life.
+
+        Raises:
+            WebSocketStateError: ``ws`` was already accepted.
+            TypeError: ``tags`` is a string or holds a non-string.
+            LimitExceededError: too many tags, a tag too long, or the object already holds
+                ``Limits.max_websockets_per_object`` sockets. Nothing is changed.
+        """
+        if not isinstance(ws, WebSocket):
+            raise TypeError(f"expected a WebSocket, got {type(ws).__name__}")
+        if ws._record is not None:
+            raise WebSocketStateError(
+                "Cannot call accept_websocket() if the WebSocket was already accepted."
+            )
+        clean = normalize_tags(tags, self._core.limits)
+        record = SocketRecord(
+            transport=ws._transport, tags=clean, url=ws._url, attachment=ws._pending_attachment
+        )
+        self._core.registry.add(record)
+        ws._record = record
+        ws._pending_attachment = None
+        self._handles[record] = ws
+
+    def get_websockets(self, tag: str | None = None) -> list[WebSocket]:
+        """Accepted sockets, oldest first; with ``tag``, those carrying exactly it.
+
+        A socket is listed until its ``websocket_close``/``websocket_error`` handler has
+        run, so one this object closed stays listed (``CLOSING``) until the peer answers.
+        """
+        if tag is not None and not isinstance(tag, str):
+            raise TypeError(f"a tag is a str, not {type(tag).__name__}")
+        handle = self._handle
+        return [handle(record) for record in self._core.registry.sockets(tag)]
+
+    def get_tags(self, ws: WebSocket) -> list[str]:
+        """The tags ``ws`` was accepted with (also inside close and error handlers).
+
+        Raises:
+            WebSocketStateError: ``ws`` is not a socket accepted by this object.
+        """
+        if isinstance(ws, WebSocket) and ws._record is not None and ws._record.released:
+            return list(ws._record.tags)
+        return list(self._record_of(ws).tags)
+
+    # -- auto-response -------------------------------------------------------------------
+
+    def set_websocket_auto_response(
+        self, pair: WebSocketRequestResponsePair | None = None
+    ) -> None:
+        """Answer ``pair.request`` with ``pair.response`` on every socket, without waking.
+
+        Replaces any earlier pair; with no argument, removes it (timestamps are kept).
+
+        Raises:
+            LimitExceededError: the request or the response is over
+                ``Limits.max_auto_response_bytes`` UTF-8 bytes (request checked first).
+        """
+        if pair is None:
+            self._core.auto_response = None
+            return
+        if not isinstance(pair, WebSocketRequestResponsePair):
+            raise TypeError(f"expected a WebSocketRequestResponsePair, got {pair!r}")
+        limit = self._core.limits.max_auto_response_bytes
+        for what, text in (("request", pair.request), ("response", pair.response)):
+            size = len(text.encode("utf-8"))
+            if size > limit:
+                raise LimitExceededError(
+                    f"{what.capitalize()} cannot be larger than {limit} bytes. A {what} of "
+                    f"size {size} was provided (Limits.max_auto_response_bytes).",
+                    limit_name="max_auto_response_bytes",
+                    limit=limit,
+                    value=size,
+                )
+        self._core.auto_response = pair
+
+    def get_websocket_auto_response(self) -> WebSocketRequestResponsePair | None:
+        """The current auto-response pair, or None."""
+        return self._core.auto_response
+
+    def get_websocket_auto_response_timestamp(self, ws: WebSocket) -> datetime | None:
+        """When ``ws`` last received the auto-response request (UTC), or None."""
+        if not isinstance(ws, WebSocket):
+            raise TypeError(f"expected a WebSocket, got {type(ws).__name__}")
+        record = ws._record
+        if record is None or record.auto_response_at is None:
+            return None
+        return datetime.fromtimestamp(record.auto_response_at, UTC)
+
+    # -- event timeout -------------------------------------------------------------------
+
+    def set_hibernatable_websocket_event_timeout(self, timeout_ms: int | None = None) -> None:
+        """Cancel socket event handlers that run longer than ``timeout_ms``.
+
+        ``None`` or ``0`` removes the limit. A handler that overruns is cancelled, the
+        error is logged and the instance is dropped (the next event builds a new one);
+        sockets stay connected. Survives hibernation.
+
+        Raises:
+            TypeError: not an int (fractions of a millisecond are not accepted).
+            ValueError: negative, or over 604,800,000 ms (a week).
+        """
+        if timeout_ms is None or timeout_ms == 0:
+            self._core.event_timeout_ms = None
+            return
+        if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int | float):
+            raise TypeError(f"the event timeout is an int of ms, not {timeout_ms!r}")
+        if isinstance(timeout_ms, float):
+            if not math.isfinite(timeout_ms) or not timeout_ms.is_integer():
+                raise TypeError(f"the event timeout must be a whole number of ms: {timeout_ms}")
+            timeout_ms = int(timeout_ms)
+        if timeout_ms < 0:
+            raise ValueError(f"the event timeout cannot be negative, got {timeout_ms}")
+        if timeout_ms > MAX_EVENT_TIMEOUT_MS:
+            raise ValueError(
+                f"Event timeout should not exceed {MAX_EVENT_TIMEOUT_MS} ms "
+                f"(got {timeout_ms})."
+            )
+        self._core.event_timeout_ms = timeout_ms
+
+    def get_hibernatable_websocket_event_timeout(self) -> int | None:
+        """The event timeout in ms, or None when unset."""
+        return self._core.event_timeout_ms
+
+    # -- tasks ---------------------------------------------------------------------------
+
+    def start_soon(self, async_fn: Callable[[], Awaitable[object]]) -> None:
+        """Run ``async_fn()`` in this object's nursery.
+
+        While it runs the object is not idle and will not hibernate on its own. It is
+        cancelled if the object is evicted by force (test hook, event timeout, shutdown).
+        An exception it raises is logged with the object id and does not affect sockets.
+        """
+        self._spawn(async_fn)

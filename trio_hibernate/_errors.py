@@ -1,0 +1,60 @@
+"""Exceptions raised by trio-hibernate.
+
+Every error says whose fault it is: :class:`LimitExceededError`, :class:`DataCloneError`,
+:class:`InvalidCloseCodeError` and :class:`WebSocketStateError` are raised to the *caller*
+(application code misused the API or passed a value over a limit), and nothing has changed
+when they are raised. Failures caused by the *peer* are never raised into object code; they
+arrive as ``websocket_close`` / ``websocket_error`` events instead.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DataCloneError",
+    "HibernateError",
+    "InvalidCloseCodeError",
+    "LimitExceededError",
+    "WebSocketStateError",
+]
+
+
+class HibernateError(Exception):
+    """Base class of every error trio-hibernate raises on purpose."""
+
+
+class LimitExceededError(HibernateError, ValueError):
+    """A value is over one of the configured :class:`~trio_hibernate.Limits`.
+
+    Attributes:
+        limit_name: The :class:`~trio_hibernate.Limits` field that was exceeded.
+        limit: The configured maximum.
+        value: The size (or count) that was offered.
+    """
+
+    def __init__(self, message: str, *, limit_name: str, limit: int, value: int) -> None:
+        super().__init__(message)
+        self.limit_name = limit_name
+        self.limit = limit
+        self.value = value
+
+
+class DataCloneError(HibernateError, TypeError):
+    """A value is not *data* and cannot be stored (attachments, storage).
+
+    Data is what the structured-clone algorithm accepts: ``None``, ``bool``, ``int``,
+    ``float``, ``str``, ``bytes``, lists, tuples, dicts, sets, timezone-aware datetimes and
+    the like, with shared references and cycles. Functions, sockets and arbitrary class
+    instances are not data.
+    """
+
+
+class InvalidCloseCodeError(HibernateError, ValueError):
+    """``WebSocket.close()`` was given a code or reason the protocol does not allow."""
+
+
+class WebSocketStateError(HibernateError, RuntimeError):
+    """A WebSocket operation is not allowed in the socket's current state.
+
+    For example ``send()`` after ``close()``, accepting a socket twice, or asking for the
+    tags of a socket this object never accepted.
+    """

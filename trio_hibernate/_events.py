@@ -1,0 +1,59 @@
+"""Events queued for an object. Plain data; the supervisor dispatches them in order."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._registry import SocketRecord
+
+__all__ = ["CloseEvent", "ErrorEvent", "Event", "FetchEvent", "MessageEvent"]
+
+
+class MessageEvent:
+    """A whole text (``str``) or binary (``bytes``) message from a socket."""
+
+    __slots__ = ("data", "record")
+
+    def __init__(self, record: SocketRecord, data: str | bytes) -> None:
+        self.record = record
+        self.data = data
+
+
+class CloseEvent:
+    """The socket's terminal close: the peer's code and reason, or 1006 on a drop."""
+
+    __slots__ = ("code", "reason", "record", "was_clean")
+
+    def __init__(self, record: SocketRecord, code: int, reason: str, was_clean: bool) -> None:
+        self.record = record
+        self.code = code
+        self.reason = reason
+        self.was_clean = was_clean
+
+
+class ErrorEvent:
+    """The socket's terminal error (protocol violation, oversize message, slow peer)."""
+
+    __slots__ = ("error", "record")
+
+    def __init__(self, record: SocketRecord, error: Exception) -> None:
+        self.record = record
+        self.error = error
+
+
+class FetchEvent:
+    """An HTTP request (maybe a WebSocket upgrade) for the object's ``fetch`` handler.
+
+    ``reply`` is called exactly once, with the response or the exception to report.
+    """
+
+    __slots__ = ("reply", "request")
+
+    def __init__(self, request: object, reply: Callable[[object], None]) -> None:
+        self.request = request
+        self.reply = reply
+
+
+Event = MessageEvent | CloseEvent | ErrorEvent | FetchEvent

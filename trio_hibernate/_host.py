@@ -1,0 +1,338 @@
+"""The host: owns the connection tasks and the object supervisors of one app."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Final, final
+
+import attrs
+import trio
+
+from ._connection import ServerConnection
+from ._events import Event, FetchEvent
+from ._frames import encode_message
+from ._http import Response
+from ._ids import ObjectId
+from ._lifecycle import ObjectCore, ObjectState
+from ._limits import Limits
+from ._supervisor import Activation, supervise
+
+if TYPE_CHECKING:
+    from ._app import App
+    from ._object import DurableObject
+
+__all__ = ["Host", "HostStatistics", "ObjectStatistics", "open_host"]
+
+log = logging.getLogger("trio_hibernate.host")
+
+#: Messages up to this size keep their encoded frame for the next send of the same object
+#: (a broadcast loop sends one ``str`` to many sockets: encode once).
+_FRAME_CACHE_MAX_BYTES: Final = 65536
+
+
+@attrs.frozen(kw_only=True)
+class HostStatistics:
+    """A snapshot of a host (see :meth:`Host.statistics`)."""
+
+    live_objects: int
+    """Objects with an instance in memory."""
+    hibernated_objects: int
+    """Objects with connected WebSockets and no instance."""
+    websockets: int
+    """Accepted WebSockets, whether their object is live or hibernated."""
+    connections: int
+    """Open client connections (including ones still in the HTTP phase)."""
+    wakes: int
+    """Instances constructed so far."""
+    hibernations: int
+    """Instances dropped so far (idle, hook, strict mode, timeout, shutdown)."""
+    auto_responses: int
+    """Auto-responses served by the runtime without waking an object."""
+    seconds_in_memory: float
+    """Total (Trio clock) seconds that instances spent in memory, finished activations."""
+
+
+@attrs.frozen(kw_only=True)
+class ObjectStatistics:
+    """A snapshot of one object (see :meth:`Host.object_statistics`)."""
+
+    state: ObjectState
+    """``HIBERNATED``, ``STARTING``, ``LIVE`` or ``STOPPING``."""
+    websockets: int
+    """Accepted WebSockets still listed by ``get_websockets()``."""
+    queued_events: int
+    """Events waiting for the object."""
+    activations: int
+    """Times the object's constructor has completed."""
+
+
+@attrs.define(eq=False)
+class ObjectEntry:
+    """What the host keeps for an object it knows (live, or hibernated with sockets)."""
+
+    namespace: str
+    object_id: ObjectId
+    cls: type[DurableObject]
+    core: ObjectCore
+    activation: Activation | None = None
+
+
+@final
+class Host:
+    """Runs the objects of one :class:`App` and their connections.
+
+    Make one with :func:`open_host` (or let :func:`~trio_hibernate.open_server` do it).
+    Connections are served by :meth:`serve_socket`; each lives in the host nursery as one
+    task, independent of its object's activations.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        nursery: trio.Nursery,
+        *,
+        limits: Limits,
+        idle_timeout: float,
+        hibernate_after_every_event: bool,
+        handshake_timeout: float,
+        close_timeout: float,
+        wall_clock: Callable[[], float],
+    ) -> None:
+        self.app = app
+        self.env = app.env
+        self.limits = limits
+        self.idle_timeout = idle_timeout
+        self.hibernate_after_every_event = hibernate_after_every_event
+        self.handshake_timeout = handshake_timeout
+        self.close_timeout = close_timeout
+        self.wall_clock = wall_clock
+        self._nursery = nursery
+        self._objects: dict[tuple[str, str], ObjectEntry] = {}
+        self._connections: set[ServerConnection] = set()
+        self._closing = False
+        self._all_done: trio.Event | None = None
+        self._last_message: str | bytes | None = None
+        self._last_frame = b""
+        self._wakes = 0
+        self._hibernations = 0
+        self._auto_responses = 0
+        self._seconds_in_memory = 0.0
+
+    # -- public --------------------------------------------------------------------------
+
+    def serve_socket(self, sock: socket.socket) -> None:
+        """Serve an accepted client socket (HTTP request, maybe a WebSocket) in the host.
+
+        The host takes ownership of ``sock``: it is made non-blocking and closed when
+        the connection ends. Not a checkpoint.
+        """
+        if self._closing:
+            sock.close()
+            return
+        sock.setblocking(False)
+        conn = ServerConnection(self, sock)
+        self._connections.add(conn)
+        self._nursery.start_soon(conn.run)
+
+    async def hibernate(self, namespace: str, name: str | ObjectId) -> bool:
+        """Evict an object now (test hook), keeping its WebSockets connected.
+
+        Waits for the current turn to finish, cancels the object's background tasks and
+        drops the instance; the next event constructs a new one. Returns False when the
+        object had no instance in memory. A checkpoint.
+        """
+        entry = self._objects.get((namespace, self._object_id(namespace, name).hex))
+        activation = entry.activation if entry is not None else None
+        if activation is None:
+            await trio.lowlevel.checkpoint()
+            return False
+        activation.request_stop()
+        await activation.stopped.wait()
+        return True
+
+    def statistics(self) -> HostStatistics:
+        """Counts of objects, sockets, wakes and hibernations (see the fields)."""
+        live = sum(1 for e in self._objects.values() if e.activation is not None)
+        return HostStatistics(
+            live_objects=live,
+            hibernated_objects=len(self._objects) - live,
+            websockets=sum(len(e.core.registry) for e in self._objects.values()),
+            connections=len(self._connections),
+            wakes=self._wakes,
+            hibernations=self._hibernations,
+            auto_responses=self._auto_responses,
+            seconds_in_memory=self._seconds_in_memory,
+        )
+
+    def object_statistics(self, namespace: str, name: str | ObjectId) -> ObjectStatistics:
+        """State and counts of one object (``HIBERNATED`` with zeros if unknown)."""
+        entry = self._objects.get((namespace, self._object_id(namespace, name).hex))
+        if entry is None:
+            return ObjectStatistics(
+                state=ObjectState.HIBERNATED, websockets=0, queued_events=0, activations=0
+            )
+        core = entry.core
+        return ObjectStatistics(
+            state=core.state,
+            websockets=len(core.registry),
+            queued_events=core.queued,
+            activations=core.generation,
+        )
+
+    # -- used by connections and supervisors -----------------------------------------------
+
+    def _object_id(self, namespace: str, name: str | ObjectId) -> ObjectId:
+        if namespace not in self.app.objects:
+            raise KeyError(f"unknown namespace {namespace!r}; the app has {sorted(self.app.objects)}")
+        return name if isinstance(name, ObjectId) else ObjectId.from_name(namespace, name)
+
+    def _route(self, path: str) -> ObjectEntry | Response:
+        target = ServerConnection.parse_target(path)
+        if isinstance(target, str):
+            return Response(status=400 if path.count("/") >= 2 else 404, body=target + "\n")
+        namespace, name = target
+        cls = self.app.objects.get(namespace)
+        if cls is None:
+            return Response(status=404, body=f"no namespace {namespace!r}\n")
+        if self._closing:
+            return Response(status=503, body="the server is shutting down\n")
+        return self._entry(namespace, ObjectId.from_name(namespace, name), cls)
+
+    def _entry(self, namespace: str, object_id: ObjectId, cls: type[DurableObject]) -> ObjectEntry:
+        key = (namespace, object_id.hex)
+        entry = self._objects.get(key)
+        if entry is None:
+            entry = ObjectEntry(namespace, object_id, cls, ObjectCore(self.limits))
+            self._objects[key] = entry
+        return entry
+
+    def _deliver(self, entry: ObjectEntry, event: Event) -> None:
+        """Queue ``event`` for the object, waking it if it is hibernated."""
+        if self._closing:
+            if isinstance(event, FetchEvent):
+                event.reply(Response(status=503, body="the server is shutting down\n"))
+            return
+        if entry.core.enqueue(event):
+            self._nursery.start_soon(supervise, self, entry)
+            return
+        activation = entry.activation
+        if activation is not None and activation.idle:
+            activation.lot.unpark()
+
+    def _forget_if_unused(self, entry: ObjectEntry) -> None:
+        if not entry.core.has_work:
+            self._objects.pop((entry.namespace, entry.object_id.hex), None)
+
+    def _fail_object(self, entry: ObjectEntry, dropped: list[Event]) -> None:
+        """The constructor raised: close every socket with 1011, answer fetches 500.
+
+        No handler can run (there is no instance), so the sockets are released at once.
+        """
+        for event in dropped:
+            if isinstance(event, FetchEvent):
+                event.reply(Response(status=500, body="Internal Server Error\n"))
+        for record in entry.core.registry.sockets():
+            record.transport.begin_shutdown(1011, "internal error")
+            entry.core.release(record)
+
+    def _encode(self, message: str | bytes) -> bytes:
+        if message is self._last_message:
+            return self._last_frame
+        frame = encode_message(message)
+        if len(frame) <= _FRAME_CACHE_MAX_BYTES:
+            self._last_message = message
+            self._last_frame = frame
+        return frame
+
+    def _spawn(self, async_fn: Callable[[], Any]) -> None:
+        self._nursery.start_soon(async_fn)
+
+    def _connection_ended(self, conn: ServerConnection) -> None:
+        self._connections.discard(conn)
+        if self._all_done is not None and not self._connections:
+            self._all_done.set()
+
+    async def _shutdown(self, code: int, reason: str, grace: float) -> None:
+        self._closing = True
+        for entry in list(self._objects.values()):
+            if entry.activation is not None:
+                entry.activation.scope.cancel()
+        for conn in list(self._connections):
+            conn.begin_shutdown(code, reason)
+        if self._connections:
+            self._all_done = trio.Event()
+            with trio.move_on_after(grace):
+                await self._all_done.wait()
+
+
+@asynccontextmanager
+async def open_host(
+    app: App,
+    *,
+    limits: Limits | None = None,
+    idle_timeout: float = 10.0,
+    hibernate_after_every_event: bool = False,
+    handshake_timeout: float = 10.0,
+    close_timeout: float = 10.0,
+    shutdown_close_code: int = 1001,
+    wall_clock: Callable[[], float] = time.time,
+) -> AsyncIterator[Host]:
+    """Run a :class:`Host` for ``app`` for the duration of the ``async with`` block.
+
+    Args:
+        app: The object classes and their ``env``.
+        limits: The limits to enforce (default :class:`Limits()`).
+        idle_timeout: Seconds an object may be idle (no event, no background task)
+            before it hibernates. Its WebSockets stay connected.
+        hibernate_after_every_event: Strict mode for tests: drop the instance after every
+            event, so state kept only in memory is lost at once, not in production.
+        handshake_timeout: Seconds a client has to send its HTTP request.
+        close_timeout: Seconds to wait for the peer's answer to our Close frame before
+            dropping the connection (the object then sees 1006).
+        shutdown_close_code: Close code sent to every WebSocket when the block exits
+            (1001 going away; use 1012 for a restart). No handler runs for these closes.
+        wall_clock: Source of wall-clock time for auto-response timestamps.
+
+    Resource handling:
+        On exit every WebSocket is closed with ``shutdown_close_code`` and every instance
+        is dropped; the host waits up to ``close_timeout`` for peers to answer, then
+        cancels what remains.
+    """
+    if idle_timeout <= 0:
+        raise ValueError(f"idle_timeout must be positive, got {idle_timeout}")
+    if close_timeout <= 0 or handshake_timeout <= 0:
+        raise ValueError("close_timeout and handshake_timeout must be positive")
+    async with trio.open_nursery() as outer:
+        nursery, scope = await outer.start(_run_host_nursery)
+        host = Host(
+            app,
+            nursery,
+            limits=limits or Limits(),
+            idle_timeout=idle_timeout,
+            hibernate_after_every_event=hibernate_after_every_event,
+            handshake_timeout=handshake_timeout,
+            close_timeout=close_timeout,
+            wall_clock=wall_clock,
+        )
+        try:
+            yield host
+        finally:
+            with trio.CancelScope(shield=True):
+                await host._shutdown(shutdown_close_code, "server shutting down", close_timeout)
+            scope.cancel()
+
+
+async def _run_host_nursery(
+    *, task_status: trio.TaskStatus[tuple[trio.Nursery, trio.CancelScope]]
+) -> None:
+    # The host nursery is shielded from the caller's cancellation so that shutdown can
+    # close every WebSocket properly (Close frame, wait for the answer) before the
+    # connection tasks go; ``open_host`` cancels it when that is done or timed out.
+    with trio.CancelScope(shield=True) as scope:
+        async with trio.open_nursery() as nursery:
+            task_status.started((nursery, scope))
+            await trio.sleep_forever()

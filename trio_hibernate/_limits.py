@@ -1,0 +1,50 @@
+"""Limits: the numbers the runtime enforces, as one validated value."""
+
+from __future__ import annotations
+
+from typing import Final
+
+import attrs
+
+__all__ = ["Limits"]
+
+#: The close reason is carried in a control frame: 125 bytes minus the 2-byte code.
+MAX_CLOSE_REASON_BYTES: Final = 123
+#: ``set_hibernatable_websocket_event_timeout`` accepts at most a week, as workerd does.
+MAX_EVENT_TIMEOUT_MS: Final = 604_800_000
+
+
+def _positive(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"Limits.{attribute.name} must be an int, not {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"Limits.{attribute.name} must be at least 1, got {value}")
+
+
+@attrs.frozen(kw_only=True)
+class Limits:
+    """The limits a host enforces. Defaults follow the seed document and workerd.
+
+    Every error raised for a limit names the field, the limit and the offered value.
+    """
+
+    max_tags_per_websocket: int = attrs.field(default=10, validator=_positive)
+    """Distinct tags one WebSocket may carry (workerd: 10)."""
+    max_tag_bytes: int = attrs.field(default=256, validator=_positive)
+    """UTF-8 bytes in one tag (workerd: 256, counted in bytes)."""
+    max_attachment_bytes: int = attrs.field(default=2048, validator=_positive)
+    """Encoded size of one attachment (seed: 2,048; workerd raised it to 16,384 in 2026)."""
+    max_auto_response_bytes: int = attrs.field(default=2048, validator=_positive)
+    """UTF-8 bytes of the auto-response request and of the response, each."""
+    max_websockets_per_object: int = attrs.field(default=32_768, validator=_positive)
+    """WebSockets accepted on one object at once, including ones still closing."""
+    max_message_bytes: int = attrs.field(default=32 * 1024 * 1024, validator=_positive)
+    """Largest inbound message (after reassembly). Bigger: Close 1009 and ``websocket_error``."""
+    max_queued_messages_per_websocket: int = attrs.field(default=64, validator=_positive)
+    """Inbound messages of one socket waiting for the object before the runtime stops
+    reading that socket (backpressure to the peer; nothing is dropped)."""
+    max_send_buffer_bytes: int = attrs.field(default=16 * 1024 * 1024, validator=_positive)
+    """Outbound bytes buffered for one socket whose peer is not reading. Past it the
+    connection is aborted and the object gets ``websocket_error``."""
+    max_request_body_bytes: int = attrs.field(default=1024 * 1024, validator=_positive)
+    """Body of a plain HTTP request handed to ``fetch``. Bigger: 413."""

@@ -1,0 +1,169 @@
+"""The WebSocket handle that object code holds."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final, final
+
+from ._codec import decode_data, encode_data
+from ._errors import InvalidCloseCodeError, WebSocketStateError
+from ._limits import MAX_CLOSE_REASON_BYTES
+from ._registry import ReadyState, SocketRecord, Transport
+
+if TYPE_CHECKING:
+    from ._limits import Limits
+
+__all__ = ["WebSocket", "check_close_args"]
+
+_RESERVED_CLOSE_CODES: Final = frozenset({1004, 1005, 1006, 1015})
+
+
+def check_close_args(code: int | None, reason: str | None) -> None:
+    """Validate ``close()`` arguments as workerd does, before any state check."""
+    if code is not None:
+        if isinstance(code, bool) or not isinstance(code, int):
+            raise TypeError(f"a close code must be an int, not {type(code).__name__}")
+        if not 1000 <= code <= 4999 or code in _RESERVED_CLOSE_CODES:
+            raise InvalidCloseCodeError(
+                f"Invalid WebSocket close code: {code}. Allowed: 1000-4999 except "
+                "1004, 1005, 1006 and 1015."
+            )
+    if reason is not None:
+        if not isinstance(reason, str):
+            raise TypeError(f"a close reason must be a str, not {type(reason).__name__}")
+        if code is None:
+            raise InvalidCloseCodeError(
+                "If you specify a WebSocket close reason, you must also specify a code."
+            )
+        size = len(reason.encode("utf-8"))
+        if size > MAX_CLOSE_REASON_BYTES:
+            raise InvalidCloseCodeError(
+                f"WebSocket close reason must not be longer than {MAX_CLOSE_REASON_BYTES} "
+                f"bytes when UTF-8 encoded; it is {size} bytes."
+            )
+
+
+@final
+class WebSocket:
+    """One WebSocket as seen from object code.
+
+    Handles are cheap views on the runtime's record of the socket. Within one activation
+    the same handle stands for the same socket everywhere (handlers, ``get_websockets``);
+    after the object hibernates and wakes, new handles are made. Every method is
+    synchronous and never blocks: outgoing frames are buffered by the runtime.
+    """
+
+    __slots__ = ("_limits", "_pending_attachment", "_record", "_transport", "_url")
+
+    def __init__(self, *, transport: Transport, url: str, limits: Limits) -> None:
+        # Made by the runtime for an upgrade request; users get handles, never build them.
+        self._transport = transport
+        self._url = url
+        self._limits = limits
+        self._record: SocketRecord | None = None
+        self._pending_attachment: bytes | None = None
+
+    @classmethod
+    def _for_record(cls, record: SocketRecord, limits: Limits) -> WebSocket:
+        handle = cls(transport=record.transport, url=record.url, limits=limits)
+        handle._record = record
+        return handle
+
+    def __repr__(self) -> str:
+        return f"<WebSocket {self._url} {self.ready_state.name}>"
+
+    @property
+    def url(self) -> str:
+        """The URL the client connected to (path and query). Survives hibernation."""
+        return self._url
+
+    @property
+    def ready_state(self) -> ReadyState:
+        """``OPEN``; ``CLOSING`` after :meth:`close`; ``CLOSED`` once the socket is done.
+
+        Inside ``websocket_close`` it is already ``CLOSED``: the runtime has answered the
+        peer's Close frame before calling the handler.
+        """
+        record = self._record
+        if record is None:
+            return ReadyState.CONNECTING
+        return record.ready_state
+
+    def send(self, message: str | bytes) -> None:
+        """Queue a text (``str``) or binary (``bytes``) message.
+
+        Not a checkpoint; never blocks. Messages to a socket whose peer has gone are
+        dropped silently (the close event is on its way).
+
+        Raises:
+            WebSocketStateError: the socket was not accepted, or ``close()`` was called.
+            TypeError: ``message`` is neither ``str`` nor bytes-like.
+        """
+        record = self._record
+        if record is None:
+            raise WebSocketStateError(
+                "You must call ctx.accept_websocket() on this WebSocket before sending "
+                "messages."
+            )
+        if record.server_closed:
+            raise WebSocketStateError("Can't call WebSocket send() after close().")
+        if not isinstance(message, str | bytes):
+            if isinstance(message, bytearray | memoryview):
+                message = bytes(message)
+            else:
+                raise TypeError(
+                    f"send() takes str or bytes, not {type(message).__name__}"
+                )
+        if record.peer_closed:
+            return
+        record.transport.send_message(message)
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        """Start the closing handshake with ``code`` and ``reason``.
+
+        The peer receives the Close frame; ``websocket_close`` runs when it answers (with
+        the peer's code). Without a code the Close frame is empty and the peer sees 1005.
+        Closing twice, or closing a socket the peer already closed, does nothing.
+
+        Raises:
+            InvalidCloseCodeError: ``code`` outside 1000-4999 or reserved (1004, 1005,
+                1006, 1015); a reason without a code; a reason over 123 UTF-8 bytes.
+            WebSocketStateError: the socket was never accepted.
+        """
+        check_close_args(code, reason)
+        record = self._record
+        if record is None:
+            raise WebSocketStateError(
+                "You must call ctx.accept_websocket() on this WebSocket before closing it."
+            )
+        if record.server_closed or record.peer_closed:
+            return
+        record.server_closed = True
+        record.transport.start_close(code, reason or "")
+
+    def serialize_attachment(self, value: object) -> None:
+        """Keep a copy of ``value`` with the socket, surviving hibernation (memory only).
+
+        Later changes to ``value`` are not kept unless this is called again. The encoded
+        size is limited by ``Limits.max_attachment_bytes`` (2,048 by default).
+
+        Raises:
+            DataCloneError: ``value`` is not data.
+            LimitExceededError: the encoded value is too large. The previous attachment is
+                kept in both cases.
+        """
+        encoded = encode_data(
+            value,
+            what="A WebSocket attachment",
+            limit_name="max_attachment_bytes",
+            limit_bytes=self._limits.max_attachment_bytes,
+        )
+        if self._record is None:
+            self._pending_attachment = encoded
+        else:
+            self._record.attachment = encoded
+
+    def deserialize_attachment(self) -> object:
+        """A fresh copy of the latest attachment, or None if none was ever set."""
+        record = self._record
+        encoded = self._pending_attachment if record is None else record.attachment
+        return None if encoded is None else decode_data(encoded)

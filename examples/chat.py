@@ -66,7 +66,7 @@ class ChatRoom(DurableObject):
         if message == "/who":
             ws.send("* here: " + ", ".join(sorted(self.nick(s) for s in self.present())))
         elif message.startswith("/msg "):
-            _, target, text = (message.split(" ", 2) + [""])[:3]
+            _, target, text = ([*message.split(" ", 2), ""])[:3]
             peers = self.ctx.get_websockets(f"user:{target}")
             for peer in peers:
                 peer.send(f"(whisper) {nick}: {text}")
@@ -102,7 +102,9 @@ app = App({"chat": ChatRoom})
 
 async def main(port: int, address: str) -> None:
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(lambda task_status: serve_objects(app, address, port, task_status=task_status))
+        server = await nursery.start(
+            lambda task_status: serve_objects(app, address, port, task_status=task_status)
+        )
         print(f"chat server listening on {server.url('/chat/<room>?nick=<name>')}", flush=True)
 
 

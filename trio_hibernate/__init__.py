@@ -42,8 +42,8 @@ __all__ = [
     "Host",
     "HostStatistics",
     "InvalidCloseCodeError",
-    "Limits",
     "LimitExceededError",
+    "Limits",
     "ObjectContext",
     "ObjectId",
     "ObjectState",
@@ -62,11 +62,14 @@ __all__ = [
     "serve_objects",
 ]
 
-for _name in __all__:
-    _obj = globals()[_name]
-    if hasattr(_obj, "__module__") and _obj.__module__.startswith("trio_hibernate."):
-        try:
-            _obj.__module__ = "trio_hibernate"
-        except (AttributeError, TypeError):  # pragma: no cover - builtins/immutable
-            pass
-del _name, _obj
+
+def _fix_module_names() -> None:
+    # Public names report the package, not the private module they live in (as trio does).
+    for name in __all__:
+        obj = globals()[name]
+        if getattr(obj, "__module__", "").startswith("trio_hibernate._"):
+            obj.__module__ = "trio_hibernate"
+
+
+_fix_module_names()
+del _fix_module_names

@@ -15,9 +15,11 @@ __all__ = ["App"]
 _NAMESPACE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-def _check_objects(
-    instance: object, attribute: attrs.Attribute[object], value: Mapping[str, type]
-) -> None:
+def _to_objects(value: Mapping[str, type[DurableObject]]) -> dict[str, type[DurableObject]]:
+    return dict(value)
+
+
+def _check_objects(instance: object, attribute: object, value: Mapping[object, object]) -> None:
     if not value:
         raise ValueError("an App needs at least one object class")
     for name, cls in value.items():
@@ -39,7 +41,7 @@ class App:
     """
 
     objects: Mapping[str, type[DurableObject]] = attrs.field(
-        converter=dict, validator=_check_objects
+        converter=_to_objects, validator=_check_objects
     )
     """Namespace name -> object class."""
     env: Any = None

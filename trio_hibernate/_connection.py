@@ -15,6 +15,7 @@ parked task; queues, events and timers are created only while needed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from typing import TYPE_CHECKING, Final
@@ -57,6 +58,12 @@ class WebSocketProtocolError(Exception):
         self.reason = reason
 
 
+def _join(parts: list[str | bytes]) -> str | bytes:
+    if isinstance(parts[0], str):
+        return "".join(p for p in parts if isinstance(p, str))
+    return b"".join(p for p in parts if isinstance(p, bytes))
+
+
 def _simple_response(status: int, body: str, extra: tuple[tuple[str, str], ...] = ()) -> Response:
     return Response(status=status, body=body + "\n", headers=extra)
 
@@ -66,8 +73,8 @@ class ServerConnection:
 
     __slots__ = (
         "_backlog",
-        "_entry",
         "_dead",
+        "_entry",
         "_flushed",
         "_host",
         "_pending",
@@ -231,17 +238,15 @@ class ServerConnection:
 
     async def _fetch(self, entry: ObjectEntry, request: Request) -> Response:
         done = trio.Event()
-        box: list[object] = []
+        box: list[Response] = []
 
-        def reply(result: object) -> None:
-            box.append(result)
+        def reply(response: Response) -> None:
+            box.append(response)
             done.set()
 
         self._host._deliver(entry, FetchEvent(request, reply))
         await done.wait()
-        response = box[0]
-        assert isinstance(response, Response)
-        return response
+        return box[0]
 
     @staticmethod
     def _check_websocket_headers(request: Request) -> Response | None:
@@ -298,37 +303,42 @@ class ServerConnection:
         ws = self._ws
         record = self._record
         entry = self._entry
-        assert ws is not None and record is not None and entry is not None
+        assert ws is not None
+        assert record is not None
+        assert entry is not None
         core = entry.core
         host = self._host
         deliver = host._deliver
         max_queued = host.limits.max_queued_messages_per_websocket
         max_bytes = host.limits.max_message_bytes
-        parts: list[str] | list[bytes] = []
+        parts: list[str | bytes] = []
         size = 0
         while True:
             for event in ws.events():
                 kind = type(event)
                 if kind is TextMessage or kind is BytesMessage:
                     assert isinstance(event, TextMessage | BytesMessage)
-                    chunk = event.data
-                    if isinstance(chunk, str):
-                        size += len(chunk) if chunk.isascii() else len(chunk.encode())
+                    data = event.data
+                    chunk: str | bytes
+                    if isinstance(data, str):
+                        chunk = data
+                        size += len(data) if data.isascii() else len(data.encode())
                     else:
+                        chunk = data if type(data) is bytes else bytes(data)
                         size += len(chunk)
                     if size > max_bytes:
                         self._fail(1009, f"Message is too large: {size} > {max_bytes}")
                         return
                     if not event.message_finished:
-                        parts.append(chunk)  # type: ignore[arg-type]
+                        parts.append(chunk)
                         continue
-                    message: str | bytes = chunk
+                    message = chunk
                     if parts:
-                        parts.append(chunk)  # type: ignore[arg-type]
-                        message = "".join(parts) if kind is TextMessage else b"".join(parts)  # type: ignore[arg-type]
+                        parts.append(chunk)
+                        message = _join(parts)
                         parts = []
                     size = 0
-                    if kind is TextMessage and core.is_auto_response(message):  # type: ignore[arg-type]
+                    if isinstance(message, str) and core.is_auto_response(message):
                         reply = core.record_auto_response(record, host.wall_clock())
                         host._auto_responses += 1
                         if reply is not None:
@@ -355,7 +365,9 @@ class ServerConnection:
                 return
             ws.receive_data(data)
 
-    def _on_close_frame(self, ws: WSConnection, record: SocketRecord, event: CloseConnection) -> None:
+    def _on_close_frame(
+        self, ws: WSConnection, record: SocketRecord, event: CloseConnection
+    ) -> None:
         state = ws.state
         code, reason = int(event.code), event.reason or ""
         if state is ConnectionState.REMOTE_CLOSING:
@@ -373,7 +385,8 @@ class ServerConnection:
     def _fail(self, code: int, reason: str) -> None:
         ws = self._ws
         record = self._record
-        assert ws is not None and record is not None
+        assert ws is not None
+        assert record is not None
         if ws.state is ConnectionState.OPEN:
             self._write(ws.send(CloseConnection(code=code, reason=reason)))
         self._end(ErrorEvent(record, WebSocketProtocolError(code, reason)))
@@ -504,10 +517,8 @@ class ServerConnection:
             with trio.move_on_after(self._host.close_timeout):
                 await self._flushed.wait()
         if not self._dead:
-            try:
+            with contextlib.suppress(OSError):  # already reset by the peer
                 self._sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass  # already reset by the peer
 
     @staticmethod
     def parse_target(path: str) -> tuple[str, str] | str:

@@ -112,15 +112,15 @@ class ObjectContext:
         Raises:
             WebSocketStateError: ``ws`` is not a socket accepted by this object.
         """
-        if isinstance(ws, WebSocket) and ws._record is not None and ws._record.released:
-            return list(ws._record.tags)
+        candidate: object = ws
+        record = candidate._record if isinstance(candidate, WebSocket) else None
+        if record is not None and record.released:
+            return list(record.tags)  # inside its close/error handler
         return list(self._record_of(ws).tags)
 
     # -- auto-response -------------------------------------------------------------------
 
-    def set_websocket_auto_response(
-        self, pair: WebSocketRequestResponsePair | None = None
-    ) -> None:
+    def set_websocket_auto_response(self, pair: WebSocketRequestResponsePair | None = None) -> None:
         """Answer ``pair.request`` with ``pair.response`` on every socket, without waking.
 
         Replaces any earlier pair; with no argument, removes it (timestamps are kept).
@@ -176,18 +176,19 @@ class ObjectContext:
         if timeout_ms is None or timeout_ms == 0:
             self._core.event_timeout_ms = None
             return
-        if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int | float):
+        value: object = timeout_ms
+        if isinstance(value, float):
+            if not math.isfinite(value) or not value.is_integer():
+                raise TypeError(f"the event timeout must be a whole number of ms: {value}")
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"the event timeout is an int of ms, not {timeout_ms!r}")
-        if isinstance(timeout_ms, float):
-            if not math.isfinite(timeout_ms) or not timeout_ms.is_integer():
-                raise TypeError(f"the event timeout must be a whole number of ms: {timeout_ms}")
-            timeout_ms = int(timeout_ms)
+        timeout_ms = value
         if timeout_ms < 0:
             raise ValueError(f"the event timeout cannot be negative, got {timeout_ms}")
         if timeout_ms > MAX_EVENT_TIMEOUT_MS:
             raise ValueError(
-                f"Event timeout should not exceed {MAX_EVENT_TIMEOUT_MS} ms "
-                f"(got {timeout_ms})."
+                f"Event timeout should not exceed {MAX_EVENT_TIMEOUT_MS} ms (got {timeout_ms})."
             )
         self._core.event_timeout_ms = timeout_ms
 

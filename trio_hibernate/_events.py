@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ._http import Request, Response
     from ._registry import SocketRecord
 
 __all__ = ["CloseEvent", "ErrorEvent", "Event", "FetchEvent", "MessageEvent"]
@@ -51,7 +52,7 @@ class FetchEvent:
 
     __slots__ = ("reply", "request")
 
-    def __init__(self, request: object, reply: Callable[[object], None]) -> None:
+    def __init__(self, request: Request, reply: Callable[[Response], None]) -> None:
         self.request = request
         self.reply = reply
 

@@ -187,7 +187,9 @@ class Host:
 
     def _object_id(self, namespace: str, name: str | ObjectId) -> ObjectId:
         if namespace not in self.app.objects:
-            raise KeyError(f"unknown namespace {namespace!r}; the app has {sorted(self.app.objects)}")
+            raise KeyError(
+                f"unknown namespace {namespace!r}; the app has {sorted(self.app.objects)}"
+            )
         return name if isinstance(name, ObjectId) else ObjectId.from_name(namespace, name)
 
     def _route(self, path: str) -> ObjectEntry | Response:

@@ -74,7 +74,7 @@ class Request:
         return None
 
 
-def _status(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+def _status(instance: object, attribute: attrs.Attribute[int], value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 100 <= value <= 599:
         raise ValueError(f"an HTTP status is an int from 100 to 599, got {value!r}")
 

@@ -12,7 +12,7 @@ __all__ = ["ObjectId"]
 _HEX_DIGITS = frozenset("0123456789abcdef")
 
 
-def _check_hex(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+def _check_hex(instance: object, attribute: attrs.Attribute[str], value: object) -> None:
     if not isinstance(value, str) or len(value) != 64 or not set(value) <= _HEX_DIGITS:
         raise ValueError(f"an object id is 64 lowercase hex digits, got {value!r}")
 

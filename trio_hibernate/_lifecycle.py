@@ -41,7 +41,7 @@ class ObjectState(Enum):
     STOPPING = "stopping"
 
 
-class InvalidTransition(RuntimeError):  # noqa: N818 - named after h11's LocalProtocolError style
+class InvalidTransition(RuntimeError):
     """The runtime asked the lifecycle for a move its table does not allow (a bug)."""
 
     def __init__(self, state: ObjectState, what: str) -> None:

@@ -39,9 +39,7 @@ class DurableObject:
     async def websocket_message(self, ws: WebSocket, message: str | bytes) -> None:
         """A whole message arrived: ``str`` for text frames, ``bytes`` for binary."""
 
-    async def websocket_close(
-        self, ws: WebSocket, code: int, reason: str, was_clean: bool
-    ) -> None:
+    async def websocket_close(self, ws: WebSocket, code: int, reason: str, was_clean: bool) -> None:
         """The socket closed: the peer's code (1005 if none; 1006 on a drop)."""
 
     async def websocket_error(self, ws: WebSocket, error: Exception) -> None:

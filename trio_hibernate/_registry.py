@@ -180,7 +180,8 @@ class SocketRegistry:
         for tag, members in self._by_tag.items():
             assert members, f"empty index for tag {tag!r}"
             for record in members:
-                assert record in self._all and tag in record.tags
+                assert record in self._all
+                assert tag in record.tags
         for record in self._all:
             for tag in record.tags:
                 assert record in self._by_tag[tag]

@@ -193,7 +193,7 @@ async def _dispatch(
 async def _dispatch_fetch(entry: ObjectEntry, instance: DurableObject, event: FetchEvent) -> None:
     response: Response | None = None
     try:
-        result = await instance.fetch(event.request)  # type: ignore[arg-type]
+        result: object = await instance.fetch(event.request)
         if isinstance(result, Response):
             response = result
         else:

@@ -88,7 +88,7 @@ class WebSocket:
             return ReadyState.CONNECTING
         return record.ready_state
 
-    def send(self, message: str | bytes) -> None:
+    def send(self, message: str | bytes | bytearray | memoryview) -> None:
         """Queue a text (``str``) or binary (``bytes``) message.
 
         Not a checkpoint; never blocks. Messages to a socket whose peer has gone are
@@ -101,21 +101,21 @@ class WebSocket:
         record = self._record
         if record is None:
             raise WebSocketStateError(
-                "You must call ctx.accept_websocket() on this WebSocket before sending "
-                "messages."
+                "You must call ctx.accept_websocket() on this WebSocket before sending messages."
             )
         if record.server_closed:
             raise WebSocketStateError("Can't call WebSocket send() after close().")
-        if not isinstance(message, str | bytes):
-            if isinstance(message, bytearray | memoryview):
-                message = bytes(message)
-            else:
-                raise TypeError(
-                    f"send() takes str or bytes, not {type(message).__name__}"
-                )
+        value: object = message
+        data: str | bytes
+        if isinstance(value, str | bytes):
+            data = value
+        elif isinstance(value, bytearray | memoryview):
+            data = bytes(value)
+        else:
+            raise TypeError(f"send() takes str or bytes, not {type(value).__name__}")
         if record.peer_closed:
             return
-        record.transport.send_message(message)
+        record.transport.send_message(data)
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         """Start the closing handshake with ``code`` and ``reason``.

@@ -1,0 +1,41 @@
+"""Developer tasks. ``nox`` runs the default sessions: tests, lint, typecheck."""
+
+from __future__ import annotations
+
+import nox
+
+nox.needs_version = ">=2024.3.2"
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.reuse_existing_virtualenvs = True
+
+TEST_DEPS = ["pytest>=8", "pytest-trio>=0.8", "hypothesis>=6.100", "trio-websocket>=0.12"]
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite (pass pytest arguments after ``--``)."""
+    session.install("-e", ".", *TEST_DEPS)
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Check formatting and lint rules with ruff."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """Type-check the package, tests, examples and this file with mypy --strict."""
+    session.install("-e", ".", *TEST_DEPS, "mypy>=1.10", "nox")
+    session.run("mypy", *session.posargs)
+
+
+@nox.session(default=False)
+def demo(session: nox.Session) -> None:
+    """Run the example chat server on 127.0.0.1:8080 (``-- --port N`` to change)."""
+    session.install("-e", ".")
+    session.run("python", "examples/chat.py", *session.posargs)

@@ -1,0 +1,59 @@
+"""The public surface is deliberate: adding or removing a name must change this test."""
+
+from __future__ import annotations
+
+import trio_hibernate
+
+EXPECTED = {
+    "App",
+    "DataCloneError",
+    "DurableObject",
+    "HibernateError",
+    "Host",
+    "HostStatistics",
+    "InvalidCloseCodeError",
+    "LimitExceededError",
+    "Limits",
+    "ObjectContext",
+    "ObjectId",
+    "ObjectState",
+    "ObjectStatistics",
+    "ReadyState",
+    "Request",
+    "Response",
+    "Server",
+    "WebSocket",
+    "WebSocketProtocolError",
+    "WebSocketRequestResponsePair",
+    "WebSocketStateError",
+    "__version__",
+    "open_host",
+    "open_server",
+    "serve_objects",
+}
+
+
+def test_all_is_pinned() -> None:
+    assert set(trio_hibernate.__all__) == EXPECTED
+
+
+def test_public_names_live_in_the_package() -> None:
+    for name in trio_hibernate.__all__:
+        obj = getattr(trio_hibernate, name)
+        module = getattr(obj, "__module__", None)
+        if module is not None and name != "__version__":
+            assert module == "trio_hibernate", f"{name} reports {module}"
+
+
+def test_every_public_name_is_documented() -> None:
+    for name in trio_hibernate.__all__:
+        if name == "__version__":
+            continue
+        obj = getattr(trio_hibernate, name)
+        assert obj.__doc__ and obj.__doc__.strip(), f"{name} has no docstring"
+
+
+def test_package_is_typed() -> None:
+    from importlib.resources import files
+
+    assert files("trio_hibernate").joinpath("py.typed").is_file()

@@ -123,12 +123,15 @@ class ServerConnection:
                 self._terminal = True
                 self._record.peer_closed = True
             self._dead = True
+            trio.lowlevel.notify_closing(self._sock)  # wakes a flusher still waiting on it
             self._sock.close()
 
     async def _recv(self) -> bytes:
         """The next bytes from the peer; ``b""`` on EOF or a transport error."""
         sock = self._sock
         while True:
+            if self._dead:
+                return b""
             await trio.lowlevel.wait_readable(sock)
             try:
                 return sock.recv(_RECV_BYTES)
@@ -318,6 +321,8 @@ class ServerConnection:
                 kind = type(event)
                 if kind is TextMessage or kind is BytesMessage:
                     assert isinstance(event, TextMessage | BytesMessage)
+                    if self._terminal:
+                        return  # shut down by the host or the object's failure
                     data = event.data
                     chunk: str | bytes
                     if isinstance(data, str):
@@ -428,6 +433,8 @@ class ServerConnection:
             self._resume.set()
 
     async def _close_watchdog(self) -> None:
+        if self._terminal:
+            return  # the peer answered before this task even started
         with trio.CancelScope() as scope:
             self._watchdog = scope
             await trio.sleep(self._host.close_timeout)
@@ -438,6 +445,7 @@ class ServerConnection:
     def begin_shutdown(self, code: int, reason: str) -> None:
         """Host shutdown: close with ``code`` and run no handler."""
         self._terminal = True
+        self.resume_reading()
         ws = self._ws
         if ws is not None and ws.state is ConnectionState.OPEN and not self._dead:
             self._write(ws.send(CloseConnection(code=code, reason=reason)))
@@ -448,6 +456,7 @@ class ServerConnection:
 
     def _abort(self) -> None:
         """Drop the transport now; the connection task wakes up and ends."""
+        self.resume_reading()
         if not self._dead:
             self._dead = True
             trio.lowlevel.notify_closing(self._sock)

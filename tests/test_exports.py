@@ -5,6 +5,7 @@ from __future__ import annotations
 import trio_hibernate
 
 EXPECTED = {
+    "AlarmInfo",
     "App",
     "DataCloneError",
     "DurableObject",
@@ -22,6 +23,9 @@ EXPECTED = {
     "Request",
     "Response",
     "Server",
+    "SqlCursor",
+    "SqlStorage",
+    "Storage",
     "WebSocket",
     "WebSocketProtocolError",
     "WebSocketRequestResponsePair",

@@ -31,10 +31,13 @@ from ._limits import Limits as Limits
 from ._object import DurableObject as DurableObject
 from ._registry import ReadyState as ReadyState
 from ._server import Server as Server, open_server as open_server, serve_objects as serve_objects
+from ._storage.alarms import AlarmInfo as AlarmInfo
+from ._storage.api import SqlCursor as SqlCursor, SqlStorage as SqlStorage, Storage as Storage
 from ._version import __version__ as __version__
 from ._websocket import WebSocket as WebSocket
 
 __all__ = [
+    "AlarmInfo",
     "App",
     "DataCloneError",
     "DurableObject",
@@ -52,6 +55,9 @@ __all__ = [
     "Request",
     "Response",
     "Server",
+    "SqlCursor",
+    "SqlStorage",
+    "Storage",
     "WebSocket",
     "WebSocketProtocolError",
     "WebSocketRequestResponsePair",

@@ -14,8 +14,10 @@ from ._registry import SocketRecord, normalize_tags
 from ._websocket import WebSocket
 
 if TYPE_CHECKING:
+    from ._gate import OutputGate
     from ._ids import ObjectId
     from ._lifecycle import ObjectCore
+    from ._storage.api import Storage
 
 __all__ = ["ObjectContext"]
 
@@ -29,7 +31,16 @@ class ObjectContext:
     survives hibernation; the context object itself does not.
     """
 
-    __slots__ = ("_core", "_handles", "_spawn", "id", "namespace")
+    __slots__ = (
+        "_core",
+        "_gate",
+        "_handles",
+        "_spawn",
+        "_storage",
+        "_storage_factory",
+        "id",
+        "namespace",
+    )
 
     def __init__(
         self,
@@ -38,6 +49,8 @@ class ObjectContext:
         object_id: ObjectId,
         core: ObjectCore,
         spawn: Callable[[Callable[[], Awaitable[object]]], None],
+        gate: OutputGate | None = None,
+        storage: Callable[[], Storage] | None = None,
     ) -> None:
         # Made by the runtime; never constructed by application code.
         self.namespace = namespace
@@ -46,12 +59,25 @@ class ObjectContext:
         """This object's :class:`ObjectId`."""
         self._core = core
         self._spawn = spawn
+        self._gate = gate
+        self._storage_factory = storage
+        self._storage: Storage | None = None
         self._handles: dict[SocketRecord, WebSocket] = {}
+
+    @property
+    def storage(self) -> Storage:
+        """This object's durable storage, SQL and alarm (see :class:`Storage`)."""
+        if self._storage is None:
+            if self._storage_factory is None:
+                raise RuntimeError("this context has no storage (made outside a host)")
+            self._storage = self._storage_factory()
+        return self._storage
 
     def _handle(self, record: SocketRecord) -> WebSocket:
         handle = self._handles.get(record)
         if handle is None:
-            handle = self._handles[record] = WebSocket._for_record(record, self._core.limits)
+            handle = WebSocket._for_record(record, self._core.limits, self._gate)
+            self._handles[record] = handle
         return handle
 
     def _record_of(self, ws: WebSocket) -> SocketRecord:
@@ -93,6 +119,7 @@ class ObjectContext:
         self._core.registry.add(record)
         ws._record = record
         ws._pending_attachment = None
+        ws._gate = self._gate
         self._handles[record] = ws
 
     def get_websockets(self, tag: str | None = None) -> list[WebSocket]:

@@ -9,7 +9,7 @@ if TYPE_CHECKING:
     from ._http import Request, Response
     from ._registry import SocketRecord
 
-__all__ = ["CloseEvent", "ErrorEvent", "Event", "FetchEvent", "MessageEvent"]
+__all__ = ["AlarmEvent", "CloseEvent", "ErrorEvent", "Event", "FetchEvent", "MessageEvent"]
 
 
 class MessageEvent:
@@ -57,4 +57,14 @@ class FetchEvent:
         self.reply = reply
 
 
-Event = MessageEvent | CloseEvent | ErrorEvent | FetchEvent
+class AlarmEvent:
+    """The object's alarm came due (``scheduled`` epoch seconds; ``retry_count``)."""
+
+    __slots__ = ("retry_count", "scheduled")
+
+    def __init__(self, scheduled: float, retry_count: int) -> None:
+        self.scheduled = scheduled
+        self.retry_count = retry_count
+
+
+Event = MessageEvent | CloseEvent | ErrorEvent | FetchEvent | AlarmEvent

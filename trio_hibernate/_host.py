@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -13,12 +14,14 @@ import attrs
 import trio
 
 from ._connection import ServerConnection
-from ._events import Event, FetchEvent
+from ._events import AlarmEvent, Event, FetchEvent
 from ._frames import encode_message
 from ._http import Response
 from ._ids import ObjectId
 from ._lifecycle import ObjectCore, ObjectState
 from ._limits import Limits
+from ._storage.alarms import AlarmIndex, AlarmKey, AlarmScheduler
+from ._storage.sqlite import SqliteBackend
 from ._supervisor import Activation, supervise
 
 if TYPE_CHECKING:
@@ -80,6 +83,11 @@ class ObjectEntry:
     core: ObjectCore
     activation: Activation | None = None
 
+    @property
+    def alarm_key(self) -> AlarmKey:
+        """How the alarm index names this object."""
+        return (self.namespace, self.object_id.hex, self.object_id.name)
+
 
 @final
 class Host:
@@ -101,6 +109,7 @@ class Host:
         handshake_timeout: float,
         close_timeout: float,
         wall_clock: Callable[[], float],
+        storage_backend: SqliteBackend,
     ) -> None:
         self.app = app
         self.env = app.env
@@ -110,6 +119,12 @@ class Host:
         self.handshake_timeout = handshake_timeout
         self.close_timeout = close_timeout
         self.wall_clock = wall_clock
+        self.storage_backend = storage_backend
+        data_dir = storage_backend.data_dir
+        self.alarm_index = AlarmIndex(None if data_dir is None else data_dir / "_alarms.sqlite3")
+        self.alarms = AlarmScheduler(wall_clock=wall_clock, fire=self._fire_alarm)
+        for key, when in self.alarm_index.load():
+            self.alarms.schedule(key, when)
         self._nursery = nursery
         self._objects: dict[tuple[str, str], ObjectEntry] = {}
         self._connections: set[ServerConnection] = set()
@@ -212,6 +227,15 @@ class Host:
             self._objects[key] = entry
         return entry
 
+    def _fire_alarm(self, key: AlarmKey, when: float, retry_count: int) -> None:
+        namespace, hex_id, name = key
+        cls = self.app.objects.get(namespace)
+        if cls is None:
+            log.error("an alarm for unknown namespace %r was dropped", namespace)
+            return
+        entry = self._entry(namespace, ObjectId(hex_id, name), cls)
+        self._deliver(entry, AlarmEvent(when, retry_count))
+
     def _deliver(self, entry: ObjectEntry, event: Event) -> None:
         """Queue ``event`` for the object, waking it if it is hibernated."""
         if self._closing:
@@ -282,6 +306,7 @@ async def open_host(
     close_timeout: float = 10.0,
     shutdown_close_code: int = 1001,
     wall_clock: Callable[[], float] = time.time,
+    data_dir: str | os.PathLike[str] | None = None,
 ) -> AsyncIterator[Host]:
     """Run a :class:`Host` for ``app`` for the duration of the ``async with`` block.
 
@@ -297,7 +322,11 @@ async def open_host(
             dropping the connection (the object then sees 1006).
         shutdown_close_code: Close code sent to every WebSocket when the block exits
             (1001 going away; use 1012 for a restart). No handler runs for these closes.
-        wall_clock: Source of wall-clock time for auto-response timestamps.
+        wall_clock: Source of wall-clock time (epoch seconds) for auto-response
+            timestamps and alarms.
+        data_dir: Where object databases live (one SQLite file per object, plus the
+            alarm index). None keeps storage in memory for the host's life: fine for
+            tests and demos, lost on exit.
 
     Resource handling:
         On exit every WebSocket is closed with ``shutdown_close_code`` and every instance
@@ -308,24 +337,31 @@ async def open_host(
         raise ValueError(f"idle_timeout must be positive, got {idle_timeout}")
     if close_timeout <= 0 or handshake_timeout <= 0:
         raise ValueError("close_timeout and handshake_timeout must be positive")
-    async with trio.open_nursery() as outer:
-        nursery, scope = await outer.start(_run_host_nursery)
-        host = Host(
-            app,
-            nursery,
-            limits=limits or Limits(),
-            idle_timeout=idle_timeout,
-            hibernate_after_every_event=hibernate_after_every_event,
-            handshake_timeout=handshake_timeout,
-            close_timeout=close_timeout,
-            wall_clock=wall_clock,
-        )
-        try:
-            yield host
-        finally:
-            with trio.CancelScope(shield=True):
-                await host._shutdown(shutdown_close_code, "server shutting down", close_timeout)
-            scope.cancel()
+    backend = SqliteBackend(data_dir)
+    try:
+        async with trio.open_nursery() as outer:
+            nursery, scope = await outer.start(_run_host_nursery)
+            host = Host(
+                app,
+                nursery,
+                limits=limits or Limits(),
+                idle_timeout=idle_timeout,
+                hibernate_after_every_event=hibernate_after_every_event,
+                handshake_timeout=handshake_timeout,
+                close_timeout=close_timeout,
+                wall_clock=wall_clock,
+                storage_backend=backend,
+            )
+            try:
+                nursery.start_soon(host.alarms.run)
+                yield host
+            finally:
+                with trio.CancelScope(shield=True):
+                    await host._shutdown(shutdown_close_code, "server shutting down", close_timeout)
+                scope.cancel()
+                host.alarm_index.close()
+    finally:
+        backend.close()
 
 
 async def _run_host_nursery(

@@ -48,3 +48,9 @@ class Limits:
     connection is aborted and the object gets ``websocket_error``."""
     max_request_body_bytes: int = attrs.field(default=1024 * 1024, validator=_positive)
     """Body of a plain HTTP request handed to ``fetch``. Bigger: 413."""
+    max_storage_key_bytes: int = attrs.field(default=2048, validator=_positive)
+    """UTF-8 bytes of one storage key (Durable Objects: 2 KiB)."""
+    max_storage_value_bytes: int = attrs.field(default=128 * 1024, validator=_positive)
+    """Encoded size of one storage value (Durable Objects KV: 128 KiB)."""
+    max_storage_keys_per_call: int = attrs.field(default=128, validator=_positive)
+    """Keys in one ``get``/``put``/``delete`` batch (Durable Objects: 128)."""

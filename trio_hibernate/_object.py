@@ -9,6 +9,7 @@ from ._http import Response
 if TYPE_CHECKING:
     from ._context import ObjectContext
     from ._http import Request
+    from ._storage.alarms import AlarmInfo
     from ._websocket import WebSocket
 
 __all__ = ["DurableObject"]
@@ -44,3 +45,11 @@ class DurableObject:
 
     async def websocket_error(self, ws: WebSocket, error: Exception) -> None:
         """The socket failed (protocol error, oversize message, slow peer). Terminal."""
+
+    async def alarm(self, info: AlarmInfo) -> None:
+        """The alarm set with ``ctx.storage.set_alarm`` came due.
+
+        If this raises, it is retried with exponential backoff (2 s, 4 s, ... up to 6
+        retries, ``info.retry_count`` counting them); when it returns, the alarm is
+        deleted unless the handler set a new one.
+        """

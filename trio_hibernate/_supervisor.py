@@ -11,7 +11,9 @@ raised by application code.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -19,8 +21,11 @@ import trio
 
 from ._context import ObjectContext
 from ._errors import LimitExceededError
-from ._events import CloseEvent, ErrorEvent, Event, FetchEvent, MessageEvent
+from ._events import AlarmEvent, CloseEvent, ErrorEvent, Event, FetchEvent, MessageEvent
+from ._gate import OutputGate
 from ._http import Response
+from ._storage.alarms import AlarmInfo
+from ._storage.api import Storage
 
 if TYPE_CHECKING:
     from ._host import Host, ObjectEntry
@@ -32,15 +37,30 @@ log = logging.getLogger("trio_hibernate.object")
 
 
 class Activation:
-    """The live part of an object: its scope, wake-up lot and bookkeeping."""
+    """The live part of an object: its scope, wake-up lot, gate, storage, bookkeeping."""
 
-    __slots__ = ("background", "idle", "lot", "scope", "stop_requested", "stopped")
+    __slots__ = (
+        "background",
+        "gate",
+        "idle",
+        "in_turn",
+        "lot",
+        "scope",
+        "stop_requested",
+        "stopped",
+        "storage",
+        "turn_lock",
+    )
 
     def __init__(self) -> None:
         self.scope = trio.CancelScope()
         self.lot = trio.lowlevel.ParkingLot()
+        self.gate = OutputGate()
+        self.storage: Storage | None = None
+        self.turn_lock = trio.Lock()  # a turn and its commit, or an outside-turn commit
         self.background = 0  # ctx.start_soon tasks still running
         self.idle = False  # parked, waiting for an event
+        self.in_turn = False  # an event handler runs; writes wait for the turn's commit
         self.stop_requested = False  # hibernate after the current turn
         self.stopped = trio.Event()
 
@@ -64,6 +84,7 @@ async def supervise(host: Host, entry: ObjectEntry) -> None:
         finally:
             entry.activation = None
             host._seconds_in_memory += trio.current_time() - started_at
+            _release_storage(host, entry, activation)
             activation.stopped.set()
         if not core.on_stopped() or host._closing:
             host._forget_if_unused(entry)
@@ -77,9 +98,25 @@ async def _activate(host: Host, entry: ObjectEntry, activation: Activation) -> N
         activation.background += 1
         nursery.start_soon(_background, entry, activation, async_fn)
 
+    def make_storage() -> Storage:
+        storage = Storage(
+            open_db=lambda: host.storage_backend.open(entry.namespace, entry.object_id),
+            limits=host.limits,
+            gate=activation.gate,
+            finish_outside_turn=lambda: _commit_outside_turn(host, entry, activation),
+            in_turn=lambda: activation.in_turn,
+        )
+        activation.storage = storage
+        return storage
+
     async with trio.open_nursery() as nursery:
         ctx = ObjectContext(
-            namespace=entry.namespace, object_id=entry.object_id, core=core, spawn=spawn
+            namespace=entry.namespace,
+            object_id=entry.object_id,
+            core=core,
+            spawn=spawn,
+            gate=activation.gate,
+            storage=make_storage,
         )
         try:
             instance = entry.cls(ctx, host.env)
@@ -99,6 +136,76 @@ async def _activate(host: Host, entry: ObjectEntry, activation: Activation) -> N
             core.begin_stop()
             host._hibernations += 1
             nursery.cancel_scope.cancel()
+
+
+def _release_storage(host: Host, entry: ObjectEntry, activation: Activation) -> None:
+    storage = activation.storage
+    if storage is None:
+        return
+    if storage.dirty:
+        # Cancelled mid-turn (shutdown, forced eviction): the writes were never
+        # acknowledged (the output gate held every reply), so they are dropped.
+        storage.failed()
+    db = storage.detach()
+    if db is not None:
+        host.storage_backend.release(entry.namespace, entry.object_id, db)
+
+
+async def _commit(host: Host, entry: ObjectEntry, activation: Activation) -> None:
+    """Make the activation's pending writes durable (caller holds the turn lock).
+
+    Raises the storage error after dropping the held messages and asking for a reset.
+    """
+    storage = activation.storage
+    if storage is None or not storage.dirty:
+        return
+    change = storage.take_alarm_change()
+    key = entry.alarm_key
+
+    def work() -> None:
+        # A new alarm reaches the index before the object's commit, a deletion after it:
+        # the index may be stale, never missing (see _storage/alarms.py).
+        if isinstance(change, float):
+            host.alarm_index.record(key, change)
+        storage.commit_sync()
+        if change is None:
+            host.alarm_index.record(key, None)
+
+    storage.committing = True
+    try:
+        await trio.to_thread.run_sync(work)
+    except (sqlite3.Error, OSError):
+        dropped = storage.failed()
+        activation.request_stop()
+        log.exception(
+            "storage commit of %s %s failed: %d held message(s) dropped, the instance is reset",
+            entry.namespace,
+            entry.object_id,
+            dropped,
+        )
+        raise
+    finally:
+        storage.committing = False
+    storage.committed()
+    if change is not ...:
+        assert change is None or isinstance(change, float)
+        host.alarms.schedule(key, change)
+
+
+async def _commit_outside_turn(host: Host, entry: ObjectEntry, activation: Activation) -> None:
+    async with activation.turn_lock:
+        await _commit(host, entry, activation)
+
+
+async def _end_turn(host: Host, entry: ObjectEntry, activation: Activation) -> None:
+    storage = activation.storage
+    if storage is None:
+        return
+    if storage.dirty:
+        with contextlib.suppress(sqlite3.Error, OSError):  # logged and reset by _commit
+            await _commit(host, entry, activation)
+    else:
+        storage.end_read_only_turn()
 
 
 async def _run_turns(
@@ -128,7 +235,13 @@ async def _run_turns(
             finally:
                 activation.idle = False
             continue
-        await _dispatch(host, entry, activation, instance, ctx, event)
+        async with activation.turn_lock:
+            activation.in_turn = True
+            try:
+                await _dispatch(host, entry, activation, instance, ctx, event)
+            finally:
+                activation.in_turn = False
+                await _end_turn(host, entry, activation)
         if strict or activation.stop_requested:
             return
 
@@ -145,6 +258,10 @@ async def _dispatch(
     if kind is FetchEvent:
         assert isinstance(event, FetchEvent)
         await _dispatch_fetch(entry, instance, event)
+        return
+    if kind is AlarmEvent:
+        assert isinstance(event, AlarmEvent)
+        await _dispatch_alarm(host, entry, instance, ctx, event)
         return
     assert isinstance(event, MessageEvent | CloseEvent | ErrorEvent)
     record = event.record
@@ -215,6 +332,42 @@ async def _dispatch_fetch(entry: ObjectEntry, instance: DurableObject, event: Fe
         if response is None:
             response = Response(status=500, body="Internal Server Error\n")
         event.reply(response)
+
+
+async def _dispatch_alarm(
+    host: Host, entry: ObjectEntry, instance: DurableObject, ctx: ObjectContext, event: AlarmEvent
+) -> None:
+    storage = ctx.storage
+    db = storage._database()
+    current = db.get_alarm()
+    if current is None or current > event.scheduled:
+        return  # deleted or moved since it was scheduled: a stale index entry
+    try:
+        await instance.alarm(AlarmInfo(event.retry_count, event.retry_count > 0))
+    except Exception:
+        delay = host.alarms.retry_delay(event.retry_count)
+        if delay is None:
+            log.exception(
+                "alarm() of %s %s raised on its last retry (%d); giving up",
+                entry.namespace,
+                entry.object_id,
+                event.retry_count,
+            )
+            if db.get_alarm() == current:
+                await storage.delete_alarm()
+        else:
+            log.exception(
+                "alarm() of %s %s raised; retry %d in %g s",
+                entry.namespace,
+                entry.object_id,
+                event.retry_count + 1,
+                delay,
+            )
+            retry_at = host.wall_clock() + delay
+            host.alarms.schedule(entry.alarm_key, retry_at, event.retry_count + 1)
+        return
+    if db.get_alarm() == current:
+        await storage.delete_alarm()  # done; unless the handler set a new one
 
 
 async def _background(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Final, final
 
 from ._codec import decode_data, encode_data
@@ -10,6 +11,7 @@ from ._limits import MAX_CLOSE_REASON_BYTES
 from ._registry import ReadyState, SocketRecord, Transport
 
 if TYPE_CHECKING:
+    from ._gate import OutputGate
     from ._limits import Limits
 
 __all__ = ["WebSocket", "check_close_args"]
@@ -52,7 +54,7 @@ class WebSocket:
     synchronous and never blocks: outgoing frames are buffered by the runtime.
     """
 
-    __slots__ = ("_limits", "_pending_attachment", "_record", "_transport", "_url")
+    __slots__ = ("_gate", "_limits", "_pending_attachment", "_record", "_transport", "_url")
 
     def __init__(self, *, transport: Transport, url: str, limits: Limits) -> None:
         # Made by the runtime for an upgrade request; users get handles, never build them.
@@ -61,11 +63,15 @@ class WebSocket:
         self._limits = limits
         self._record: SocketRecord | None = None
         self._pending_attachment: bytes | None = None
+        self._gate: OutputGate | None = None
 
     @classmethod
-    def _for_record(cls, record: SocketRecord, limits: Limits) -> WebSocket:
+    def _for_record(
+        cls, record: SocketRecord, limits: Limits, gate: OutputGate | None
+    ) -> WebSocket:
         handle = cls(transport=record.transport, url=record.url, limits=limits)
         handle._record = record
+        handle._gate = gate
         return handle
 
     def __repr__(self) -> str:
@@ -115,14 +121,20 @@ class WebSocket:
             raise TypeError(f"send() takes str or bytes, not {type(value).__name__}")
         if record.peer_closed:
             return
-        record.transport.send_message(data)
+        gate = self._gate
+        if gate is not None and gate.closed:
+            # Spec 10, output gate: this message waits until the object's writes are durable.
+            gate.hold(partial(record.transport.send_message, data))
+        else:
+            record.transport.send_message(data)
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         """Start the closing handshake with ``code`` and ``reason``.
 
-        The peer receives the Close frame; ``websocket_close`` runs when it answers (with
-        the peer's code). Without a code the Close frame is empty and the peer sees 1005.
-        Closing twice, or closing a socket the peer already closed, does nothing.
+        The peer receives the Close frame (after any pending write is durable);
+        ``websocket_close`` runs when it answers (with the peer's code). Without a code
+        the Close frame is empty and the peer sees 1005. Closing twice, or closing a
+        socket the peer already closed, does nothing.
 
         Raises:
             InvalidCloseCodeError: ``code`` outside 1000-4999 or reserved (1004, 1005,
@@ -138,7 +150,11 @@ class WebSocket:
         if record.server_closed or record.peer_closed:
             return
         record.server_closed = True
-        record.transport.start_close(code, reason or "")
+        gate = self._gate
+        if gate is not None and gate.closed:
+            gate.hold(partial(record.transport.start_close, code, reason or ""))
+        else:
+            record.transport.start_close(code, reason or "")
 
     def serialize_attachment(self, value: object) -> None:
         """Keep a copy of ``value`` with the socket, surviving hibernation (memory only).

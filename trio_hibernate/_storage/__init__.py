@@ -1,0 +1,1 @@
+"""Per-object durable storage and alarms."""

@@ -1,0 +1,150 @@
+"""Alarms: one per object, fired at its time even if the object hibernated or the host
+restarted.
+
+The object's own database is the truth (``_th_meta``). The host keeps an index of pending
+alarms so that it can wake objects without opening every database: in memory, and for a
+durable host also in ``<data_dir>/_alarms.sqlite3``. The index may hold stale entries but
+never misses one: a new alarm reaches the index *before* the object's commit, a deletion
+only *after* it, and every firing is checked against the object's database.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final, NoReturn
+
+import attrs
+import trio
+
+__all__ = ["AlarmIndex", "AlarmInfo", "AlarmScheduler"]
+
+#: workerd retries a failing alarm with exponential backoff from 2 s, up to 6 times.
+FIRST_RETRY_SECONDS: Final = 2.0
+MAX_RETRIES: Final = 6
+
+AlarmKey = tuple[str, str, str | None]  # namespace, id hex, name the id came from
+
+
+@attrs.frozen
+class AlarmInfo:
+    """Passed to ``alarm()``: is this a retry of a failed run, and which one."""
+
+    retry_count: int
+    """0 for the first run, then 1, 2, ... for retries."""
+    is_retry: bool
+    """``retry_count > 0``."""
+
+
+class AlarmIndex:
+    """Pending alarms by object; persisted in SQLite for a durable host."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._conn.execute("PRAGMA journal_mode = WAL")
+            self._conn.execute("PRAGMA synchronous = FULL")
+            self._conn.execute(
+                "CREATE TABLE IF NOT EXISTS alarms (namespace TEXT, id TEXT, name TEXT, "
+                "at REAL NOT NULL, PRIMARY KEY (namespace, id)) WITHOUT ROWID"
+            )
+
+    def load(self) -> list[tuple[AlarmKey, float]]:
+        """Every alarm recorded by an earlier run of the host."""
+        if self._conn is None:
+            return []
+        with self._lock:
+            rows = self._conn.execute("SELECT namespace, id, name, at FROM alarms").fetchall()
+        return [((ns, hex_id, name), float(at)) for ns, hex_id, name, at in rows]
+
+    def record(self, key: AlarmKey, when: float | None) -> None:
+        """Write (or with None, remove) an entry. Thread-safe; flushes to disk."""
+        if self._conn is None:
+            return
+        with self._lock:
+            if when is None:
+                self._conn.execute(
+                    "DELETE FROM alarms WHERE namespace = ? AND id = ?", (key[0], key[1])
+                )
+            else:
+                self._conn.execute(
+                    "INSERT INTO alarms (namespace, id, name, at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (namespace, id) DO UPDATE SET at = excluded.at, "
+                    "name = excluded.name",
+                    (key[0], key[1], key[2], when),
+                )
+
+    def close(self) -> None:
+        """Close the index database."""
+        if self._conn is not None:
+            with self._lock:
+                self._conn.close()
+            self._conn = None
+
+
+class AlarmScheduler:
+    """Fires each object's alarm at its wall-clock time (one host task)."""
+
+    def __init__(
+        self,
+        *,
+        wall_clock: Callable[[], float],
+        fire: Callable[[AlarmKey, float, int], None],
+    ) -> None:
+        self._wall_clock = wall_clock
+        self._fire = fire
+        self._due: dict[AlarmKey, tuple[float, int, int]] = {}  # key -> (when, retry, seq)
+        self._heap: list[tuple[float, int, AlarmKey]] = []
+        self._seq = itertools.count()
+        self._changed = trio.Event()
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def schedule(self, key: AlarmKey, when: float | None, retry_count: int = 0) -> None:
+        """Fire ``key`` at ``when`` (replacing any pending time); None cancels."""
+        if when is None:
+            self._due.pop(key, None)
+        else:
+            seq = next(self._seq)
+            self._due[key] = (when, retry_count, seq)
+            heapq.heappush(self._heap, (when, seq, key))
+        self._changed.set()
+
+    def retry_delay(self, retry_count: int) -> float | None:
+        """Seconds before retry number ``retry_count + 1``, or None past the last one."""
+        if retry_count >= MAX_RETRIES:
+            return None
+        return FIRST_RETRY_SECONDS * (1 << retry_count)
+
+    async def run(self) -> NoReturn:
+        """Fire alarms as they come due, forever."""
+        while True:
+            delay = self._fire_due()
+            self._changed = trio.Event()
+            with trio.move_on_after(delay):
+                await self._changed.wait()
+
+    def _fire_due(self) -> float:
+        """Fire what is due; return seconds until the next alarm (inf if none)."""
+        heap = self._heap
+        while heap:
+            when, seq, key = heap[0]
+            pending = self._due.get(key)
+            if pending is None or pending[2] != seq:
+                heapq.heappop(heap)  # replaced or cancelled
+                continue
+            delay = when - self._wall_clock()
+            if delay > 0:
+                return delay
+            heapq.heappop(heap)
+            del self._due[key]
+            self._fire(key, when, pending[1])
+        return float("inf")

@@ -2,7 +2,8 @@
 
 Run it with ``python examples/chat.py [--port 8080]`` and connect a WebSocket client to
 ``ws://127.0.0.1:8080/chat/<room>?nick=<nickname>``. Text messages are broadcast to the
-room; ``/who`` lists who is here; ``/msg <nick> <text>`` whispers; ``ping`` is answered
+room and kept in the room's storage (the last 50 are replayed to whoever joins); ``/who``
+lists who is here; ``/msg <nick> <text>`` whispers; ``ping`` is answered
 with ``pong`` by the runtime without waking the room.
 
 The room keeps nothing in memory that it cannot rebuild: nicknames live in each socket's
@@ -32,6 +33,7 @@ from trio_hibernate import (
 )
 
 NICK = re.compile(r"[A-Za-z0-9_-]{1,32}")
+HISTORY = 50
 HEARTBEAT = WebSocketRequestResponsePair("ping", "pong")
 
 
@@ -55,6 +57,9 @@ class ChatRoom(DurableObject):
         ws = request.websocket
         ws.serialize_attachment({"nick": nick})
         self.ctx.accept_websocket(ws, [f"user:{nick}"])
+        history = await self.ctx.storage.list(prefix="msg:", reverse=True, limit=HISTORY)
+        for line in reversed(history.values()):
+            ws.send(str(line))  # queued; delivered right after the 101 response
         self.broadcast(f"* {nick} joined")
         return Response(status=101, websocket=ws)
 
@@ -73,13 +78,24 @@ class ChatRoom(DurableObject):
             if not peers:
                 ws.send(f"* no {target} here")
         else:
-            self.broadcast(f"{nick}: {message}")
+            line = f"{nick}: {message}"
+            await self.remember(line)
+            self.broadcast(line)  # held by the output gate until the write is durable
 
     async def websocket_close(self, ws: WebSocket, code: int, reason: str, was_clean: bool) -> None:
         self.broadcast(f"* {self.nick(ws)} left", exclude=ws)
 
     async def websocket_error(self, ws: WebSocket, error: Exception) -> None:
         self.broadcast(f"* {self.nick(ws)} dropped", exclude=ws)
+
+    async def remember(self, line: str) -> None:
+        """Append ``line`` to the room's history, keeping the last HISTORY lines."""
+        storage = self.ctx.storage
+        seq_value = await storage.get("seq")
+        seq = (seq_value if isinstance(seq_value, int) else 0) + 1
+        await storage.put({"seq": seq, f"msg:{seq:012d}": line})
+        if seq > HISTORY:
+            await storage.delete(f"msg:{seq - HISTORY:012d}")
 
     def present(self) -> list[WebSocket]:
         """Sockets that are still open (closing ones are still listed until they end)."""
@@ -100,10 +116,12 @@ class ChatRoom(DurableObject):
 app = App({"chat": ChatRoom})
 
 
-async def main(port: int, address: str) -> None:
+async def main(port: int, address: str, data_dir: str | None) -> None:
     async with trio.open_nursery() as nursery:
         server = await nursery.start(
-            lambda task_status: serve_objects(app, address, port, task_status=task_status)
+            lambda task_status: serve_objects(
+                app, address, port, data_dir=data_dir, task_status=task_status
+            )
         )
         print(f"chat server listening on {server.url('/chat/<room>?nick=<name>')}", flush=True)
 
@@ -112,10 +130,13 @@ def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--address", default="127.0.0.1")
+    parser.add_argument(
+        "--data-dir", default=None, help="keep room history here (default: in memory)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        trio.run(main, args.port, args.address)
+        trio.run(main, args.port, args.address, args.data_dir)
     except KeyboardInterrupt:
         print("bye")
 

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from ._object import DurableObject
 
+if TYPE_CHECKING:
+    from ._http import Request, Response
+
+#: ``authorize(request)``: return a Response to refuse, or None to let the request through.
+Authorize = Callable[["Request"], Awaitable["Response | None"]]
+#: ``fetch(request)``: answers requests whose path names no namespace (like a Worker).
+Fetch = Callable[["Request"], Awaitable["Response"]]
+
 __all__ = ["App"]
 
-_NAMESPACE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# Paths starting with "/_" are the server's own (/_health, /_metrics).
+_NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 def _to_objects(value: Mapping[str, type[DurableObject]]) -> dict[str, type[DurableObject]]:
@@ -25,7 +34,8 @@ def _check_objects(instance: object, attribute: object, value: Mapping[object, o
     for name, cls in value.items():
         if not isinstance(name, str) or not _NAMESPACE.fullmatch(name):
             raise ValueError(
-                f"namespace {name!r} must be 1-64 characters of letters, digits, '_' or '-'"
+                f"namespace {name!r} must be 1-64 characters of letters, digits, '_' or '-', "
+                "starting with a letter or digit"
             )
         if not (isinstance(cls, type) and issubclass(cls, DurableObject)):
             raise TypeError(f"namespace {name!r} must map to a DurableObject subclass, not {cls!r}")
@@ -46,3 +56,9 @@ class App:
     """Namespace name -> object class."""
     env: Any = None
     """Bindings for the objects (configuration, clients...)."""
+    authorize: Authorize | None = attrs.field(default=None, kw_only=True)
+    """Checks every request (upgrades included) before any object wakes: return a
+    :class:`Response` (say 401 or 403) to refuse it, None to let it through."""
+    fetch: Fetch | None = attrs.field(default=None, kw_only=True)
+    """Answers requests whose first path segment names no namespace (``/``, static
+    pages). Without it they get 404."""

@@ -30,6 +30,7 @@ from wsproto.utilities import generate_accept_token
 from ._errors import LimitExceededError
 from ._events import CloseEvent, ErrorEvent, FetchEvent, MessageEvent
 from ._http import Request, Response
+from ._supervisor import run_app_hook
 from ._websocket import WebSocket
 
 if TYPE_CHECKING:
@@ -157,13 +158,11 @@ class ServerConnection:
                 return False
         if request is None:
             return False  # EOF, or the handshake timed out
-        ws = request.websocket
-        routed = host._route(request.path)
-        if ws is not None and not isinstance(routed, Response):
-            routed = self._check_websocket_headers(request) or routed
+        routed = await self._gatekeep(request)
         if isinstance(routed, Response):
             self._send_http(h, routed)
             return False
+        ws = request.websocket
         self._entry = entry = routed
         response = await self._fetch(entry, request)
         record = ws._record if ws is not None else None
@@ -182,6 +181,33 @@ class ServerConnection:
             response = _simple_response(500, "Internal Server Error")
         self._send_http(h, response)
         return False
+
+    async def _gatekeep(self, request: Request) -> ObjectEntry | Response:
+        """Everything decided before an object wakes: the server's own paths, the
+        handshake headers, the origin allow-list, ``App.authorize``, routing."""
+        host = self._host
+        if request.path.startswith("/_"):
+            return host._operations(request)
+        if request.websocket is not None:
+            refused = self._check_websocket_headers(request) or host._check_origin(request)
+            if refused is not None:
+                return refused
+        app = host.app
+        if app.authorize is not None:
+            refused = await run_app_hook("App.authorize", app.authorize, request)
+            if refused is not None:
+                return refused
+        routed = host._route(request.path)
+        if routed is not None:
+            return routed
+        if app.fetch is not None:
+            response = await run_app_hook("App.fetch", app.fetch, request)
+            assert response is not None
+            if response.status != 101:
+                return response
+            log.error("App.fetch answered 101 for %s; it cannot accept WebSockets", request.path)
+            return _simple_response(500, "Internal Server Error")
+        return _simple_response(404, f"Not Found: {request.path}")
 
     async def _read_request(self, h: h11.Connection) -> Request | None:
         host = self._host

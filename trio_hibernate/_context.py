@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from ._ids import ObjectId
     from ._lifecycle import ObjectCore
     from ._storage.api import Storage
+    from ._stubs import Namespace
 
 __all__ = ["ObjectContext"]
 
@@ -35,6 +36,7 @@ class ObjectContext:
         "_core",
         "_gate",
         "_handles",
+        "_namespaces",
         "_spawn",
         "_storage",
         "_storage_factory",
@@ -51,6 +53,7 @@ class ObjectContext:
         spawn: Callable[[Callable[[], Awaitable[object]]], None],
         gate: OutputGate | None = None,
         storage: Callable[[], Storage] | None = None,
+        namespaces: Callable[[str], Namespace] | None = None,
     ) -> None:
         # Made by the runtime; never constructed by application code.
         self.namespace = namespace
@@ -61,6 +64,7 @@ class ObjectContext:
         self._spawn = spawn
         self._gate = gate
         self._storage_factory = storage
+        self._namespaces = namespaces
         self._storage: Storage | None = None
         self._handles: dict[SocketRecord, WebSocket] = {}
 
@@ -72,6 +76,16 @@ class ObjectContext:
                 raise RuntimeError("this context has no storage (made outside a host)")
             self._storage = self._storage_factory()
         return self._storage
+
+    def get_namespace(self, name: str) -> Namespace:
+        """A namespace of the app, to call other objects through stubs.
+
+        Raises:
+            KeyError: the app has no such namespace.
+        """
+        if self._namespaces is None:
+            raise RuntimeError("this context has no host (made outside a host)")
+        return self._namespaces(name)
 
     def _handle(self, record: SocketRecord) -> WebSocket:
         handle = self._handles.get(record)

@@ -9,7 +9,15 @@ if TYPE_CHECKING:
     from ._http import Request, Response
     from ._registry import SocketRecord
 
-__all__ = ["AlarmEvent", "CloseEvent", "ErrorEvent", "Event", "FetchEvent", "MessageEvent"]
+__all__ = [
+    "AlarmEvent",
+    "CallEvent",
+    "CloseEvent",
+    "ErrorEvent",
+    "Event",
+    "FetchEvent",
+    "MessageEvent",
+]
 
 
 class MessageEvent:
@@ -67,4 +75,25 @@ class AlarmEvent:
         self.retry_count = retry_count
 
 
-Event = MessageEvent | CloseEvent | ErrorEvent | FetchEvent | AlarmEvent
+class CallEvent:
+    """A stub called one of the object's public async methods.
+
+    ``reply`` is called exactly once, with ``(True, result)`` or ``(False, exception)``.
+    """
+
+    __slots__ = ("args", "kwargs", "method", "reply")
+
+    def __init__(
+        self,
+        method: str,
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+        reply: Callable[[tuple[bool, object]], None],
+    ) -> None:
+        self.method = method
+        self.args = args
+        self.kwargs = kwargs
+        self.reply = reply
+
+
+Event = MessageEvent | CloseEvent | ErrorEvent | FetchEvent | AlarmEvent | CallEvent

@@ -6,22 +6,25 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, final
 
 import attrs
 import trio
 
+from ._codec import encode_data
 from ._connection import ServerConnection
 from ._events import AlarmEvent, Event, FetchEvent
 from ._frames import encode_message
-from ._http import Response
+from ._http import Request, Response
 from ._ids import ObjectId
 from ._lifecycle import ObjectCore, ObjectState
 from ._limits import Limits
+from ._operations import operations_response
 from ._storage.alarms import AlarmIndex, AlarmKey, AlarmScheduler
 from ._storage.sqlite import SqliteBackend
+from ._stubs import Namespace
 from ._supervisor import Activation, supervise
 
 if TYPE_CHECKING:
@@ -57,6 +60,8 @@ class HostStatistics:
     """Auto-responses served by the runtime without waking an object."""
     seconds_in_memory: float
     """Total (Trio clock) seconds that instances spent in memory, finished activations."""
+    storage_commits: int
+    """Storage commits that succeeded."""
 
 
 @attrs.frozen(kw_only=True)
@@ -80,6 +85,7 @@ class ObjectEntry:
     namespace: str
     object_id: ObjectId
     cls: type[DurableObject]
+    """The class to construct on the next wake (replaced by live code updates)."""
     core: ObjectCore
     activation: Activation | None = None
 
@@ -110,6 +116,7 @@ class Host:
         close_timeout: float,
         wall_clock: Callable[[], float],
         storage_backend: SqliteBackend,
+        allowed_origins: frozenset[str] | None,
     ) -> None:
         self.app = app
         self.env = app.env
@@ -120,6 +127,7 @@ class Host:
         self.close_timeout = close_timeout
         self.wall_clock = wall_clock
         self.storage_backend = storage_backend
+        self.allowed_origins = allowed_origins
         data_dir = storage_backend.data_dir
         self.alarm_index = AlarmIndex(None if data_dir is None else data_dir / "_alarms.sqlite3")
         self.alarms = AlarmScheduler(wall_clock=wall_clock, fire=self._fire_alarm)
@@ -136,6 +144,7 @@ class Host:
         self._hibernations = 0
         self._auto_responses = 0
         self._seconds_in_memory = 0.0
+        self._commits = 0
 
     # -- public --------------------------------------------------------------------------
 
@@ -169,6 +178,42 @@ class Host:
         await activation.stopped.wait()
         return True
 
+    def get_namespace(self, name: str) -> Namespace:
+        """The namespace ``name`` of the app, to get stubs for its objects.
+
+        Raises:
+            KeyError: the app has no such namespace.
+        """
+        if name not in self.app.objects:
+            raise KeyError(f"unknown namespace {name!r}; the app has {sorted(self.app.objects)}")
+        return Namespace(self, name)
+
+    async def replace_app(self, app: App) -> None:
+        """Switch to new code without disconnecting anyone (live code update).
+
+        Every live object finishes its current turn and hibernates; from then on each
+        object is constructed from ``app``'s class for its namespace. WebSockets stay
+        connected, with their tags and attachments. Objects of a namespace that ``app``
+        no longer has get their sockets closed with 1012 (service restart).
+        """
+        self.app = app
+        self.env = app.env
+        waits = []
+        for entry in list(self._objects.values()):
+            cls = app.objects.get(entry.namespace)
+            if entry.activation is not None:
+                entry.activation.request_stop()
+                waits.append(entry.activation.stopped)
+            if cls is None:
+                for record in entry.core.registry.sockets():
+                    record.transport.begin_shutdown(1012, "service restart")
+                    entry.core.release(record)
+            else:
+                entry.cls = cls
+        for stopped in waits:
+            await stopped.wait()
+        await trio.lowlevel.checkpoint()
+
     def statistics(self) -> HostStatistics:
         """Counts of objects, sockets, wakes and hibernations (see the fields)."""
         live = sum(1 for e in self._objects.values() if e.activation is not None)
@@ -181,6 +226,7 @@ class Host:
             hibernations=self._hibernations,
             auto_responses=self._auto_responses,
             seconds_in_memory=self._seconds_in_memory,
+            storage_commits=self._commits,
         )
 
     def object_statistics(self, namespace: str, name: str | ObjectId) -> ObjectStatistics:
@@ -207,17 +253,43 @@ class Host:
             )
         return name if isinstance(name, ObjectId) else ObjectId.from_name(namespace, name)
 
-    def _route(self, path: str) -> ObjectEntry | Response:
+    def _route(self, path: str) -> ObjectEntry | Response | None:
+        """The object a path names; a Response for a bad path; None for no namespace."""
+        segments = path.split("/", 2)
+        cls = self.app.objects.get(segments[1]) if len(segments) > 1 else None
+        if cls is None:
+            return None
         target = ServerConnection.parse_target(path)
         if isinstance(target, str):
-            return Response(status=400 if path.count("/") >= 2 else 404, body=target + "\n")
-        namespace, name = target
-        cls = self.app.objects.get(namespace)
-        if cls is None:
-            return Response(status=404, body=f"no namespace {namespace!r}\n")
+            return Response(status=400, body=f"Bad Request: {target}\n")
         if self._closing:
             return Response(status=503, body="the server is shutting down\n")
+        namespace, name = target
         return self._entry(namespace, ObjectId.from_name(namespace, name), cls)
+
+    def _entry_for(self, namespace: str, object_id: ObjectId) -> ObjectEntry:
+        cls = self.app.objects.get(namespace)
+        if cls is None:
+            raise LookupError(f"namespace {namespace!r} is no longer in the app")
+        return self._entry(namespace, object_id, cls)
+
+    def _encode_call(self, value: object) -> bytes:
+        return encode_data(
+            value,
+            what="A stub call's argument or result",
+            limit_name="max_message_bytes",
+            limit_bytes=self.limits.max_message_bytes,
+        )
+
+    def _operations(self, request: Request) -> Response:
+        return operations_response(request, self.statistics(), self._closing)
+
+    def _check_origin(self, request: Request) -> Response | None:
+        allowed = self.allowed_origins
+        origin = request.header("origin")
+        if allowed is None or origin is None or origin in allowed:
+            return None
+        return Response(status=403, body=f"Forbidden: origin {origin!r} is not allowed\n")
 
     def _entry(self, namespace: str, object_id: ObjectId, cls: type[DurableObject]) -> ObjectEntry:
         key = (namespace, object_id.hex)
@@ -307,6 +379,7 @@ async def open_host(
     shutdown_close_code: int = 1001,
     wall_clock: Callable[[], float] = time.time,
     data_dir: str | os.PathLike[str] | None = None,
+    allowed_origins: Iterable[str] | None = None,
 ) -> AsyncIterator[Host]:
     """Run a :class:`Host` for ``app`` for the duration of the ``async with`` block.
 
@@ -327,6 +400,8 @@ async def open_host(
         data_dir: Where object databases live (one SQLite file per object, plus the
             alarm index). None keeps storage in memory for the host's life: fine for
             tests and demos, lost on exit.
+        allowed_origins: If given, WebSocket upgrades whose ``Origin`` header is not in
+            it are refused with 403 before any object wakes (cross-site hijacking).
 
     Resource handling:
         On exit every WebSocket is closed with ``shutdown_close_code`` and every instance
@@ -351,6 +426,7 @@ async def open_host(
                 close_timeout=close_timeout,
                 wall_clock=wall_clock,
                 storage_backend=backend,
+                allowed_origins=None if allowed_origins is None else frozenset(allowed_origins),
             )
             try:
                 nursery.start_soon(host.alarms.run)

@@ -12,6 +12,7 @@ raised by application code.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -19,11 +20,20 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ._codec import decode_data
 from ._context import ObjectContext
 from ._errors import LimitExceededError
-from ._events import AlarmEvent, CloseEvent, ErrorEvent, Event, FetchEvent, MessageEvent
+from ._events import (
+    AlarmEvent,
+    CallEvent,
+    CloseEvent,
+    ErrorEvent,
+    Event,
+    FetchEvent,
+    MessageEvent,
+)
 from ._gate import OutputGate
-from ._http import Response
+from ._http import Request, Response
 from ._storage.alarms import AlarmInfo
 from ._storage.api import Storage
 
@@ -31,7 +41,7 @@ if TYPE_CHECKING:
     from ._host import Host, ObjectEntry
     from ._object import DurableObject
 
-__all__ = ["Activation", "supervise"]
+__all__ = ["Activation", "run_app_hook", "supervise"]
 
 log = logging.getLogger("trio_hibernate.object")
 
@@ -117,6 +127,7 @@ async def _activate(host: Host, entry: ObjectEntry, activation: Activation) -> N
             spawn=spawn,
             gate=activation.gate,
             storage=make_storage,
+            namespaces=host.get_namespace,
         )
         try:
             instance = entry.cls(ctx, host.env)
@@ -187,6 +198,7 @@ async def _commit(host: Host, entry: ObjectEntry, activation: Activation) -> Non
     finally:
         storage.committing = False
     storage.committed()
+    host._commits += 1
     if change is not ...:
         assert change is None or isinstance(change, float)
         host.alarms.schedule(key, change)
@@ -263,6 +275,10 @@ async def _dispatch(
         assert isinstance(event, AlarmEvent)
         await _dispatch_alarm(host, entry, instance, ctx, event)
         return
+    if kind is CallEvent:
+        assert isinstance(event, CallEvent)
+        await _dispatch_call(host, entry, instance, event)
+        return
     assert isinstance(event, MessageEvent | CloseEvent | ErrorEvent)
     record = event.record
     ws = ctx._handle(record)
@@ -332,6 +348,44 @@ async def _dispatch_fetch(entry: ObjectEntry, instance: DurableObject, event: Fe
         if response is None:
             response = Response(status=500, body="Internal Server Error\n")
         event.reply(response)
+
+
+async def _dispatch_call(
+    host: Host, entry: ObjectEntry, instance: DurableObject, event: CallEvent
+) -> None:
+    outcome: tuple[bool, object] | None = None
+    try:
+        method = getattr(instance, event.method, None)
+        if method is None or not callable(method):
+            raise AttributeError(
+                f"{entry.cls.__name__} has no public method {event.method!r} to call"
+            )
+        result = method(*event.args, **event.kwargs)
+        if inspect.isawaitable(result):
+            result = await result
+        outcome = (True, decode_data(host._encode_call(result)))
+    except Exception as exc:
+        # Not contained: the caller's ``await stub.call(...)`` raises it.
+        outcome = (False, exc)
+    finally:
+        if outcome is None:
+            outcome = (False, RuntimeError(f"{entry.namespace} {entry.object_id} shut down"))
+        event.reply(outcome)
+
+
+async def run_app_hook(
+    what: str, hook: Callable[[Request], Awaitable[Response | None]], request: Request
+) -> Response | None:
+    """Run an app-level hook (``App.authorize``, ``App.fetch``), containing its crash."""
+    try:
+        result: object = await hook(request)
+    except Exception:
+        log.exception("%s raised for %s %s; answering 500", what, request.method, request.path)
+        return Response(status=500, body="Internal Server Error\n")
+    if result is not None and not isinstance(result, Response):
+        log.error("%s returned %r, not a Response or None; answering 500", what, result)
+        return Response(status=500, body="Internal Server Error\n")
+    return result
 
 
 async def _dispatch_alarm(

@@ -1,0 +1,155 @@
+"""Namespaces and stubs: how application code and objects reach an object."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final, final
+
+import trio
+
+from ._codec import decode_data
+from ._events import CallEvent, FetchEvent
+from ._http import Request, Response
+from ._ids import ObjectId
+
+if TYPE_CHECKING:
+    from ._host import Host
+
+__all__ = ["Namespace", "ObjectStub"]
+
+#: Methods a stub may not call: the runtime's handlers and the constructor.
+RESERVED_METHODS: Final = frozenset(
+    {"fetch", "alarm", "websocket_message", "websocket_close", "websocket_error"}
+)
+
+
+@final
+class Namespace:
+    """The objects of one class in an app: make ids, get stubs.
+
+    Get one with :meth:`Host.get_namespace` (application code) or
+    :meth:`ObjectContext.get_namespace` (from inside an object).
+    """
+
+    __slots__ = ("_host", "name")
+
+    def __init__(self, host: Host, name: str) -> None:
+        # Made by Host.namespace(), which checks the name.
+        self._host = host
+        self.name = name
+        """The namespace name."""
+
+    def id_from_name(self, name: str) -> ObjectId:
+        """The id of the object called ``name`` (the same every time)."""
+        return ObjectId.from_name(self.name, name)
+
+    def new_unique_id(self) -> ObjectId:
+        """A fresh random id, for an object no name will ever reach."""
+        return ObjectId.unique()
+
+    def id_from_string(self, hex_id: str) -> ObjectId:
+        """Rebuild an id from ``str(id)``. Raises ValueError if it is not one."""
+        return ObjectId(hex_id)
+
+    def get(self, object_id: ObjectId) -> ObjectStub:
+        """A stub for the object ``object_id`` (nothing wakes until it is used)."""
+        if not isinstance(object_id, ObjectId):
+            raise TypeError(f"expected an ObjectId, got {object_id!r}")
+        return ObjectStub(self._host, self.name, object_id)
+
+    def get_by_name(self, name: str) -> ObjectStub:
+        """``get(id_from_name(name))``."""
+        return self.get(self.id_from_name(name))
+
+
+@final
+class ObjectStub:
+    """Calls into one object. Every call is an event for that object, queued in turn
+    with its socket events, and wakes it if it hibernated.
+
+    ``await stub.call("method", *args)`` (or ``await stub.method(*args)``) runs a public
+    method of the object and returns its result; ``await stub.fetch(...)`` runs its
+    ``fetch``. Arguments and results are copied as data, as between separate objects.
+
+    Calls are not re-entrant: an object that calls itself, directly or through another
+    object, waits for itself forever, as with Orleans grains. The caller being
+    cancelled does not withdraw a call already queued.
+    """
+
+    __slots__ = ("_host", "id", "namespace")
+
+    def __init__(self, host: Host, namespace: str, object_id: ObjectId) -> None:
+        self._host = host
+        self.namespace = namespace
+        """The namespace of the object."""
+        self.id = object_id
+        """The object's id."""
+
+    def __repr__(self) -> str:
+        return f"<ObjectStub {self.namespace}/{self.id.name or self.id.hex}>"
+
+    async def call(self, method: str, /, *args: object, **kwargs: object) -> Any:
+        """Run ``await object.method(*args, **kwargs)`` in the object's next turn.
+
+        Raises:
+            AttributeError: the object has no such public method.
+            DataCloneError: an argument or the result is not data.
+            Exception: whatever the method raised.
+        """
+        name: object = method
+        if not isinstance(name, str) or name.startswith("_") or name in RESERVED_METHODS:
+            raise AttributeError(f"{method!r} is not a public method a stub can call")
+        host = self._host
+        copied_args = decode_data(host._encode_call(args))
+        copied_kwargs = decode_data(host._encode_call(kwargs))
+        assert isinstance(copied_args, list)
+        assert isinstance(copied_kwargs, dict)
+        done = trio.Event()
+        box: list[tuple[bool, object]] = []
+
+        def reply(outcome: tuple[bool, object]) -> None:
+            box.append(outcome)
+            done.set()
+
+        entry = host._entry_for(self.namespace, self.id)
+        host._deliver(entry, CallEvent(method, tuple(copied_args), copied_kwargs, reply))
+        await done.wait()
+        ok, value = box[0]
+        if ok:
+            return value
+        assert isinstance(value, BaseException)
+        raise value
+
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return partial(self.call, name)
+
+    async def fetch(
+        self,
+        request: Request | str,
+        *,
+        method: str = "GET",
+        headers: Mapping[str, str] | Iterable[tuple[str, str]] = (),
+        body: bytes | str = b"",
+    ) -> Response:
+        """Send an HTTP request (a :class:`Request`, or a URL path) to the object's fetch.
+
+        WebSocket upgrades cannot go through a stub.
+        """
+        if isinstance(request, str):
+            request = Request(method=method, url=request, headers=headers, body=body)
+        elif request.websocket is not None:
+            raise ValueError("a stub cannot carry a WebSocket upgrade")
+        done = trio.Event()
+        box: list[Response] = []
+
+        def reply(response: Response) -> None:
+            box.append(response)
+            done.set()
+
+        entry = self._host._entry_for(self.namespace, self.id)
+        self._host._deliver(entry, FetchEvent(request, reply))
+        await done.wait()
+        return box[0]

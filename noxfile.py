@@ -36,6 +36,6 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def demo(session: nox.Session) -> None:
-    """Run the example chat server on 127.0.0.1:8080 (``-- --port N`` to change)."""
+    """Serve the example chat on http://127.0.0.1:8080/ (``-- --port N`` to change)."""
     session.install("-e", ".")
-    session.run("python", "examples/chat.py", *session.posargs)
+    session.run("trio-hibernate", "serve", "examples/chat.py:app", *session.posargs)

@@ -1,6 +1,7 @@
 """A chat server: one object per room, hibernating between messages.
 
-Run it with ``python examples/chat.py [--port 8080]`` and connect a WebSocket client to
+Run it with ``trio-hibernate serve examples/chat.py:app`` (or ``python examples/chat.py``)
+and open http://127.0.0.1:8080/ in a browser, or connect any WebSocket client to
 ``ws://127.0.0.1:8080/chat/<room>?nick=<nickname>``. Text messages are broadcast to the
 room and kept in the room's storage (the last 50 are replayed to whoever joins); ``/who``
 lists who is here; ``/msg <nick> <text>`` whispers; ``ping`` is answered
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -113,7 +115,17 @@ class ChatRoom(DurableObject):
         return str(attachment["nick"])
 
 
-app = App({"chat": ChatRoom})
+PAGE = (Path(__file__).parent / "chat.html").read_bytes()
+
+
+async def page(request: Request) -> Response:
+    """The chat page at ``/`` (requests that name no namespace come here)."""
+    if request.path != "/":
+        return Response(status=404, body="Not Found\n")
+    return Response(body=PAGE, headers={"content-type": "text/html; charset=utf-8"})
+
+
+app = App({"chat": ChatRoom}, fetch=page)
 
 
 async def main(port: int, address: str, data_dir: str | None) -> None:

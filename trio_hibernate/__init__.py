@@ -33,6 +33,7 @@ from ._registry import ReadyState as ReadyState
 from ._server import Server as Server, open_server as open_server, serve_objects as serve_objects
 from ._storage.alarms import AlarmInfo as AlarmInfo
 from ._storage.api import SqlCursor as SqlCursor, SqlStorage as SqlStorage, Storage as Storage
+from ._stubs import Namespace as Namespace, ObjectStub as ObjectStub
 from ._version import __version__ as __version__
 from ._websocket import WebSocket as WebSocket
 
@@ -47,10 +48,12 @@ __all__ = [
     "InvalidCloseCodeError",
     "LimitExceededError",
     "Limits",
+    "Namespace",
     "ObjectContext",
     "ObjectId",
     "ObjectState",
     "ObjectStatistics",
+    "ObjectStub",
     "ReadyState",
     "Request",
     "Response",

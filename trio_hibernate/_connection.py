@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote
 
@@ -63,6 +64,13 @@ def _join(parts: list[str | bytes]) -> str | bytes:
     if isinstance(parts[0], str):
         return "".join(p for p in parts if isinstance(p, str))
     return b"".join(p for p in parts if isinstance(p, bytes))
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
 
 
 def _simple_response(status: int, body: str, extra: tuple[tuple[str, str], ...] = ()) -> Response:
@@ -298,7 +306,11 @@ class ServerConnection:
             (b"sec-websocket-accept", generate_accept_token(key.encode("ascii"))),
         ]
         headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers]
-        head = h.send(h11.InformationalResponse(status_code=101, headers=headers))
+        head = h.send(
+            h11.InformationalResponse(
+                status_code=101, headers=headers, reason=b"Switching Protocols"
+            )
+        )
         assert head is not None
         trailing, _closed = h.trailing_data
         self._record = record
@@ -320,7 +332,11 @@ class ServerConnection:
         if h.our_state is not h11.SEND_RESPONSE:
             return  # the peer broke the request badly enough that no response fits
         self._pending = None
-        data = h.send(h11.Response(status_code=response.status, headers=headers))
+        data = h.send(
+            h11.Response(
+                status_code=response.status, headers=headers, reason=_reason(response.status)
+            )
+        )
         assert data is not None
         data += h.send(h11.Data(data=response.body)) or b""
         data += h.send(h11.EndOfMessage()) or b""

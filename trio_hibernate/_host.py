@@ -128,6 +128,9 @@ class Host:
         self.wall_clock = wall_clock
         self.storage_backend = storage_backend
         self.allowed_origins = allowed_origins
+        self.shutdown_close_code = 1001
+        """Close code sent to every WebSocket when the host shuts down (1001 going away;
+        set 1012 before a restart so clients reconnect at once)."""
         data_dir = storage_backend.data_dir
         self.alarm_index = AlarmIndex(None if data_dir is None else data_dir / "_alarms.sqlite3")
         self.alarms = AlarmScheduler(wall_clock=wall_clock, fire=self._fire_alarm)
@@ -428,12 +431,14 @@ async def open_host(
                 storage_backend=backend,
                 allowed_origins=None if allowed_origins is None else frozenset(allowed_origins),
             )
+            host.shutdown_close_code = shutdown_close_code
             try:
                 nursery.start_soon(host.alarms.run)
                 yield host
             finally:
                 with trio.CancelScope(shield=True):
-                    await host._shutdown(shutdown_close_code, "server shutting down", close_timeout)
+                    reason = "service restart" if host.shutdown_close_code == 1012 else "going away"
+                    await host._shutdown(host.shutdown_close_code, reason, close_timeout)
                 scope.cancel()
                 host.alarm_index.close()
     finally:

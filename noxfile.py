@@ -16,7 +16,14 @@ TEST_DEPS = ["pytest>=8", "pytest-trio>=0.8", "hypothesis>=6.100", "trio-websock
 def tests(session: nox.Session) -> None:
     """Run the test suite (pass pytest arguments after ``--``)."""
     session.install("-e", ".", *TEST_DEPS)
-    session.run("pytest", *session.posargs)
+    session.run("pytest", "-m", "not browser", *session.posargs)
+
+
+@nox.session(default=False)
+def browser(session: nox.Session) -> None:
+    """The chat page in headless Chromium (needs Debian's ``chromium`` package)."""
+    session.install("-e", ".", *TEST_DEPS, "playwright>=1.40")
+    session.run("pytest", "-m", "browser", *session.posargs)
 
 
 @nox.session

@@ -36,13 +36,14 @@ class AppLoadError(Exception):
 
 
 def _module_from_file(path: Path) -> ModuleType:
+    # Compiled from source every time: a cached .pyc is validated by whole-second mtime
+    # and size, so an edit of the same length within a second would load stale code.
     name = f"_trio_hibernate_app_{path.stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise AppLoadError(f"cannot load {path} as Python source")
-    module = importlib.util.module_from_spec(spec)
+    module = ModuleType(name)
+    module.__file__ = str(path)
+    code = compile(path.read_bytes(), str(path), "exec")
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    exec(code, module.__dict__)
     return module
 
 
@@ -73,6 +74,9 @@ def load_app(spec: str, *, fresh: bool = False) -> tuple[App, Path | None]:
                 raise
             raise AppLoadError(f"no module named {target!r} (from {Path.cwd()})") from None
         if fresh:
+            source = getattr(module, "__file__", None)
+            if source is not None:  # see _module_from_file: never trust the .pyc here
+                Path(importlib.util.cache_from_source(source)).unlink(missing_ok=True)
             module = importlib.reload(module)
     found = getattr(module, attr, None)
     if found is None:
@@ -85,15 +89,16 @@ def load_app(spec: str, *, fresh: bool = False) -> tuple[App, Path | None]:
     return found, None if source is None else Path(source)
 
 
-def _watched_files(source: Path) -> dict[Path, float]:
+def _watched_files(source: Path) -> dict[Path, tuple[int, int]]:
     files = {source, *source.parent.glob("*.py")}
-    mtimes = {}
+    seen = {}
     for path in files:
         try:
-            mtimes[path] = path.stat().st_mtime
+            stat = path.stat()
         except OSError:
             continue  # deleted between glob and stat: its absence is the change
-    return mtimes
+        seen[path] = (stat.st_mtime_ns, stat.st_size)
+    return seen
 
 
 async def _reload(host: Host, spec: str) -> None:

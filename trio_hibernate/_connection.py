@@ -155,6 +155,7 @@ class ServerConnection:
         """Read one request, hand it to the object. True if it became a WebSocket."""
         host = self._host
         h = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
+        request: Request | None = None
         with trio.move_on_after(host.handshake_timeout):
             try:
                 request = await self._read_request(h)
@@ -364,7 +365,7 @@ class ServerConnection:
                 if kind is TextMessage or kind is BytesMessage:
                     assert isinstance(event, TextMessage | BytesMessage)
                     if self._terminal:
-                        return  # shut down by the host or the object's failure
+                        continue  # shutting down: discard, wait for the peer's Close
                     data = event.data
                     chunk: str | bytes
                     if isinstance(data, str):
@@ -394,13 +395,14 @@ class ServerConnection:
                     deliver(entry, MessageEvent(record, message))
                 elif kind is Ping:
                     assert isinstance(event, Ping)
-                    self._write(ws.send(event.response()))
+                    if ws.state is ConnectionState.OPEN:
+                        self._write(ws.send(event.response()))
                 elif kind is CloseConnection:
                     assert isinstance(event, CloseConnection)
                     self._on_close_frame(ws, record, event)
                     return
                 # Pong: nothing to do.
-            if self._terminal:
+            if self._dead:
                 return
             if record.queued >= max_queued:
                 self._resume = trio.Event()

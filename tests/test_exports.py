@@ -28,6 +28,7 @@ EXPECTED = {
     "SqlCursor",
     "SqlStorage",
     "Storage",
+    "StorageCommitError",
     "WebSocket",
     "WebSocketProtocolError",
     "WebSocketRequestResponsePair",
@@ -56,10 +57,29 @@ def test_every_public_name_is_documented() -> None:
         if name == "__version__":
             continue
         obj = getattr(trio_hibernate, name)
-        assert obj.__doc__ and obj.__doc__.strip(), f"{name} has no docstring"
+        assert obj.__doc__, f"{name} has no docstring"
+        assert obj.__doc__.strip(), f"{name} has an empty docstring"
 
 
 def test_package_is_typed() -> None:
     from importlib.resources import files
 
     assert files("trio_hibernate").joinpath("py.typed").is_file()
+
+
+def test_testing_surface_is_pinned() -> None:
+    import trio_hibernate.testing as testing
+
+    assert set(testing.__all__) == {
+        "EPOCH",
+        "TestHost",
+        "TestWebSocket",
+        "UpgradeRejected",
+        "WebSocketClosed",
+        "open_test_host",
+    }
+    for name in testing.__all__:
+        obj = getattr(testing, name)
+        if name != "EPOCH":
+            assert obj.__module__ == "trio_hibernate.testing", name
+            assert obj.__doc__, name

@@ -16,6 +16,7 @@ from ._errors import (
     HibernateError as HibernateError,
     InvalidCloseCodeError as InvalidCloseCodeError,
     LimitExceededError as LimitExceededError,
+    StorageCommitError as StorageCommitError,
     WebSocketStateError as WebSocketStateError,
 )
 from ._host import (
@@ -61,6 +62,7 @@ __all__ = [
     "SqlCursor",
     "SqlStorage",
     "Storage",
+    "StorageCommitError",
     "WebSocket",
     "WebSocketProtocolError",
     "WebSocketRequestResponsePair",

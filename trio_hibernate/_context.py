@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, final
@@ -40,6 +41,7 @@ class ObjectContext:
         "_spawn",
         "_storage",
         "_storage_factory",
+        "_wall_clock",
         "id",
         "namespace",
     )
@@ -54,6 +56,7 @@ class ObjectContext:
         gate: OutputGate | None = None,
         storage: Callable[[], Storage] | None = None,
         namespaces: Callable[[str], Namespace] | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         # Made by the runtime; never constructed by application code.
         self.namespace = namespace
@@ -65,6 +68,7 @@ class ObjectContext:
         self._gate = gate
         self._storage_factory = storage
         self._namespaces = namespaces
+        self._wall_clock = wall_clock
         self._storage: Storage | None = None
         self._handles: dict[SocketRecord, WebSocket] = {}
 
@@ -76,6 +80,15 @@ class ObjectContext:
                 raise RuntimeError("this context has no storage (made outside a host)")
             self._storage = self._storage_factory()
         return self._storage
+
+    def now(self) -> float:
+        """The host's wall-clock time in epoch seconds.
+
+        Use it (rather than ``time.time()``) for alarm times and timestamps: under
+        :mod:`trio_hibernate.testing` it follows Trio's mock clock, so an hour of alarms
+        runs in milliseconds.
+        """
+        return self._wall_clock()
 
     def get_namespace(self, name: str) -> Namespace:
         """A namespace of the app, to call other objects through stubs.

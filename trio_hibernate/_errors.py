@@ -14,6 +14,7 @@ __all__ = [
     "HibernateError",
     "InvalidCloseCodeError",
     "LimitExceededError",
+    "StorageCommitError",
     "WebSocketStateError",
 ]
 
@@ -45,6 +46,13 @@ class DataCloneError(HibernateError, TypeError):
     ``float``, ``str``, ``bytes``, lists, tuples, dicts, sets, timezone-aware datetimes and
     the like, with shared references and cycles. Functions, sockets and arbitrary class
     instances are not data.
+    """
+
+
+class StorageCommitError(HibernateError):
+    """A turn's storage writes could not be made durable and were rolled back.
+
+    Raised to a stub caller whose call's writes were lost; the object was reset.
     """
 
 

@@ -68,11 +68,15 @@ class FetchEvent:
 class AlarmEvent:
     """The object's alarm came due (``scheduled`` epoch seconds; ``retry_count``)."""
 
-    __slots__ = ("retry_count", "scheduled")
+    __slots__ = ("on_done", "retry_count", "scheduled")
 
-    def __init__(self, scheduled: float, retry_count: int) -> None:
+    def __init__(
+        self, scheduled: float, retry_count: int, on_done: Callable[[], None] | None = None
+    ) -> None:
         self.scheduled = scheduled
         self.retry_count = retry_count
+        #: Called when the alarm's turn is over (test helpers wait on it).
+        self.on_done = on_done
 
 
 class CallEvent:

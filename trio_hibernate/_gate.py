@@ -19,12 +19,16 @@ class OutputGate:
 
     def __init__(self) -> None:
         self.closed = False
-        self._held: list[Callable[[], None]] = []
+        self._held: list[tuple[Callable[[], None], Callable[[], None] | None]] = []
 
-    def hold(self, action: Callable[[], None]) -> None:
-        """Run ``action`` now if the gate is open, else when it opens."""
+    def hold(self, action: Callable[[], None], on_drop: Callable[[], None] | None = None) -> None:
+        """Run ``action`` now if the gate is open, else when it opens.
+
+        If the write fails instead, ``on_drop`` runs (a reply that must still be
+        answered, with an error).
+        """
         if self.closed:
-            self._held.append(action)
+            self._held.append((action, on_drop))
         else:
             action()
 
@@ -32,12 +36,14 @@ class OutputGate:
         """The write is durable: run the held actions in order."""
         self.closed = False
         held, self._held = self._held, []
-        for action in held:
+        for action, _ in held:
             action()
 
     def drop(self) -> int:
         """The write failed: forget the held actions. Returns how many were dropped."""
         self.closed = False
-        dropped = len(self._held)
-        self._held = []
-        return dropped
+        held, self._held = self._held, []
+        for _, on_drop in held:
+            if on_drop is not None:
+                on_drop()
+        return len(held)

@@ -16,13 +16,14 @@ import inspect
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
 
 from ._codec import decode_data
 from ._context import ObjectContext
-from ._errors import LimitExceededError
+from ._errors import LimitExceededError, StorageCommitError
 from ._events import (
     AlarmEvent,
     CallEvent,
@@ -44,6 +45,9 @@ if TYPE_CHECKING:
 __all__ = ["Activation", "run_app_hook", "supervise"]
 
 log = logging.getLogger("trio_hibernate.object")
+
+_LOST_TEXT = "the storage commit of this turn failed; its writes were rolled back"
+_LOST = Response(status=500, body=f"Internal Server Error: {_LOST_TEXT}\n")
 
 
 class Activation:
@@ -128,6 +132,7 @@ async def _activate(host: Host, entry: ObjectEntry, activation: Activation) -> N
             gate=activation.gate,
             storage=make_storage,
             namespaces=host.get_namespace,
+            wall_clock=host.wall_clock,
         )
         try:
             instance = entry.cls(ctx, host.env)
@@ -228,7 +233,6 @@ async def _run_turns(
     ctx: ObjectContext,
 ) -> None:
     core = entry.core
-    strict = host.hibernate_after_every_event
     idle_timeout = host.idle_timeout
     while True:
         event = core.pop_event()
@@ -254,7 +258,7 @@ async def _run_turns(
             finally:
                 activation.in_turn = False
                 await _end_turn(host, entry, activation)
-        if strict or activation.stop_requested:
+        if host.hibernate_after_every_event or activation.stop_requested:
             return
 
 
@@ -269,15 +273,19 @@ async def _dispatch(
     kind = type(event)
     if kind is FetchEvent:
         assert isinstance(event, FetchEvent)
-        await _dispatch_fetch(entry, instance, event)
+        await _dispatch_fetch(entry, activation, instance, event)
         return
     if kind is AlarmEvent:
         assert isinstance(event, AlarmEvent)
-        await _dispatch_alarm(host, entry, instance, ctx, event)
+        try:
+            await _dispatch_alarm(host, entry, instance, ctx, event)
+        finally:
+            if event.on_done is not None:
+                event.on_done()
         return
     if kind is CallEvent:
         assert isinstance(event, CallEvent)
-        await _dispatch_call(host, entry, instance, event)
+        await _dispatch_call(host, entry, activation, instance, event)
         return
     assert isinstance(event, MessageEvent | CloseEvent | ErrorEvent)
     record = event.record
@@ -323,7 +331,9 @@ async def _dispatch(
             entry.core.release(record)
 
 
-async def _dispatch_fetch(entry: ObjectEntry, instance: DurableObject, event: FetchEvent) -> None:
+async def _dispatch_fetch(
+    entry: ObjectEntry, activation: Activation, instance: DurableObject, event: FetchEvent
+) -> None:
     response: Response | None = None
     try:
         result: object = await instance.fetch(event.request)
@@ -347,11 +357,17 @@ async def _dispatch_fetch(entry: ObjectEntry, instance: DurableObject, event: Fe
     finally:
         if response is None:
             response = Response(status=500, body="Internal Server Error\n")
-        event.reply(response)
+        # Output gate: the response waits for the turn's writes; if they fail, the
+        # client gets a 500 instead of a reply whose effects were lost.
+        activation.gate.hold(partial(event.reply, response), partial(event.reply, _LOST))
 
 
 async def _dispatch_call(
-    host: Host, entry: ObjectEntry, instance: DurableObject, event: CallEvent
+    host: Host,
+    entry: ObjectEntry,
+    activation: Activation,
+    instance: DurableObject,
+    event: CallEvent,
 ) -> None:
     outcome: tuple[bool, object] | None = None
     try:
@@ -370,7 +386,8 @@ async def _dispatch_call(
     finally:
         if outcome is None:
             outcome = (False, RuntimeError(f"{entry.namespace} {entry.object_id} shut down"))
-        event.reply(outcome)
+        lost = (False, StorageCommitError(f"{entry.namespace} {entry.object_id}: {_LOST_TEXT}"))
+        activation.gate.hold(partial(event.reply, outcome), partial(event.reply, lost))
 
 
 async def run_app_hook(

@@ -118,6 +118,11 @@ class AlarmScheduler:
             heapq.heappush(self._heap, (when, seq, key))
         self._changed.set()
 
+    def pending(self, key: AlarmKey) -> float | None:
+        """When ``key`` is due to fire (epoch seconds), or None."""
+        due = self._due.get(key)
+        return None if due is None else due[0]
+
     def retry_delay(self, retry_count: int) -> float | None:
         """Seconds before retry number ``retry_count + 1``, or None past the last one."""
         if retry_count >= MAX_RETRIES:

@@ -17,6 +17,7 @@ from ._codec import encode_data
 from ._connection import ServerConnection
 from ._events import AlarmEvent, Event, FetchEvent
 from ._frames import encode_message
+from ._groups import open_owned_nursery
 from ._http import Request, Response
 from ._ids import ObjectId
 from ._lifecycle import ObjectCore, ObjectState
@@ -417,7 +418,7 @@ async def open_host(
         raise ValueError("close_timeout and handshake_timeout must be positive")
     backend = SqliteBackend(data_dir)
     try:
-        async with trio.open_nursery() as outer:
+        async with open_owned_nursery() as outer:
             nursery, scope = await outer.start(_run_host_nursery)
             host = Host(
                 app,

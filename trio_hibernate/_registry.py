@@ -103,8 +103,8 @@ def normalize_tags(tags: Iterable[str], limits: Limits) -> tuple[str, ...]:
             raise TypeError(f"every tag must be a str, got {type(tag).__name__}: {tag!r}")
         if len(seen) >= limit:
             raise LimitExceededError(
-                f"a Hibernatable WebSocket cannot have more than {limit} tags "
-                f"(Limits.max_tags_per_websocket)",
+                f"a Hibernatable WebSocket cannot have more than {limit} tags; tag "
+                f"{len(seen) + 1} was {tag!r} (Limits.max_tags_per_websocket)",
                 limit_name="max_tags_per_websocket",
                 limit=limit,
                 value=len(seen) + 1,
@@ -145,7 +145,8 @@ class SocketRegistry:
         if len(self._all) >= limit:
             raise LimitExceededError(
                 f"only {limit} websockets can be accepted on a single Durable Object "
-                f"instance (Limits.max_websockets_per_object)",
+                f"instance; this would be number {len(self._all) + 1} "
+                f"(Limits.max_websockets_per_object)",
                 limit_name="max_websockets_per_object",
                 limit=limit,
                 value=len(self._all) + 1,

@@ -13,6 +13,7 @@ from typing import Any, Final, NoReturn, final
 import trio
 
 from ._app import App
+from ._groups import open_owned_nursery
 from ._host import Host, open_host
 
 __all__ = ["Server", "open_server", "serve_objects"]
@@ -128,7 +129,7 @@ async def open_server(
     Takes the same arguments as :func:`serve_objects`. On exit, listening stops and the
     host shuts down (WebSockets closed with ``shutdown_close_code``, default 1001).
     """
-    async with trio.open_nursery() as nursery:
+    async with open_owned_nursery() as nursery:
         server: Server = await nursery.start(
             lambda task_status: serve_objects(
                 app, address, port, task_status=task_status, **options

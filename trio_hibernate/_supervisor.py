@@ -15,7 +15,8 @@ import contextlib
 import inspect
 import logging
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -57,8 +58,8 @@ class Activation:
         "background",
         "gate",
         "idle",
-        "in_turn",
         "lot",
+        "owner",
         "scope",
         "stop_requested",
         "stopped",
@@ -74,7 +75,9 @@ class Activation:
         self.turn_lock = trio.Lock()  # a turn and its commit, or an outside-turn commit
         self.background = 0  # ctx.start_soon tasks still running
         self.idle = False  # parked, waiting for an event
-        self.in_turn = False  # an event handler runs; writes wait for the turn's commit
+        #: The task whose writes belong to the current turn (the supervisor during a
+        #: handler, or a start_soon task inside a transaction); others commit at once.
+        self.owner: trio.lowlevel.Task | None = None
         self.stop_requested = False  # hibernate after the current turn
         self.stopped = trio.Event()
 
@@ -118,7 +121,8 @@ async def _activate(host: Host, entry: ObjectEntry, activation: Activation) -> N
             limits=host.limits,
             gate=activation.gate,
             finish_outside_turn=lambda: _commit_outside_turn(host, entry, activation),
-            in_turn=lambda: activation.in_turn,
+            in_turn=lambda: activation.owner is trio.lowlevel.current_task(),
+            exclusive=lambda: _exclusive(host, entry, activation),
         )
         activation.storage = storage
         return storage
@@ -215,6 +219,18 @@ async def _commit(host: Host, entry: ObjectEntry, activation: Activation) -> Non
         host.alarms.schedule(key, change)
 
 
+@asynccontextmanager
+async def _exclusive(host: Host, entry: ObjectEntry, activation: Activation) -> AsyncIterator[None]:
+    """A background task's transaction: a turn of its own, committed at the end."""
+    async with activation.turn_lock:
+        activation.owner = trio.lowlevel.current_task()
+        try:
+            yield
+        finally:
+            activation.owner = None
+            await _commit(host, entry, activation)
+
+
 async def _commit_outside_turn(host: Host, entry: ObjectEntry, activation: Activation) -> None:
     async with activation.turn_lock:
         await _commit(host, entry, activation)
@@ -258,11 +274,11 @@ async def _run_turns(
                 activation.idle = False
             continue
         async with activation.turn_lock:
-            activation.in_turn = True
+            activation.owner = trio.lowlevel.current_task()
             try:
                 await _dispatch(host, entry, activation, instance, ctx, event)
             finally:
-                activation.in_turn = False
+                activation.owner = None
                 await _end_turn(host, entry, activation)
         if host.hibernate_after_every_event or activation.stop_requested:
             return

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TypeVar, final, overload
 
@@ -84,12 +85,14 @@ class SqlStorage:
         starting with ``_th_`` are reserved.
 
         Raises:
+            ValueError: the statement touches a table whose name starts with ``_th_``
+                (reserved for the key-value API and the alarm).
             sqlite3.Error: the statement failed (nothing it did is kept).
         """
         storage = self._storage
         db = storage._database()
         before = db.total_changes
-        cursor = db.execute(query, bindings)
+        cursor = db.execute_user(query, bindings)
         rows = cursor.fetchall()
         columns = tuple(d[0] for d in cursor.description or ())
         written = db.total_changes - before
@@ -111,6 +114,7 @@ class Storage:
         "_commit_done",
         "_db",
         "_dirty",
+        "_exclusive",
         "_finish_outside_turn",
         "_gate",
         "_in_turn",
@@ -128,6 +132,7 @@ class Storage:
         gate: OutputGate,
         finish_outside_turn: Callable[[], Awaitable[None]],
         in_turn: Callable[[], bool],
+        exclusive: Callable[[], AbstractAsyncContextManager[None]],
     ) -> None:
         # Made by the runtime for each activation.
         self._open_db = open_db
@@ -141,6 +146,7 @@ class Storage:
         #: The alarm value written in this turn (float or None), or ``...`` if untouched.
         self._alarm_set: float | object | None = ...
         self._in_turn = in_turn
+        self._exclusive = exclusive
         self.sql = SqlStorage(self)
         """SQL on this object's database."""
 
@@ -161,7 +167,7 @@ class Storage:
         self._gate.closed = True
 
     async def _after_write(self) -> None:
-        if self._in_turn() or self._savepoints:
+        if self._in_turn():
             await trio.lowlevel.checkpoint()
         else:
             await self._finish_outside_turn()
@@ -366,9 +372,17 @@ class Storage:
     async def transaction(self, fn: Callable[[Storage], Awaitable[T]]) -> T:
         """Run ``await fn(storage)`` all or nothing: if it raises, its writes are undone.
 
-        The exception propagates. Transactions nest.
+        The exception propagates. Transactions nest. Called from a ``ctx.start_soon``
+        task, the transaction waits for the current turn to end and no turn starts until
+        it is over and committed (so it is all or nothing there too).
         """
         await self._settled()
+        if self._in_turn():
+            return await self._in_savepoint(fn)
+        async with self._exclusive():
+            return await self._in_savepoint(fn)
+
+    async def _in_savepoint(self, fn: Callable[[Storage], Awaitable[T]]) -> T:
         db = self._database()
         name = f"th_txn_{self._savepoints}"
         alarm_before = self._alarm_set
@@ -383,8 +397,7 @@ class Storage:
         finally:
             self._savepoints -= 1
         db.release(name)
-        if self._dirty:
-            await self._after_write()
+        await trio.lowlevel.checkpoint()
         return result
 
     async def sync(self) -> None:

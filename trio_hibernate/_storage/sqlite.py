@@ -26,6 +26,21 @@ CREATE TABLE IF NOT EXISTS _th_kv (key TEXT PRIMARY KEY, value BLOB NOT NULL) WI
 CREATE TABLE IF NOT EXISTS _th_meta (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
 """
 _SURROGATES: Final = range(0xD800, 0xE000)
+#: Authorizer actions whose first argument (or second, for indexes) names a table.
+_TABLE_ARG_ACTIONS: Final = frozenset(
+    {
+        sqlite3.SQLITE_READ,
+        sqlite3.SQLITE_UPDATE,
+        sqlite3.SQLITE_INSERT,
+        sqlite3.SQLITE_DELETE,
+        sqlite3.SQLITE_CREATE_TABLE,
+        sqlite3.SQLITE_DROP_TABLE,
+        sqlite3.SQLITE_ALTER_TABLE,
+        sqlite3.SQLITE_CREATE_INDEX,
+        sqlite3.SQLITE_DROP_INDEX,
+        sqlite3.SQLITE_CREATE_TRIGGER,
+    }
+)
 
 SqlValue = None | int | float | str | bytes
 
@@ -165,8 +180,9 @@ class SqliteDatabase:
         """Delete every key, the alarm and every table the object made with SQL."""
         self.begin()
         tables = self._conn.execute(
+            # GLOB, not LIKE: in LIKE "_" matches any character and case is ignored.
             "SELECT name FROM sqlite_master WHERE type = 'table' "
-            "AND name NOT LIKE 'sqlite_%' AND name NOT LIKE '_th_%'"
+            "AND name NOT GLOB 'sqlite_*' AND name NOT GLOB '_th_*'"
         ).fetchall()
         for (table,) in tables:
             self._conn.execute(f'DROP TABLE "{table}"')
@@ -194,10 +210,36 @@ class SqliteDatabase:
 
     # -- SQL -----------------------------------------------------------------------------
 
-    def execute(self, query: str, bindings: Sequence[SqlValue]) -> sqlite3.Cursor:
-        """Run one statement inside the turn's transaction."""
+    def execute_user(self, query: str, bindings: Sequence[SqlValue]) -> sqlite3.Cursor:
+        """Run one statement of the object's inside the turn's transaction.
+
+        Tables named ``_th_*`` are the runtime's: SQLite's authorizer refuses the
+        statement if it would read or change one (raised as ValueError).
+        """
         self.begin()
-        return self._conn.execute(query, bindings)
+        touched: list[str] = []
+
+        def authorize(
+            action: int, arg1: str | None, arg2: str | None, db: str | None, source: str | None
+        ) -> int:
+            for name in (arg1, arg2) if action in _TABLE_ARG_ACTIONS else ():
+                if name is not None and name.lower().startswith("_th_"):
+                    touched.append(name)
+                    return sqlite3.SQLITE_DENY
+            return sqlite3.SQLITE_OK
+
+        self._conn.set_authorizer(authorize)
+        try:
+            return self._conn.execute(query, bindings)
+        except sqlite3.DatabaseError:
+            if touched:
+                raise ValueError(
+                    f"table {touched[0]!r} is reserved for trio-hibernate (names starting "
+                    "with _th_ hold the key-value data and the alarm)"
+                ) from None
+            raise
+        finally:
+            self._conn.set_authorizer(None)
 
     def close(self) -> None:
         """Roll back anything uncommitted and close."""

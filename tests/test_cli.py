@@ -15,7 +15,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 ROOT = Path(__file__).resolve().parent.parent
-LISTENING = re.compile(rb"listening on http://127\.0\.0\.1:(\d+)")
+LISTENING = re.compile(rb"listening on http://127\.0\.0\.1:(\d+) ")
 
 APP_SOURCE = """
 from trio_hibernate import App, DurableObject, Response

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 from trio_websocket import ConnectionRejected, open_websocket_url
 
 from trio_hibernate import (
@@ -388,3 +389,29 @@ async def test_server_closes_every_descriptor(monkeypatch: pytest.MonkeyPatch) -
                 await trio.sleep(0.01)
             assert len(accepted) == 30
             assert all(sock.fileno() == -1 for sock in accepted)
+
+
+async def test_replace_app_while_messages_stream_loses_none() -> None:
+    """Regression: hibernating by cancelling the object's scope could cancel the
+    supervisor between taking an event off the mailbox and running it; the message was
+    lost and its sender waited forever. Swap the code at many points of a stream."""
+    app, built = make_app()
+    with trio.fail_after(30):
+        for delay in range(12):
+            async with open_server(app) as server:
+                async with open_websocket_url(server.url("/counter/stream")) as ws:
+
+                    async def swap(delay: int = delay, server: Any = server) -> None:
+                        for _ in range(delay):
+                            await trio.lowlevel.checkpoint()
+                        await server.host.replace_app(
+                            App({"counter": CounterV2}, env={"built": built})
+                        )
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(swap)
+                        reply: str | bytes = "echo"
+                        while isinstance(reply, str) and reply.startswith("echo"):
+                            await ws.send_message("m")
+                            reply = await ws.get_message()
+                    assert reply == "v2 'm'"

@@ -82,10 +82,13 @@ class Activation:
         self.stopped = trio.Event()
 
     def request_stop(self) -> None:
-        """Hibernate as soon as the current turn (if any) is over."""
+        """Hibernate as soon as the current turn (if any) is over.
+
+        Graceful: nothing is cancelled (a cancellation could interrupt a turn or its
+        commit); an idle supervisor is woken up to notice.
+        """
         self.stop_requested = True
-        if self.idle:
-            self.scope.cancel()
+        self.lot.unpark_all()
 
 
 async def supervise(host: Host, entry: ObjectEntry) -> None:
@@ -257,8 +260,7 @@ async def _run_turns(
     core = entry.core
     idle_timeout = host.idle_timeout
     while True:
-        event = core.pop_event()
-        if event is None:
+        if not core.queued:
             if activation.stop_requested:
                 return
             activation.idle = True
@@ -274,6 +276,11 @@ async def _run_turns(
                 activation.idle = False
             continue
         async with activation.turn_lock:
+            # Popped only once the turn is ours: a cancellation while waiting for the
+            # lock (shutdown) must not lose an event taken off the mailbox.
+            event = core.pop_event()
+            if event is None:
+                continue
             activation.owner = trio.lowlevel.current_task()
             try:
                 await _dispatch(host, entry, activation, instance, ctx, event)

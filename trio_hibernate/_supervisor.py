@@ -18,7 +18,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import trio
 
@@ -47,6 +47,7 @@ __all__ = ["Activation", "run_app_hook", "supervise"]
 
 log = logging.getLogger("trio_hibernate.object")
 
+_TURNS_PER_CHECKPOINT: Final = 16
 _LOST_TEXT = "the storage commit of this turn failed; its writes were rolled back"
 _LOST = Response(status=500, body=f"Internal Server Error: {_LOST_TEXT}\n")
 
@@ -259,6 +260,7 @@ async def _run_turns(
 ) -> None:
     core = entry.core
     idle_timeout = host.idle_timeout
+    turns = 0
     while True:
         if not core.queued:
             if activation.stop_requested:
@@ -275,7 +277,12 @@ async def _run_turns(
             finally:
                 activation.idle = False
             continue
-        async with activation.turn_lock:
+        lock = activation.turn_lock
+        if lock.locked():  # a background transaction or commit holds the object
+            await lock.acquire()
+        else:
+            lock.acquire_nowait()  # the common case, without a trip through the scheduler
+        try:
             # Popped only once the turn is ours: a cancellation while waiting for the
             # lock (shutdown) must not lose an event taken off the mailbox.
             event = core.pop_event()
@@ -287,8 +294,15 @@ async def _run_turns(
             finally:
                 activation.owner = None
                 await _end_turn(host, entry, activation)
+        finally:
+            lock.release()
         if host.hibernate_after_every_event or activation.stop_requested:
             return
+        turns += 1
+        if turns % _TURNS_PER_CHECKPOINT == 0:
+            # Handlers that never await would otherwise let one busy object hold the
+            # event loop for as long as its mailbox refills.
+            await trio.lowlevel.checkpoint()
 
 
 async def _dispatch(

@@ -415,3 +415,22 @@ async def test_replace_app_while_messages_stream_loses_none() -> None:
                             await ws.send_message("m")
                             reply = await ws.get_message()
                     assert reply == "v2 'm'"
+
+
+async def test_object_logs_carry_namespace_and_object_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Broken(DurableObject):
+        async def fetch(self, request: Request) -> Response:
+            raise RuntimeError("broken on purpose")
+
+    with trio.fail_after(10):
+        async with open_host(App({"broken": Broken})) as host:
+            stub = host.get_namespace("broken").get_by_name("b")
+            response = await stub.fetch("/broken/b")
+    assert response.status == 500
+    (record,) = [r for r in caplog.records if r.name == "trio_hibernate.object"]
+    assert record.__dict__["namespace"] == "broken"
+    assert record.__dict__["object_id"] == stub.id.hex
+    assert record.exc_info is not None
+    assert "broken on purpose" in str(record.exc_info[1])

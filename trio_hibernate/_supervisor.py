@@ -48,6 +48,15 @@ __all__ = ["Activation", "run_app_hook", "supervise"]
 log = logging.getLogger("trio_hibernate.object")
 
 _TURNS_PER_CHECKPOINT: Final = 16
+
+
+def _olog(entry: ObjectEntry) -> logging.LoggerAdapter[logging.Logger]:
+    """The object logger, with ``namespace`` and ``object_id`` on every record."""
+    return logging.LoggerAdapter(
+        log, {"namespace": entry.namespace, "object_id": entry.object_id.hex}
+    )
+
+
 _LOST_TEXT = "the storage commit of this turn failed; its writes were rolled back"
 _LOST = Response(status=500, body=f"Internal Server Error: {_LOST_TEXT}\n")
 
@@ -145,7 +154,7 @@ async def _activate(host: Host, entry: ObjectEntry, activation: Activation) -> N
         try:
             instance = entry.cls(ctx, host.env)
         except Exception:
-            log.exception(
+            _olog(entry).exception(
                 "constructor of %s %s raised; closing its WebSockets with 1011",
                 entry.namespace,
                 entry.object_id,
@@ -207,7 +216,7 @@ async def _commit(host: Host, entry: ObjectEntry, activation: Activation) -> Non
     except (sqlite3.Error, OSError):
         dropped = storage.failed()
         activation.request_stop()
-        log.exception(
+        _olog(entry).exception(
             "storage commit of %s %s failed: %d held message(s) dropped, the instance is reset",
             entry.namespace,
             entry.object_id,
@@ -353,7 +362,7 @@ async def _dispatch(
             with trio.move_on_after(timeout_ms / 1000) as limit:
                 await call
             if limit.cancelled_caught:
-                log.error(
+                _olog(entry).error(
                     "%s handler of %s %s exceeded the event timeout of %d ms and was "
                     "cancelled; the instance is dropped (sockets stay connected)",
                     kind.__name__,
@@ -363,7 +372,7 @@ async def _dispatch(
                 )
                 activation.stop_requested = True
     except Exception:
-        log.exception(
+        _olog(entry).exception(
             "%s handler of %s %s raised; the socket stays open",
             kind.__name__,
             entry.namespace,
@@ -383,7 +392,7 @@ async def _dispatch_fetch(
         if isinstance(result, Response):
             response = result
         else:
-            log.error(
+            _olog(entry).error(
                 "fetch() of %s %s returned %r, not a Response; answering 500",
                 entry.namespace,
                 entry.object_id,
@@ -391,12 +400,12 @@ async def _dispatch_fetch(
             )
     except LimitExceededError as exc:
         if exc.limit_name != "max_websockets_per_object":
-            log.exception("fetch() of %s %s raised", entry.namespace, entry.object_id)
+            _olog(entry).exception("fetch() of %s %s raised", entry.namespace, entry.object_id)
         else:
             # Spec 2, Rule: refuse the upgrade clearly, disturb nothing else.
             response = Response(status=503, body=f"Service Unavailable: {exc}\n")
     except Exception:
-        log.exception("fetch() of %s %s raised", entry.namespace, entry.object_id)
+        _olog(entry).exception("fetch() of %s %s raised", entry.namespace, entry.object_id)
     finally:
         if response is None:
             response = Response(status=500, body="Internal Server Error\n")
@@ -461,7 +470,7 @@ async def _dispatch_alarm(
     except Exception:
         delay = host.alarms.retry_delay(event.retry_count)
         if delay is None:
-            log.exception(
+            _olog(entry).exception(
                 "alarm() of %s %s raised on its last retry (%d); giving up",
                 entry.namespace,
                 entry.object_id,
@@ -470,7 +479,7 @@ async def _dispatch_alarm(
             if db.get_alarm() == current:
                 await storage.delete_alarm()
         else:
-            log.exception(
+            _olog(entry).exception(
                 "alarm() of %s %s raised; retry %d in %g s",
                 entry.namespace,
                 entry.object_id,
@@ -490,7 +499,7 @@ async def _background(
     try:
         await async_fn()
     except Exception:
-        log.exception(
+        _olog(entry).exception(
             "a task started by %s %s with ctx.start_soon raised", entry.namespace, entry.object_id
         )
     finally:

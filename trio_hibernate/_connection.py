@@ -456,7 +456,7 @@ class ServerConnection:
 
     def send_message(self, data: str | bytes) -> None:
         """Queue one data message (see :class:`~trio_hibernate._registry.Transport`)."""
-        if not self._dead:
+        if not (self._dead or self._terminal):  # nothing may follow a Close frame
             self._write(self._host._encode(data))
 
     def start_close(self, code: int | None, reason: str) -> None:

@@ -227,10 +227,12 @@ class ObjectContext:
             TypeError: not an int (fractions of a millisecond are not accepted).
             ValueError: negative, or over 604,800,000 ms (a week).
         """
-        if timeout_ms is None or timeout_ms == 0:
+        value: object = timeout_ms
+        if isinstance(value, bool):
+            raise TypeError(f"the event timeout is an int of ms, not {timeout_ms!r}")
+        if value is None or value == 0:
             self._core.event_timeout_ms = None
             return
-        value: object = timeout_ms
         if isinstance(value, float):
             if not math.isfinite(value) or not value.is_integer():
                 raise TypeError(f"the event timeout must be a whole number of ms: {value}")

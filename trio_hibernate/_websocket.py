@@ -152,7 +152,11 @@ class WebSocket:
         record.server_closed = True
         gate = self._gate
         if gate is not None and gate.closed:
-            gate.hold(partial(record.transport.start_close, code, reason or ""))
+            # If the write fails, the close never happened: the socket is open again.
+            gate.hold(
+                partial(record.transport.start_close, code, reason or ""),
+                partial(setattr, record, "server_closed", False),
+            )
         else:
             record.transport.start_close(code, reason or "")
 

@@ -10,6 +10,8 @@ nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
 
 TEST_DEPS = ["pytest>=8", "pytest-trio>=0.8", "hypothesis>=6.100", "trio-websocket>=0.12"]
+#: The Python peers of the benchmark suite, and the profiler it runs on trio-hibernate.
+BENCH_DEPS = ["trio-websocket>=0.12", "websockets>=17,<18", "wsproto>=1.2", "py-spy>=0.4"]
 
 
 @nox.session
@@ -24,6 +26,17 @@ def browser(session: nox.Session) -> None:
     """The chat page in headless Chromium (needs Debian's ``chromium`` package)."""
     session.install("-e", ".", *TEST_DEPS, "playwright>=1.40")
     session.run("pytest", "-m", "browser", *session.posargs)
+
+
+@nox.session(default=False)
+def conformance(session: nox.Session) -> None:
+    """The conformance suite against trio-hibernate, and against workerd if npm is here.
+
+    Prints a side-by-side table per case (``-- --only trio-hibernate`` for one runtime;
+    pytest arguments after a second ``--``). See conformance/README.md.
+    """
+    session.install("-e", ".", "pytest>=8", "hypothesis>=6.100", "websockets>=15")
+    session.run("python", "conformance/run.py", *session.posargs)
 
 
 @nox.session
@@ -46,3 +59,15 @@ def demo(session: nox.Session) -> None:
     """Serve the example chat on http://127.0.0.1:8080/ (``-- --port N`` to change)."""
     session.install("-e", ".")
     session.run("trio-hibernate", "serve", "examples/chat.py:app", *session.posargs)
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Benchmark against workerd and Python peers; writes docs/benchmarks.md.
+
+    ``-- --quick`` runs a short version (written to bench/.results/); other options of
+    ``bench/run.py`` pass through. workerd is installed from npm into bench/.peers/.
+    """
+    session.install("-e", ".", *BENCH_DEPS)
+    invoked = " ".join(["nox -s bench", *(["--", *session.posargs] if session.posargs else [])])
+    session.run("python", "bench/run.py", "--invoked-as", invoked, *session.posargs)

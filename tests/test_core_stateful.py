@@ -29,6 +29,7 @@ only while ``LIVE``, between turns, which the core cannot tell from inside a han
 from __future__ import annotations
 
 import copy
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -242,13 +243,14 @@ def close_args_valid(code: int | None, reason: str | None) -> bool:
 
 
 def model_timeout(value: object) -> int | Refusal | None:
-    """Spec 9: None or 0 unsets; whole ms up to a week; bools are not numbers."""
+    """Spec 9: None or 0 unsets; ms up to a week, fractions truncated as workerd does;
+    bools and non-finite numbers are refused."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         return Refusal(TypeError)
     if isinstance(value, float):
-        if not value.is_integer():
+        if not math.isfinite(value):
             return Refusal(TypeError)
         value = int(value)
     if value == 0:
@@ -553,7 +555,7 @@ class HibernationMachine(RuleBasedStateMachine):
             return False
         ctx.accept_websocket(ws, tags)  # type: ignore[arg-type]
         event(f"accepted: {len(self._listed()) + 1} sockets listed")
-        record = self.core.registry.sockets()[-1]
+        record = self.core.registry.sockets()[0]  # newest first
         sock = SocketModel(
             sid=sid,
             url=url,
@@ -566,10 +568,10 @@ class HibernationMachine(RuleBasedStateMachine):
         self.by_record[record] = sock
         self.handles[sid] = ws
         assert ws.ready_state is ReadyState.OPEN
-        assert ctx.get_websockets()[-1] is ws
+        assert ctx.get_websockets()[0] is ws  # newest first
         with pytest.raises(WebSocketStateError, match="already accepted"):
             ctx.accept_websocket(ws, ["a"])
-        assert self.core.registry.sockets()[-1] is record
+        assert self.core.registry.sockets()[0] is record
         return True
 
     def _check_attachment(self, ws: WebSocket, expected: object) -> None:
@@ -903,7 +905,8 @@ class HibernationMachine(RuleBasedStateMachine):
         self.core.registry.check_valid()
         listed = self._listed()
         assert len(listed) <= LIMITS.max_websockets_per_object
-        assert self.core.registry.sockets() == [s.record for s in listed]
+        # workerd's orders: all sockets newest first, a tag's sockets oldest first.
+        assert self.core.registry.sockets() == [s.record for s in reversed(listed)]
         assert len(self.core.registry) == len(listed)
         for tag in TAG_POOL:
             expected = [s for s in listed if tag in s.tags]
@@ -998,7 +1001,11 @@ class HibernationMachine(RuleBasedStateMachine):
         assert (self.ctx is not None) is (core.state is ObjectState.LIVE)
         assert core.state is not ObjectState.STARTING  # the machine starts at once
         assert core.has_work is (
-            bool(self._listed()) or bool(self.mailbox) or core.state is not ObjectState.HIBERNATED
+            bool(self._listed())
+            or bool(self.mailbox)
+            or core.state is not ObjectState.HIBERNATED
+            or core.auto_response is not None  # settings outlive instances (spec 1)
+            or core.event_timeout_ms is not None
         )
         if core.state is ObjectState.HIBERNATED:
             assert not self.mailbox, "a queued event must wake the object"

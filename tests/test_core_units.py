@@ -268,7 +268,7 @@ def test_socket_limit_refuses_the_next_accept_and_disturbs_nothing() -> None:
     )
     check_limit_error(info.value, "max_websockets_per_object", 2, 3)
     assert third.ready_state is ReadyState.CONNECTING
-    assert ctx.get_websockets() == [first, second]
+    assert ctx.get_websockets() == [second, first]
     assert ctx.get_websockets("x") == [first]
     core.registry.check_valid()
 
@@ -320,12 +320,13 @@ def test_accept_takes_a_websocket() -> None:
 # -- get_websockets and get_tags ---------------------------------------------------------------
 
 
-def test_get_websockets_by_tag_in_acceptance_order() -> None:
+def test_get_websockets_orders_are_workerds() -> None:
+    # workerd: all sockets most recently accepted first; a tag's sockets oldest first.
     _, ctx = live_object()
     a, _ = accepted(ctx, ["room:1", "admin"])
     b, _ = accepted(ctx, ["room:2"])
     c, _ = accepted(ctx, ["room:1"])
-    assert ctx.get_websockets() == [a, b, c]
+    assert ctx.get_websockets() == [c, b, a]
     assert ctx.get_websockets("room:1") == [a, c]
     assert ctx.get_websockets("admin") == [a]
     assert ctx.get_websockets("ROOM:1") == []
@@ -943,11 +944,20 @@ def test_event_timeout_negative(value: float) -> None:
     assert ctx.get_hibernatable_websocket_event_timeout() == 10
 
 
-@pytest.mark.parametrize("value", [1.5, 0.5, math.nan, math.inf, -math.inf])
-def test_event_timeout_non_integral(value: float) -> None:
+@pytest.mark.parametrize(("value", "kept"), [(1500.7, 1500), (1.5, 1), (0.5, None)])
+def test_event_timeout_truncates_fractions(value: float, kept: int | None) -> None:
+    # workerd converts to uint32: 1500.7 -> 1500, and 0.5 -> 0, which unsets.
     _, ctx = live_object()
     ctx.set_hibernatable_websocket_event_timeout(10)
-    with pytest.raises(TypeError, match="whole number of ms"):
+    ctx.set_hibernatable_websocket_event_timeout(value)  # type: ignore[arg-type]
+    assert ctx.get_hibernatable_websocket_event_timeout() == kept
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_event_timeout_not_finite(value: float) -> None:
+    _, ctx = live_object()
+    ctx.set_hibernatable_websocket_event_timeout(10)
+    with pytest.raises(TypeError, match="must be finite"):
         ctx.set_hibernatable_websocket_event_timeout(value)  # type: ignore[arg-type]
     assert ctx.get_hibernatable_websocket_event_timeout() == 10
 
@@ -957,7 +967,7 @@ def test_event_timeout_not_a_number(value: object) -> None:
     # bool is an int subclass, but neither True nor False is a number of milliseconds.
     _, ctx = live_object()
     ctx.set_hibernatable_websocket_event_timeout(10)
-    with pytest.raises(TypeError, match="the event timeout is an int of ms"):
+    with pytest.raises(TypeError, match="the event timeout is a number of ms"):
         ctx.set_hibernatable_websocket_event_timeout(value)  # type: ignore[arg-type]
     assert ctx.get_hibernatable_websocket_event_timeout() == 10
 
@@ -1269,7 +1279,7 @@ def test_registry_indexes_and_cleans_up() -> None:
     registry.add(a)
     registry.add(b)
     registry.check_valid()
-    assert registry.sockets() == [a, b]
+    assert registry.sockets() == [b, a]  # newest first
     assert registry.sockets("y") == [a, b]
     registry.remove(a)
     registry.remove(a)

@@ -26,6 +26,7 @@ import h11
 import trio
 from wsproto.connection import Connection as WSConnection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import generate_accept_token
 
 from ._errors import LimitExceededError
@@ -467,7 +468,9 @@ class ServerConnection:
             return
         if self._dead or ws.state is not ConnectionState.OPEN:
             return
-        self._write(ws.send(CloseConnection(code=1005 if code is None else code, reason=reason)))
+        # wsproto sends an empty Close only for the enum member, not the int 1005.
+        close_code = CloseReason.NO_STATUS_RCVD if code is None else code
+        self._write(ws.send(CloseConnection(code=close_code, reason=reason)))
         if not self._terminal:
             self._host._spawn(self._close_watchdog)
 

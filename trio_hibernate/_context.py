@@ -150,7 +150,8 @@ class ObjectContext:
         self._handles[record] = ws
 
     def get_websockets(self, tag: str | None = None) -> list[WebSocket]:
-        """Accepted sockets, oldest first; with ``tag``, those carrying exactly it.
+        """Accepted sockets, the most recently accepted first; with ``tag``, those
+        carrying exactly it, oldest first (the orders workerd uses).
 
         A socket is listed until its ``websocket_close``/``websocket_error`` handler has
         run, so one this object closed stays listed (``CLOSING``) until the peer answers.
@@ -224,21 +225,21 @@ class ObjectContext:
         sockets stay connected. Survives hibernation.
 
         Raises:
-            TypeError: not an int (fractions of a millisecond are not accepted).
+            TypeError: not a number, or not finite. Fractions of a millisecond are
+                truncated, as workerd does.
             ValueError: negative, or over 604,800,000 ms (a week).
         """
         value: object = timeout_ms
-        if isinstance(value, bool):
-            raise TypeError(f"the event timeout is an int of ms, not {timeout_ms!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float | None):
+            raise TypeError(f"the event timeout is a number of ms, not {timeout_ms!r}")
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise TypeError(f"the event timeout must be finite, got {value}")
+            value = int(value)  # workerd truncates fractions of a millisecond
         if value is None or value == 0:
             self._core.event_timeout_ms = None
             return
-        if isinstance(value, float):
-            if not math.isfinite(value) or not value.is_integer():
-                raise TypeError(f"the event timeout must be a whole number of ms: {value}")
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"the event timeout is an int of ms, not {timeout_ms!r}")
+        assert isinstance(value, int)
         timeout_ms = value
         if timeout_ms < 0:
             raise ValueError(f"the event timeout cannot be negative, got {timeout_ms}")

@@ -186,5 +186,12 @@ class ObjectCore:
 
     @property
     def has_work(self) -> bool:
-        """True while the object must stay known to the host (sockets, events, instance)."""
-        return bool(self.registry) or bool(self._mailbox) or self.state is not _H
+        """True while the host must keep this core: sockets, events, an instance, or
+        settings that outlive instances (the auto-response pair, the event timeout)."""
+        return (
+            bool(self.registry)
+            or bool(self._mailbox)
+            or self.state is not _H
+            or self.auto_response is not None
+            or self.event_timeout_ms is not None
+        )

@@ -169,9 +169,10 @@ class SocketRegistry:
                     del self._by_tag[tag]
 
     def sockets(self, tag: str | None = None) -> list[SocketRecord]:
-        """Registered sockets in acceptance order; with ``tag``, only those carrying it."""
+        """Registered sockets: all of them newest first, or those carrying ``tag``
+        oldest first (workerd's orders, checked by the conformance suite)."""
         if tag is None:
-            return list(self._all)
+            return list(reversed(self._all))
         members = self._by_tag.get(tag)
         return list(members) if members else []
 

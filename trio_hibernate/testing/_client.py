@@ -20,6 +20,7 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
+from wsproto.frame_protocol import CloseReason
 
 __all__ = ["TestWebSocket", "UpgradeRejected", "WebSocketClosed", "handshake"]
 
@@ -133,7 +134,8 @@ class TestWebSocket:
         Returns the server's (code, reason). Messages still in flight are discarded.
         """
         if self._ws.state is ConnectionState.OPEN:
-            await self._write(CloseConnection(code=1005 if code is None else code, reason=reason))
+            close_code = CloseReason.NO_STATUS_RCVD if code is None else code
+            await self._write(CloseConnection(code=close_code, reason=reason))
         while self.close_code is None:
             event = await self._next_event()
             if isinstance(event, CloseConnection):

@@ -1,0 +1,1 @@
+"""Black-box conformance suite for Hibernatable WebSocket runtimes (see README.md here)."""

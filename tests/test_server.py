@@ -434,3 +434,40 @@ async def test_object_logs_carry_namespace_and_object_id(
     assert record.__dict__["object_id"] == stub.id.hex
     assert record.exc_info is not None
     assert "broken on purpose" in str(record.exc_info[1])
+
+
+async def test_invalid_utf8_text_is_closed_with_1007_and_reported() -> None:
+    errors: list[Exception] = []
+
+    class Strict(DurableObject):
+        async def fetch(self, request: Request) -> Response:
+            assert request.websocket is not None
+            self.ctx.accept_websocket(request.websocket)
+            return Response(status=101, websocket=request.websocket)
+
+        async def websocket_error(self, ws: WebSocket, error: Exception) -> None:
+            errors.append(error)
+
+    from trio_hibernate import WebSocketProtocolError
+
+    with trio.fail_after(10):
+        async with open_server(App({"s": Strict})) as server:
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            async with stream:
+                await stream.send_all(UPGRADE.format(path="/s/x", extra="").encode())
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += await stream.receive_some(4096)
+                assert head.startswith(b"HTTP/1.1 101 ")
+                # A masked text frame (zero mask) carrying bytes that are not UTF-8.
+                await stream.send_all(b"\x81\x82\x00\x00\x00\x00\xff\xfe")
+                reply = b""
+                while chunk := await stream.receive_some(4096):
+                    reply += chunk
+            assert reply[:1] == b"\x88"  # a Close frame
+            assert int.from_bytes(reply[2:4], "big") == 1007
+            while not errors:  # noqa: ASYNC110 - the handler runs after the Close is sent
+                await trio.sleep(0.01)
+    (error,) = errors
+    assert isinstance(error, WebSocketProtocolError)
+    assert error.code == 1007

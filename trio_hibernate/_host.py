@@ -24,6 +24,7 @@ from ._lifecycle import ObjectCore, ObjectState
 from ._limits import Limits
 from ._operations import operations_response
 from ._storage.alarms import AlarmIndex, AlarmKey, AlarmScheduler
+from ._storage.backend import StorageBackend
 from ._storage.sqlite import SqliteBackend
 from ._stubs import Namespace
 from ._supervisor import Activation, supervise
@@ -116,7 +117,7 @@ class Host:
         handshake_timeout: float,
         close_timeout: float,
         wall_clock: Callable[[], float],
-        storage_backend: SqliteBackend,
+        storage_backend: StorageBackend,
         allowed_origins: frozenset[str] | None,
     ) -> None:
         self.app = app
@@ -132,8 +133,7 @@ class Host:
         self.shutdown_close_code = 1001
         """Close code sent to every WebSocket when the host shuts down (1001 going away;
         set 1012 before a restart so clients reconnect at once)."""
-        data_dir = storage_backend.data_dir
-        self.alarm_index = AlarmIndex(None if data_dir is None else data_dir / "_alarms.sqlite3")
+        self.alarm_index = AlarmIndex(storage_backend.alarm_index_path)
         self.alarms = AlarmScheduler(wall_clock=wall_clock, fire=self._fire_alarm)
         for key, when in self.alarm_index.load():
             self.alarms.schedule(key, when)
@@ -384,6 +384,7 @@ async def open_host(
     wall_clock: Callable[[], float] = time.time,
     data_dir: str | os.PathLike[str] | None = None,
     allowed_origins: Iterable[str] | None = None,
+    storage_backend: StorageBackend | None = None,
 ) -> AsyncIterator[Host]:
     """Run a :class:`Host` for ``app`` for the duration of the ``async with`` block.
 
@@ -404,6 +405,8 @@ async def open_host(
         data_dir: Where object databases live (one SQLite file per object, plus the
             alarm index). None keeps storage in memory for the host's life: fine for
             tests and demos, lost on exit.
+        storage_backend: Another place to keep object data (see
+            ``trio_hibernate._storage.backend``); exclusive with ``data_dir``.
         allowed_origins: If given, WebSocket upgrades whose ``Origin`` header is not in
             it are refused with 403 before any object wakes (cross-site hijacking).
 
@@ -416,7 +419,9 @@ async def open_host(
         raise ValueError(f"idle_timeout must be positive, got {idle_timeout}")
     if close_timeout <= 0 or handshake_timeout <= 0:
         raise ValueError("close_timeout and handshake_timeout must be positive")
-    backend = SqliteBackend(data_dir)
+    if storage_backend is not None and data_dir is not None:
+        raise ValueError("give data_dir or storage_backend, not both")
+    backend = storage_backend if storage_backend is not None else SqliteBackend(data_dir)
     try:
         async with open_owned_nursery() as outer:
             nursery, scope = await outer.start(_run_host_nursery)

@@ -30,7 +30,7 @@ import trio
 
 from .._codec import decode_data, encode_data
 from .._errors import LimitExceededError
-from .sqlite import SqliteDatabase, SqlValue
+from .backend import ObjectDatabase, SqlValue
 
 if TYPE_CHECKING:
     from .._gate import OutputGate
@@ -127,7 +127,7 @@ class Storage:
     def __init__(
         self,
         *,
-        open_db: Callable[[], SqliteDatabase],
+        open_db: Callable[[], ObjectDatabase],
         limits: Limits,
         gate: OutputGate,
         finish_outside_turn: Callable[[], Awaitable[None]],
@@ -136,7 +136,7 @@ class Storage:
     ) -> None:
         # Made by the runtime for each activation.
         self._open_db = open_db
-        self._db: SqliteDatabase | None = None
+        self._db: ObjectDatabase | None = None
         self._limits = limits
         self._gate = gate
         self._finish_outside_turn = finish_outside_turn
@@ -152,7 +152,7 @@ class Storage:
 
     # -- bookkeeping for the runtime -----------------------------------------------------
 
-    def _database(self) -> SqliteDatabase:
+    def _database(self) -> ObjectDatabase:
         if self._commit_done is not None:
             raise RuntimeError(
                 "storage used synchronously while a commit is in flight (from a "
@@ -223,7 +223,7 @@ class Storage:
         if self._db is not None and not self._dirty and self._db.in_transaction:
             self._db.commit()
 
-    def detach(self) -> SqliteDatabase | None:
+    def detach(self) -> ObjectDatabase | None:
         """The activation ends: hand back the database to release."""
         db, self._db = self._db, None
         return db

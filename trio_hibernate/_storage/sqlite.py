@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Final
 
 from .._ids import ObjectId
+from .backend import ObjectDatabase
 
 __all__ = ["SqliteBackend", "SqliteDatabase"]
 
@@ -264,6 +265,11 @@ class SqliteBackend:
         """True when data outlives the process."""
         return self.data_dir is not None
 
+    @property
+    def alarm_index_path(self) -> Path | None:
+        """``<data_dir>/_alarms.sqlite3``, or None in memory."""
+        return None if self.data_dir is None else self.data_dir / "_alarms.sqlite3"
+
     def path_for(self, namespace: str, object_id: ObjectId) -> Path:
         """The database file of an object (raises for the memory backend)."""
         assert self.data_dir is not None
@@ -291,7 +297,7 @@ class SqliteBackend:
         conn.execute("PRAGMA synchronous = FULL")
         return SqliteDatabase(conn)
 
-    def release(self, namespace: str, object_id: ObjectId, db: SqliteDatabase) -> None:
+    def release(self, namespace: str, object_id: ObjectId, db: ObjectDatabase) -> None:
         """The object hibernated: close a file database (memory ones stay open)."""
         if self.data_dir is not None:
             db.close()

@@ -140,6 +140,10 @@ class Host:
         self._nursery = nursery
         self._objects: dict[tuple[str, str], ObjectEntry] = {}
         self._connections: set[ServerConnection] = set()
+        # Idle activations in the order they became idle: with one idle_timeout for the
+        # whole host that is also the order they expire in (see _reap_idle).
+        self._idle: dict[Activation, float] = {}
+        self._idle_arrived = trio.Event()
         self._closing = False
         self._all_done: trio.Event | None = None
         self._last_message: str | bytes | None = None
@@ -341,6 +345,32 @@ class Host:
             record.transport.begin_shutdown(1011, "internal error")
             entry.core.release(record)
 
+    def _idle_from(self, activation: Activation) -> None:
+        self._idle[activation] = trio.current_time()
+        if len(self._idle) == 1:
+            self._idle_arrived.set()
+
+    def _busy_again(self, activation: Activation) -> None:
+        self._idle.pop(activation, None)
+
+    async def _reap_idle(self) -> None:
+        """Hibernate objects idle for ``idle_timeout``: one task for the whole host, so a
+        message costs the object no timer (a cancel scope per idle period was measurable
+        on the echo path)."""
+        idle = self._idle
+        while True:
+            if not idle:
+                self._idle_arrived = trio.Event()
+                await self._idle_arrived.wait()
+                continue
+            activation, since = next(iter(idle.items()))
+            deadline = since + self.idle_timeout
+            if trio.current_time() >= deadline:
+                del idle[activation]
+                activation.request_stop()
+            else:
+                await trio.sleep_until(deadline)
+
     def _encode(self, message: str | bytes) -> bytes:
         if message is self._last_message:
             return self._last_frame
@@ -440,6 +470,7 @@ async def open_host(
             host.shutdown_close_code = shutdown_close_code
             try:
                 nursery.start_soon(host.alarms.run)
+                nursery.start_soon(host._reap_idle)
                 yield host
             finally:
                 with trio.CancelScope(shield=True):

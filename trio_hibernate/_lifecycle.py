@@ -130,6 +130,8 @@ class ObjectCore:
             event.record.queued += 1
         self._mailbox.append(event)
         before = self.state
+        if before is _L:
+            return False  # the hot path: (LIVE, "event") -> LIVE, without the table
         self._move("event")
         return before is ObjectState.HIBERNATED
 

@@ -268,23 +268,19 @@ async def _run_turns(
     ctx: ObjectContext,
 ) -> None:
     core = entry.core
-    idle_timeout = host.idle_timeout
     turns = 0
     while True:
         if not core.queued:
             if activation.stop_requested:
                 return
             activation.idle = True
+            if not activation.background:
+                host._idle_from(activation)  # the host's reaper stops it when it expires
             try:
-                if activation.background:
-                    await activation.lot.park()
-                else:
-                    with trio.move_on_after(idle_timeout) as idle:
-                        await activation.lot.park()
-                    if idle.cancelled_caught:
-                        return
+                await activation.lot.park()
             finally:
                 activation.idle = False
+                host._busy_again(activation)
             continue
         lock = activation.turn_lock
         if lock.locked():  # a background transaction or commit holds the object

@@ -471,3 +471,24 @@ async def test_invalid_utf8_text_is_closed_with_1007_and_reported() -> None:
     (error,) = errors
     assert isinstance(error, WebSocketProtocolError)
     assert error.code == 1007
+
+
+async def test_connections_past_the_limit_get_503_and_nobody_else_is_disturbed() -> None:
+    app, _ = make_app()
+    with trio.fail_after(10):
+        async with open_server(app, max_connections=2) as server:
+            async with (
+                open_websocket_url(server.url("/counter/a")) as first,
+                open_websocket_url(server.url("/counter/b")) as second,
+            ):
+                refused = await http(server.port, b"GET /counter/c HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert status_of(refused) == 503
+                assert b"connection limit" in refused
+                for ws in (first, second):
+                    await ws.send_message("still here")
+                    assert await ws.get_message() == "echo 'still here'"
+            # Room again once they left.
+            while server.host.statistics().connections:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            response = await http(server.port, b"GET /counter/c HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert status_of(response) == 200

@@ -134,6 +134,7 @@ async def _serve(app: App, args: argparse.Namespace, source: Path | None) -> Non
                 idle_timeout=args.idle_timeout,
                 close_timeout=args.shutdown_timeout,
                 allowed_origins=args.allowed_origin,
+                max_connections=args.max_connections,
             )
         )
         print(
@@ -181,6 +182,12 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=None,
         help="accept WebSocket upgrades only from this Origin (repeatable)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        help="refuse clients with 503 past this many (default: fd limit - 256)",
     )
     serve.add_argument("--reload", action="store_true", help="reload the app when its code changes")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

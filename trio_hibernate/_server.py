@@ -62,7 +62,26 @@ def _listen(address: str, port: int, backlog: int) -> socket.socket:
     return listener
 
 
-async def _accept_loop(host: Host, listener: socket.socket) -> NoReturn:
+_FULL_RESPONSE: Final = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\nretry-after: 5\r\n"
+    b"connection: close\r\ncontent-length: 44\r\n\r\n"
+    b"the server is at its connection limit; retry"
+)
+
+
+def _refuse(sock: socket.socket) -> None:
+    """Answer 503 without reading the request (best effort, never blocks), then close."""
+    try:
+        sock.setblocking(False)
+        sock.send(_FULL_RESPONSE)
+    except OSError:
+        pass  # the client is gone or its buffer is full: closing is all that is left
+    finally:
+        sock.close()
+
+
+async def _accept_loop(host: Host, listener: socket.socket, max_connections: int) -> NoReturn:
+    refused = 0
     while True:
         await trio.lowlevel.wait_readable(listener)
         while True:
@@ -80,13 +99,29 @@ async def _accept_loop(host: Host, listener: socket.socket) -> NoReturn:
                     await trio.sleep(0.1)
                     break
                 raise
+            if len(host._connections) >= max_connections:
+                # Refuse cleanly while a descriptor is still there to answer with.
+                _refuse(sock)
+                refused += 1
+                if refused in (1, 10, 100) or refused % 1000 == 0:
+                    log.warning(
+                        "connection limit reached (%d, max_connections): %d refused with 503",
+                        max_connections,
+                        refused,
+                    )
+                continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             host.serve_socket(sock)
 
 
-def _log_fd_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    log.info("file descriptor limit: %d (hard %d): at most that many connections", soft, hard)
+#: Descriptors kept free of client connections: listener, storage files, pipes, logs.
+FD_RESERVE: Final = 256
+
+
+def default_max_connections() -> int:
+    """The process's file descriptor limit, less :data:`FD_RESERVE`."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(1, soft - FD_RESERVE)
 
 
 async def serve_objects(
@@ -95,6 +130,7 @@ async def serve_objects(
     port: int = 0,
     *,
     backlog: int = 1024,
+    max_connections: int | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
     **host_options: Any,
 ) -> NoReturn:
@@ -105,16 +141,30 @@ async def serve_objects(
     :func:`open_host`. Requests to ``/<namespace>/<name>[/...]`` reach the object's
     ``fetch``; WebSocket upgrades it accepts stay connected across hibernation.
 
+    ``max_connections`` (default: the file descriptor limit less 256) caps open client
+    connections; past it a new client gets an immediate 503 and is closed, and nobody
+    already connected is disturbed. The limit is logged at start-up.
+
     Cancellation:
         Cancelling stops listening and shuts the host down as :func:`open_host` does
         (WebSockets closed with ``shutdown_close_code``).
     """
+    if max_connections is None:
+        max_connections = default_max_connections()
+    if max_connections < 1:
+        raise ValueError(f"max_connections must be at least 1, got {max_connections}")
     listener = _listen(address, port, backlog)
     try:
-        _log_fd_limit()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        log.info(
+            "at most %d connections (file descriptor limit %d, hard %d)",
+            max_connections,
+            soft,
+            hard,
+        )
         async with open_host(app, **host_options) as host:
             task_status.started(Server(host, listener))
-            await _accept_loop(host, listener)
+            await _accept_loop(host, listener, max_connections)
     finally:
         trio.lowlevel.notify_closing(listener)
         listener.close()

@@ -492,3 +492,23 @@ async def test_connections_past_the_limit_get_503_and_nobody_else_is_disturbed()
                 await trio.sleep(0.01)
             response = await http(server.port, b"GET /counter/c HTTP/1.1\r\nHost: x\r\n\r\n")
             assert status_of(response) == 200
+
+
+async def test_a_failing_constructor_answers_stub_calls_instead_of_hanging(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Fragile(DurableObject):
+        def __init__(self, ctx: ObjectContext, env: Any) -> None:
+            raise RuntimeError("cannot start")
+
+        async def ping(self) -> str:
+            return "pong"
+
+    with trio.fail_after(10):
+        async with open_host(App({"f": Fragile})) as host:
+            stub = host.get_namespace("f").get_by_name("x")
+            with pytest.raises(RuntimeError, match="constructor of Fragile raised"):
+                await stub.ping()
+            response = await stub.fetch("/f/x")
+    assert response.status == 500
+    assert "constructor of f" in caplog.text

@@ -15,7 +15,7 @@ import trio
 
 from ._codec import encode_data
 from ._connection import ServerConnection
-from ._events import AlarmEvent, Event, FetchEvent
+from ._events import AlarmEvent, CallEvent, Event, FetchEvent
 from ._frames import encode_message
 from ._groups import open_owned_nursery
 from ._http import Request, Response
@@ -334,13 +334,24 @@ class Host:
             self._objects.pop((entry.namespace, entry.object_id.hex), None)
 
     def _fail_object(self, entry: ObjectEntry, dropped: list[Event]) -> None:
-        """The constructor raised: close every socket with 1011, answer fetches 500.
+        """The constructor raised: close every socket with 1011, answer fetches 500 and
+        stub calls with an error, retry a due alarm later.
 
         No handler can run (there is no instance), so the sockets are released at once.
         """
         for event in dropped:
             if isinstance(event, FetchEvent):
                 event.reply(Response(status=500, body="Internal Server Error\n"))
+            elif isinstance(event, CallEvent):
+                failure = RuntimeError(f"the constructor of {entry.cls.__name__} raised")
+                event.reply((False, failure))
+            elif isinstance(event, AlarmEvent):
+                delay = self.alarms.retry_delay(event.retry_count)
+                if delay is not None:
+                    retry_at = self.wall_clock() + delay
+                    self.alarms.schedule(entry.alarm_key, retry_at, event.retry_count + 1)
+                if event.on_done is not None:
+                    event.on_done()
         for record in entry.core.registry.sockets():
             record.transport.begin_shutdown(1011, "internal error")
             entry.core.release(record)

@@ -32,7 +32,7 @@ from wsproto.utilities import generate_accept_token
 from ._errors import LimitExceededError
 from ._events import CloseEvent, ErrorEvent, FetchEvent, MessageEvent
 from ._http import Request, Response
-from ._supervisor import inline_target, run_app_hook, run_inline
+from ._supervisor import run_app_hook
 from ._websocket import WebSocket
 
 if TYPE_CHECKING:
@@ -393,13 +393,7 @@ class ServerConnection:
                         if reply is not None:
                             self.send_message(reply)
                         continue
-                    target = inline_target(entry)
-                    if target is None:
-                        deliver(entry, MessageEvent(record, message))
-                    else:
-                        # This task runs the turn; it reads this socket again after it,
-                        # which is the per-socket order anyway.
-                        await run_inline(host, entry, target, MessageEvent(record, message))
+                    deliver(entry, MessageEvent(record, message))
                 elif kind is Ping:
                     assert isinstance(event, Ping)
                     if ws.state is ConnectionState.OPEN:

@@ -379,7 +379,6 @@ class Host:
             if trio.current_time() >= deadline:
                 del idle[activation]
                 activation.request_stop()
-                del activation  # keep no reference while waiting for the next one
             else:
                 await trio.sleep_until(deadline)
 

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from ._host import Host, ObjectEntry
     from ._object import DurableObject
 
-__all__ = ["Activation", "inline_target", "run_app_hook", "run_inline", "supervise"]
+__all__ = ["Activation", "run_app_hook", "supervise"]
 
 log = logging.getLogger("trio_hibernate.object")
 
@@ -66,10 +66,8 @@ class Activation:
 
     __slots__ = (
         "background",
-        "ctx",
         "gate",
         "idle",
-        "instance",
         "lot",
         "owner",
         "scope",
@@ -92,9 +90,6 @@ class Activation:
         self.owner: trio.lowlevel.Task | None = None
         self.stop_requested = False  # hibernate after the current turn
         self.stopped = trio.Event()
-        #: Set once the constructor returned (run_inline needs them).
-        self.instance: DurableObject | None = None
-        self.ctx: ObjectContext | None = None
 
     def request_stop(self) -> None:
         """Hibernate as soon as the current turn (if any) is over.
@@ -168,74 +163,12 @@ async def _activate(host: Host, entry: ObjectEntry, activation: Activation) -> N
             return
         core.on_started()
         host._wakes += 1
-        activation.instance = instance
-        activation.ctx = ctx
         try:
             await _run_turns(host, entry, activation, instance, ctx)
-            await _no_inline_turn(activation)
         finally:
-            activation.instance = activation.ctx = None  # the instance must be collectable
             core.begin_stop()
             host._hibernations += 1
             nursery.cancel_scope.cancel()
-
-
-async def _no_inline_turn(activation: Activation) -> None:
-    """Before the instance goes: wait out a turn a connection task runs (run_inline)."""
-    lock = activation.turn_lock
-    if lock.locked():
-        await lock.acquire()
-        lock.release()
-
-
-def inline_target(entry: ObjectEntry) -> Activation | None:
-    """The activation a message may run on in the caller's task, or None.
-
-    Only when nothing else could be ordered before it: the object is live and parked
-    (idle), nothing is queued, no turn or commit holds it, and no stop is pending.
-    """
-    activation = entry.activation
-    if (
-        activation is None
-        or not activation.idle
-        or activation.stop_requested
-        or activation.instance is None
-        or activation.turn_lock.locked()
-        or entry.core.queued
-    ):
-        return None
-    return activation
-
-
-async def run_inline(
-    host: Host, entry: ObjectEntry, activation: Activation, event: MessageEvent
-) -> None:
-    """Run one message's turn in the calling (connection) task.
-
-    The hot path: a message for an idle live object needs no trip through the
-    supervisor task. It is the same turn as the supervisor's: same lock, same handler
-    containment, same commit and output gate. The supervisor stays parked; anything
-    that arrives meanwhile queues and runs after this turn.
-    """
-    lock = activation.turn_lock
-    lock.acquire_nowait()  # inline_target checked it is free; nothing awaited since
-    host._busy_again(activation)
-    instance, ctx = activation.instance, activation.ctx
-    assert instance is not None
-    assert ctx is not None
-    try:
-        activation.owner = trio.lowlevel.current_task()
-        try:
-            await _dispatch(host, entry, activation, instance, ctx, event)
-        finally:
-            activation.owner = None
-            await _end_turn(host, entry, activation)
-    finally:
-        lock.release()
-    if host.hibernate_after_every_event:
-        activation.request_stop()
-    elif activation.idle and not activation.background and not entry.core.queued:
-        host._idle_from(activation)  # idle again, from now
 
 
 def _release_storage(host: Host, entry: ObjectEntry, activation: Activation) -> None:

@@ -49,8 +49,9 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """Type-check the package, tests, examples and this file with mypy --strict."""
-    session.install("-e", ".", *TEST_DEPS, "mypy>=1.10", "nox")
+    """Type-check the package, tests, examples, conformance, bench and this file (mypy
+    --strict)."""
+    session.install("-e", ".", *TEST_DEPS, "mypy>=1.10", "nox", "websockets>=15")
     session.run("mypy", *session.posargs)
 
 

@@ -38,6 +38,7 @@ from typing import Final, TypeVar
 import attrs
 import cbor2
 import pytest
+from fakes import FakeTransport
 from hypothesis import event, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -90,30 +91,6 @@ AUTO_STRINGS: Final = ("ping", "pong", "", "PING", "x" * 16, "x" * 17, "é" * 8,
 _SHORT_AUTO_STRINGS: Final = ("ping", "pong", "é" * 8)
 TEXT_FRAMES: Final = ("ping", "PING", "ping ", "pong", "hello", "", "é" * 8)
 BINARY_FRAMES: Final = (b"ping", b"", b"\x00\xff", b"hello")
-
-
-class FakeTransport:
-    """Stands in for a connection: records what the core asks of it."""
-
-    __slots__ = ("closes", "resumes", "sent", "shutdowns")
-
-    def __init__(self) -> None:
-        self.sent: list[str | bytes] = []
-        self.closes: list[tuple[int | None, str]] = []
-        self.shutdowns: list[tuple[int, str]] = []
-        self.resumes = 0
-
-    def send_message(self, data: str | bytes) -> None:
-        self.sent.append(data)
-
-    def start_close(self, code: int | None, reason: str) -> None:
-        self.closes.append((code, reason))
-
-    def begin_shutdown(self, code: int, reason: str) -> None:
-        self.shutdowns.append((code, reason))
-
-    def resume_reading(self) -> None:
-        self.resumes += 1
 
 
 class PeerProtocolError(Exception):

@@ -20,6 +20,7 @@ from typing import Final
 import attrs
 import cbor2
 import pytest
+from fakes import FakeTransport
 
 from trio_hibernate._autoresponse import WebSocketRequestResponsePair
 from trio_hibernate._codec import decode_data, encode_data
@@ -41,30 +42,6 @@ from trio_hibernate._registry import ReadyState, SocketRecord, SocketRegistry, n
 from trio_hibernate._websocket import WebSocket, check_close_args
 
 DEFAULTS: Final = Limits()
-
-
-class FakeTransport:
-    """Stands in for a connection: records what the core asks of it."""
-
-    __slots__ = ("closes", "resumes", "sent", "shutdowns")
-
-    def __init__(self) -> None:
-        self.sent: list[str | bytes] = []
-        self.closes: list[tuple[int | None, str]] = []
-        self.shutdowns: list[tuple[int, str]] = []
-        self.resumes = 0
-
-    def send_message(self, data: str | bytes) -> None:
-        self.sent.append(data)
-
-    def start_close(self, code: int | None, reason: str) -> None:
-        self.closes.append((code, reason))
-
-    def begin_shutdown(self, code: int, reason: str) -> None:
-        self.shutdowns.append((code, reason))
-
-    def resume_reading(self) -> None:
-        self.resumes += 1
 
 
 class Unclonable:

@@ -205,7 +205,16 @@ def run_suite(
         "--endpoint", url, "--results-json", str(results), *pytest_args,
     ]  # fmt: skip
     log(f"running the suite against {implementation}: {' '.join(command[1:])}")
-    subprocess.run(command, cwd=ROOT, check=False)
+    if implementation == "workerd":
+        # workerd fails the listed differences on purpose: keep its pytest report (and
+        # its "N failed" line, which would read like ours) in a log; the table says all.
+        WORKERD_DIR.mkdir(exist_ok=True)
+        report = WORKERD_DIR / "last-run.log"
+        with report.open("w") as out:
+            subprocess.run(command, cwd=ROOT, check=False, stdout=out, stderr=subprocess.STDOUT)
+        log(f"workerd's pytest report: {report}")
+    else:
+        subprocess.run(command, cwd=ROOT, check=False)
     if not results.is_file():
         return {"implementation": implementation, "cases": {}, "error": "no results file"}
     data: dict[str, Any] = json.loads(results.read_text())

@@ -153,7 +153,7 @@ async def _activate(host: Host, entry: ObjectEntry, activation: Activation) -> N
         )
         try:
             instance = entry.cls(ctx, host.env)
-        except Exception:
+        except Exception:  # contained here (house rule 5): logged, sockets closed 1011
             _olog(entry).exception(
                 "constructor of %s %s raised; closing its WebSockets with 1011",
                 entry.namespace,
@@ -367,7 +367,7 @@ async def _dispatch(
                     timeout_ms,
                 )
                 activation.stop_requested = True
-    except Exception:
+    except Exception:  # contained here (house rule 5): logged, the socket stays open
         _olog(entry).exception(
             "%s handler of %s %s raised; the socket stays open",
             kind.__name__,
@@ -400,7 +400,7 @@ async def _dispatch_fetch(
         else:
             # Spec 2, Rule: refuse the upgrade clearly, disturb nothing else.
             response = Response(status=503, body=f"Service Unavailable: {exc}\n")
-    except Exception:
+    except Exception:  # contained here (house rule 5): logged, answered 500
         _olog(entry).exception("fetch() of %s %s raised", entry.namespace, entry.object_id)
     finally:
         if response is None:

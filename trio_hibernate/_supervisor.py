@@ -444,7 +444,7 @@ async def run_app_hook(
     """Run an app-level hook (``App.authorize``, ``App.fetch``), containing its crash."""
     try:
         result: object = await hook(request)
-    except Exception:
+    except Exception:  # contained here (house rule 5): logged, answered 500
         log.exception("%s raised for %s %s; answering 500", what, request.method, request.path)
         return Response(status=500, body="Internal Server Error\n")
     if result is not None and not isinstance(result, Response):
@@ -463,7 +463,7 @@ async def _dispatch_alarm(
         return  # deleted or moved since it was scheduled: a stale index entry
     try:
         await instance.alarm(AlarmInfo(event.retry_count, event.retry_count > 0))
-    except Exception:
+    except Exception:  # contained here (house rule 5): logged, retried with backoff
         delay = host.alarms.retry_delay(event.retry_count)
         if delay is None:
             _olog(entry).exception(

@@ -104,8 +104,7 @@ def _watched_files(source: Path) -> dict[Path, tuple[int, int]]:
 async def _reload(host: Host, spec: str) -> None:
     try:
         app, _ = load_app(spec, fresh=True)
-    except Exception:
-        # A code update must never take the service down: keep the old code.
+    except Exception:  # a code update must never take the service down: keep the old code
         log.exception("reloading %s failed; still serving the previous code", spec)
         return
     await host.replace_app(app)

@@ -494,7 +494,7 @@ async def _background(
 ) -> None:
     try:
         await async_fn()
-    except Exception:
+    except Exception:  # contained here (house rule 5): logged; the object goes on
         _olog(entry).exception(
             "a task started by %s %s with ctx.start_soon raised", entry.namespace, entry.object_id
         )

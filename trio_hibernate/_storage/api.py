@@ -19,7 +19,6 @@ returns.
 from __future__ import annotations
 
 import math
-import sqlite3
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
@@ -446,8 +445,3 @@ class Storage:
         self._alarm_set = None
         self._wrote()
         await self._after_write()
-
-
-def is_storage_error(exc: BaseException) -> bool:
-    """True for errors of the storage engine itself (a failed commit)."""
-    return isinstance(exc, sqlite3.Error | OSError)

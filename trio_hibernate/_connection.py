@@ -15,6 +15,8 @@ parked task; queues, events and timers are created only while needed.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import logging
 import socket
@@ -29,9 +31,8 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import generate_accept_token
 
-from ._errors import LimitExceededError
 from ._events import CloseEvent, ErrorEvent, FetchEvent, MessageEvent
-from ._http import Request, Response
+from ._http import Request, Response, split_target
 from ._supervisor import run_app_hook
 from ._websocket import WebSocket
 
@@ -46,6 +47,22 @@ log = logging.getLogger("trio_hibernate.connection")
 _RECV_BYTES: Final = 65536
 _DROP_REASON: Final = "WebSocket disconnected without sending Close frame."
 _MAX_NAME_CHARS: Final = 256
+#: Bytes of a request line and headers (h11 buffers them whole). Larger: 431.
+_MAX_HEAD_BYTES: Final = 16384
+#: After refusing a request we did not read to the end, the rest is read and discarded
+#: for at most this long (and this many bytes) before closing: closing with unread data
+#: makes the kernel send a reset, which can destroy the response before the client
+#: reads it.
+_LINGER_SECONDS: Final = 1.0
+_LINGER_BYTES: Final = 1024 * 1024
+
+
+class _BadRequest(Exception):
+    """The peer's request cannot be served: answer ``status`` and close."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class WebSocketProtocolError(Exception):
@@ -116,14 +133,24 @@ class ServerConnection:
     # -- the task ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve the connection until it ends. Runs in the host nursery."""
+        """Serve the connection until it ends. Runs in the host nursery.
+
+        This is the connection boundary (house rule 5): whatever goes wrong while serving
+        this one client, including a bug of ours, ends this connection only, with a 500
+        or a Close 1011 and a logged traceback; the host and every other client go on.
+        """
         host = self._host
         try:
-            if await self._http_phase():
-                await self._websocket_phase()
+            try:
+                if await self._http_phase():
+                    await self._websocket_phase()
+            except trio.ClosedResourceError:
+                pass  # aborted by us (notify_closing): the reason was already recorded
+            except Exception as exc:  # contained here (house rule 5): logged, counted
+                self._internal_error(exc)
             await self._drain()
         except trio.ClosedResourceError:
-            pass  # aborted by us (notify_closing): the reason was already recorded
+            pass
         finally:
             if self._watchdog is not None:
                 self._watchdog.cancel()
@@ -135,6 +162,26 @@ class ServerConnection:
             self._dead = True
             trio.lowlevel.notify_closing(self._sock)  # wakes a flusher still waiting on it
             self._sock.close()
+
+    def _peer(self) -> str:
+        try:
+            address = self._sock.getpeername()
+        except OSError:
+            return "a client"
+        return f"{address[0]}:{address[1]}"
+
+    def _internal_error(self, exc: Exception) -> None:
+        """A bug of ours (or of a library) while serving this connection: end it only."""
+        self._host._internal_errors += 1
+        log.error(
+            "internal error serving %s; closing this connection only", self._peer(), exc_info=exc
+        )
+        if self._pending is not None:  # no response went out yet
+            self._send_raw_response(500, "Internal Server Error")
+        elif self._record is not None and self._ws is not None:
+            self._fail(1011, "internal error")
+        else:
+            self._abort()
 
     async def _recv(self) -> bytes:
         """The next bytes from the peer; ``b""`` on EOF or a transport error."""
@@ -155,33 +202,56 @@ class ServerConnection:
     async def _http_phase(self) -> bool:
         """Read one request, hand it to the object. True if it became a WebSocket."""
         host = self._host
-        h = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
+        h = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD_BYTES)
         request: Request | None = None
         with trio.move_on_after(host.handshake_timeout):
             try:
                 request = await self._read_request(h)
             except h11.RemoteProtocolError as exc:
-                self._send_http(h, _simple_response(400, f"Bad Request: {exc}"))
+                await self._refuse(exc.error_status_hint, f"Bad Request: {exc}")
                 return False
-            except LimitExceededError as exc:
-                self._send_http(h, _simple_response(413, str(exc)))
+            except _BadRequest as exc:
+                await self._refuse(exc.status, str(exc))
                 return False
         if request is None:
             return False  # EOF, or the handshake timed out
+        response: Response | None = None
+        with trio.move_on_after(host.request_timeout):
+            response = await self._answer(request)
+        if response is None:
+            log.warning(
+                "%s %s from %s: no response within the request timeout (%g s); answering 504",
+                request.method,
+                request.path,
+                self._peer(),
+                host.request_timeout,
+            )
+            self._send_http(h, _simple_response(504, "Gateway Timeout"))
+            return False
+        if response.status == 101:
+            record = self._record
+            assert record is not None
+            self._upgrade(h, request, record, response)
+            return True
+        self._send_http(h, response)
+        return False
+
+    async def _answer(self, request: Request) -> Response:
+        """The response to ``request``: from the server itself, an app hook or the
+        object. Sets ``_record`` when the object accepted the upgrade (status 101)."""
         routed = await self._gatekeep(request)
         if isinstance(routed, Response):
-            self._send_http(h, routed)
-            return False
+            return routed
         ws = request.websocket
         self._entry = entry = routed
         response = await self._fetch(entry, request)
         record = ws._record if ws is not None else None
         if ws is not None and response.status == 101 and response.websocket is ws and record:
-            self._upgrade(h, request, record, response)
-            return True
+            self._record = record
+            return response
         if record is not None:
             entry.core.release(record)  # accepted, then refused: undo without any event
-            host._forget_if_unused(entry)
+            self._host._forget_if_unused(entry)
         if response.status == 101:
             log.error(
                 "fetch() for %s returned 101 with a WebSocket it did not accept for this "
@@ -189,18 +259,23 @@ class ServerConnection:
                 request.path,
             )
             response = _simple_response(500, "Internal Server Error")
-        self._send_http(h, response)
-        return False
+        return response
 
     async def _gatekeep(self, request: Request) -> ObjectEntry | Response:
         """Everything decided before an object wakes: the server's own paths, the
-        handshake headers, the origin allow-list, ``App.authorize``, routing."""
+        handshake headers, the origin check, ``App.authorize``, routing."""
         host = self._host
         if request.path.startswith("/_"):
             return host._operations(request)
         if request.websocket is not None:
             refused = self._check_websocket_headers(request) or host._check_origin(request)
             if refused is not None:
+                log.info(
+                    "refused a WebSocket upgrade for %s from %s: %d",
+                    request.path,
+                    self._peer(),
+                    refused.status,
+                )
                 return refused
         app = host.app
         if app.authorize is not None:
@@ -236,20 +311,22 @@ class ServerConnection:
                 body += event.data
                 limit = host.limits.max_request_body_bytes
                 if len(body) > limit:
-                    raise LimitExceededError(
+                    raise _BadRequest(
+                        413,
                         f"Payload Too Large: the request body is over {limit} bytes "
                         "(Limits.max_request_body_bytes)",
-                        limit_name="max_request_body_bytes",
-                        limit=limit,
-                        value=len(body),
                     )
             elif isinstance(event, h11.EndOfMessage):
                 break
             else:
                 return None  # ConnectionClosed or PAUSED without a request: nothing to do
         assert head is not None
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers]
         target = head.target.decode("latin-1")
+        if not split_target(target)[0] and not (head.method == b"OPTIONS" and target == "*"):
+            raise _BadRequest(
+                400, f"Bad Request: {target!r} is not an origin-form or absolute-form target"
+            )
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers]
         websocket = None
         if self._is_upgrade(head):
             websocket = WebSocket(transport=self, url=target, limits=host.limits)
@@ -276,15 +353,28 @@ class ServerConnection:
         )
 
     async def _fetch(self, entry: ObjectEntry, request: Request) -> Response:
+        """The object's answer. If cancelled first (the request timeout), a socket the
+        object accepts later is let go at once."""
         done = trio.Event()
         box: list[Response] = []
+        host = self._host
 
         def reply(response: Response) -> None:
+            if done.is_set():
+                # We gave up waiting (504 sent): a socket accepted since is let go.
+                ws = request.websocket
+                if ws is not None and ws._record is not None and not ws._record.released:
+                    entry.core.release(ws._record)
+                    host._forget_if_unused(entry)
+                return
             box.append(response)
             done.set()
 
-        self._host._deliver(entry, FetchEvent(request, reply))
-        await done.wait()
+        host._deliver(entry, FetchEvent(request, reply))
+        try:
+            await done.wait()
+        finally:
+            done.set()  # from now on a reply is late (see reply above)
         return box[0]
 
     @staticmethod
@@ -293,8 +383,15 @@ class ServerConnection:
             return _simple_response(
                 426, "Upgrade Required: WebSocket version 13", (("sec-websocket-version", "13"),)
             )
-        if not request.header("sec-websocket-key"):
-            return _simple_response(400, "Bad Request: missing Sec-WebSocket-Key")
+        key = request.header("sec-websocket-key") or ""
+        try:
+            valid = len(base64.b64decode(key.encode("ascii"), validate=True)) == 16
+        except (UnicodeEncodeError, binascii.Error):
+            valid = False
+        if not valid:
+            return _simple_response(
+                400, "Bad Request: Sec-WebSocket-Key must be 16 bytes in base64 (RFC 6455)"
+            )
         return None
 
     def _upgrade(
@@ -315,7 +412,6 @@ class ServerConnection:
         )
         assert head is not None
         trailing, _closed = h.trailing_data
-        self._record = record
         self._ws = WSConnection(ConnectionType.SERVER, trailing_data=trailing)
         pending = self._pending or []
         self._pending = None
@@ -331,8 +427,6 @@ class ServerConnection:
             (b"content-length", str(len(response.body)).encode()),
             (b"connection", b"close"),
         ]
-        if h.our_state is not h11.SEND_RESPONSE:
-            return  # the peer broke the request badly enough that no response fits
         self._pending = None
         data = h.send(
             h11.Response(
@@ -343,6 +437,36 @@ class ServerConnection:
         data += h.send(h11.Data(data=response.body)) or b""
         data += h.send(h11.EndOfMessage()) or b""
         self._write(data)
+
+    def _send_raw_response(self, status: int, message: str) -> None:
+        """An error response written without h11 (it refuses to answer a request it
+        could not parse). ``message`` must be ASCII."""
+        body = f"{message}\n".encode("ascii", "replace")
+        self._pending = None
+        self._write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (status, _reason(status), len(body), body)
+        )
+
+    async def _refuse(self, status: int, message: str) -> None:
+        """The peer sent a request we cannot serve: answer ``status``, then read and
+        discard what it still sends (bounded) so that the answer is not lost to a reset."""
+        self._host._bad_requests += 1
+        log.info("bad request from %s: %d %s", self._peer(), status, message)
+        self._send_raw_response(status, message)
+        if self._dead:
+            return
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_WR)
+        discarded = 0
+        with trio.move_on_after(_LINGER_SECONDS):
+            while discarded < _LINGER_BYTES:
+                data = await self._recv()
+                if not data:
+                    break
+                discarded += len(data)
+        self._abort()
 
     # -- WebSocket -----------------------------------------------------------------------
 

@@ -64,6 +64,11 @@ class HostStatistics:
     """Total (Trio clock) seconds that instances spent in memory, finished activations."""
     storage_commits: int
     """Storage commits that succeeded."""
+    bad_requests: int
+    """Requests refused because they were malformed (400, 413, 431)."""
+    internal_errors: int
+    """Connections ended by an error of ours (answered 500 or closed 1011, and logged
+    with a traceback)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -97,6 +102,31 @@ class ObjectEntry:
         return (self.namespace, self.object_id.hex, self.object_id.name)
 
 
+_DEFAULT_PORTS: Final = {"http": "80", "ws": "80", "https": "443", "wss": "443"}
+
+
+def is_same_origin(origin: str, host_header: str | None) -> bool:
+    """Whether ``origin`` (``scheme://host[:port]``) names the server that ``Host`` names.
+
+    Compared case-insensitively, with the scheme's default port made explicit; the
+    ``null`` origin and anything unparsable are never the same origin.
+    """
+    if host_header is None:
+        return False
+    scheme, sep, authority = origin.partition("://")
+    default = _DEFAULT_PORTS.get(scheme.lower())
+    if not sep or default is None or not authority or "/" in authority:
+        return False
+
+    def normal(value: str) -> str:
+        value = value.strip().lower()
+        if value.endswith("]") or ":" not in value.rpartition("]")[2]:
+            value = f"{value}:{default}"
+        return value
+
+    return normal(authority) == normal(host_header)
+
+
 @final
 class Host:
     """Runs the objects of one :class:`App` and their connections.
@@ -115,6 +145,7 @@ class Host:
         idle_timeout: float,
         hibernate_after_every_event: bool,
         handshake_timeout: float,
+        request_timeout: float,
         close_timeout: float,
         wall_clock: Callable[[], float],
         storage_backend: StorageBackend,
@@ -126,6 +157,7 @@ class Host:
         self.idle_timeout = idle_timeout
         self.hibernate_after_every_event = hibernate_after_every_event
         self.handshake_timeout = handshake_timeout
+        self.request_timeout = request_timeout
         self.close_timeout = close_timeout
         self.wall_clock = wall_clock
         self.storage_backend = storage_backend
@@ -153,6 +185,8 @@ class Host:
         self._auto_responses = 0
         self._seconds_in_memory = 0.0
         self._commits = 0
+        self._bad_requests = 0
+        self._internal_errors = 0
 
     # -- public --------------------------------------------------------------------------
 
@@ -235,6 +269,8 @@ class Host:
             auto_responses=self._auto_responses,
             seconds_in_memory=self._seconds_in_memory,
             storage_commits=self._commits,
+            bad_requests=self._bad_requests,
+            internal_errors=self._internal_errors,
         )
 
     def object_statistics(self, namespace: str, name: str | ObjectId) -> ObjectStatistics:
@@ -293,11 +329,21 @@ class Host:
         return operations_response(request, self.statistics(), self._closing)
 
     def _check_origin(self, request: Request) -> Response | None:
-        allowed = self.allowed_origins
+        """Refuse cross-site WebSocket hijacking: a browser upgrade (it carries
+        ``Origin``) from another site than the ``Host`` it connects to, unless allowed."""
         origin = request.header("origin")
-        if allowed is None or origin is None or origin in allowed:
+        if origin is None:
+            return None  # not a browser: Origin protects browser users only
+        allowed = self.allowed_origins
+        if allowed is not None and ("*" in allowed or origin in allowed):
             return None
-        return Response(status=403, body=f"Forbidden: origin {origin!r} is not allowed\n")
+        if allowed is None and is_same_origin(origin, request.header("host")):
+            return None
+        return Response(
+            status=403,
+            body=f"Forbidden: origin {origin!r} is not allowed to open a WebSocket here "
+            "(allowed_origins / --allowed-origin)\n",
+        )
 
     def _entry(self, namespace: str, object_id: ObjectId, cls: type[DurableObject]) -> ObjectEntry:
         key = (namespace, object_id.hex)
@@ -420,6 +466,7 @@ async def open_host(
     idle_timeout: float = 10.0,
     hibernate_after_every_event: bool = False,
     handshake_timeout: float = 10.0,
+    request_timeout: float = 30.0,
     close_timeout: float = 10.0,
     shutdown_close_code: int = 1001,
     wall_clock: Callable[[], float] = time.time,
@@ -437,6 +484,9 @@ async def open_host(
         hibernate_after_every_event: Strict mode for tests: drop the instance after every
             event, so state kept only in memory is lost at once, not in production.
         handshake_timeout: Seconds a client has to send its HTTP request.
+        request_timeout: Seconds to answer a request (``App.authorize``, ``App.fetch``
+            and the object's ``fetch``, including a WebSocket upgrade) before the client
+            gets 504. An upgrade the object accepts later is let go at once.
         close_timeout: Seconds to wait for the peer's answer to our Close frame before
             dropping the connection (the object then sees 1006).
         shutdown_close_code: Close code sent to every WebSocket when the block exits
@@ -448,8 +498,12 @@ async def open_host(
             tests and demos, lost on exit.
         storage_backend: Another place to keep object data (see
             ``trio_hibernate._storage.backend``); exclusive with ``data_dir``.
-        allowed_origins: If given, WebSocket upgrades whose ``Origin`` header is not in
-            it are refused with 403 before any object wakes (cross-site hijacking).
+        allowed_origins: Origins (``"https://app.example"``) whose pages may open
+            WebSockets here; ``"*"`` allows any. By default (None) a browser may only
+            connect from the same origin: an upgrade whose ``Origin`` names another host
+            than its ``Host`` header is refused with 403 before any object wakes
+            (cross-site WebSocket hijacking). Clients that send no ``Origin`` (anything
+            but a browser) are not affected.
 
     Resource handling:
         On exit every WebSocket is closed with ``shutdown_close_code`` and every instance
@@ -458,8 +512,13 @@ async def open_host(
     """
     if idle_timeout <= 0:
         raise ValueError(f"idle_timeout must be positive, got {idle_timeout}")
-    if close_timeout <= 0 or handshake_timeout <= 0:
-        raise ValueError("close_timeout and handshake_timeout must be positive")
+    for option, value in (
+        ("close_timeout", close_timeout),
+        ("handshake_timeout", handshake_timeout),
+        ("request_timeout", request_timeout),
+    ):
+        if not value > 0:
+            raise ValueError(f"{option} must be positive, got {value}")
     if storage_backend is not None and data_dir is not None:
         raise ValueError("give data_dir or storage_backend, not both")
     backend = storage_backend if storage_backend is not None else SqliteBackend(data_dir)
@@ -473,6 +532,7 @@ async def open_host(
                 idle_timeout=idle_timeout,
                 hibernate_after_every_event=hibernate_after_every_event,
                 handshake_timeout=handshake_timeout,
+                request_timeout=request_timeout,
                 close_timeout=close_timeout,
                 wall_clock=wall_clock,
                 storage_backend=backend,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
 
 import attrs
@@ -15,6 +16,11 @@ __all__ = ["Request", "Response"]
 
 Headers = tuple[tuple[str, str], ...]
 
+#: RFC 9110 field names (tokens) and field values (visible Latin-1, spaces and tabs, no
+#: CR, LF or NUL): anything else could not be written on the wire, or would inject headers.
+_FIELD_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE: Final = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+
 
 def _to_headers(value: Mapping[str, str] | Iterable[tuple[str, str]]) -> Headers:
     items = value.items() if isinstance(value, Mapping) else value
@@ -22,8 +28,34 @@ def _to_headers(value: Mapping[str, str] | Iterable[tuple[str, str]]) -> Headers
     for name, val in items:
         if not isinstance(name, str) or not isinstance(val, str):
             raise TypeError(f"header names and values must be str, got {name!r}: {val!r}")
+        if not _FIELD_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a valid HTTP header name (RFC 9110 token)")
+        if not _FIELD_VALUE.fullmatch(val):
+            raise ValueError(
+                f"the value of header {name!r} must be Latin-1 text without CR, LF or other "
+                f"control characters, got {val!r}"
+            )
         out.append((name, val))
     return tuple(out)
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """The (path, query) of a request target, without raising.
+
+    An origin-form target (``/a/b?q``) is split as written, so ``//x/y`` is a path and
+    not a host; an absolute-form one (``http://h/a?q``) gives its path (``/`` if empty);
+    anything that is neither (``*``, an unparsable authority) gives an empty path.
+    """
+    if target.startswith("/"):
+        path, _, query = target.partition("?")
+        return path, query
+    try:
+        parts = urlsplit(target)
+    except ValueError:
+        return "", ""
+    if parts.scheme.lower() not in ("http", "https", "ws", "wss") or not parts.netloc:
+        return "", ""
+    return parts.path or "/", parts.query
 
 
 def _to_body(value: bytes | str) -> bytes:
@@ -57,13 +89,13 @@ class Request:
 
     @property
     def path(self) -> str:
-        """The path part of :attr:`url`."""
-        return urlsplit(self.url).path
+        """The path part of :attr:`url` (``""`` when the target has none, as ``*``)."""
+        return split_target(self.url)[0]
 
     @property
     def query(self) -> str:
         """The query string of :attr:`url`, without ``?``."""
-        return urlsplit(self.url).query
+        return split_target(self.url)[1]
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (case-insensitive), or None."""

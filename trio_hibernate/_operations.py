@@ -53,6 +53,18 @@ def render_metrics(stats: HostStatistics) -> str:
             "Storage commits that succeeded.",
             [("", stats.storage_commits)],
         ),
+        (
+            "trio_hibernate_bad_requests_total",
+            "counter",
+            "Requests refused as malformed (400, 413, 431).",
+            [("", stats.bad_requests)],
+        ),
+        (
+            "trio_hibernate_internal_errors_total",
+            "counter",
+            "Connections ended by an internal error (logged with a traceback).",
+            [("", stats.internal_errors)],
+        ),
     ]
     lines = []
     for name, kind, help_text, samples in metrics:

@@ -1,0 +1,280 @@
+"""No client can take the server down (issue 9): each row of the attack table, asserted.
+
+Every test keeps a *witness*: a WebSocket connected before the attack, which must still
+get its echo afterwards. A crash of the process (or of the host nursery) would end it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+from helpers import WAIT_SECONDS, http_exchange, open_raw_websocket, settle
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from trio_hibernate import App, DurableObject, ObjectContext, Request, Response, WebSocket
+from trio_hibernate._connection import ServerConnection
+from trio_hibernate._server import Server, open_server
+
+UPGRADE = (
+    "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+)
+GOOD_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+
+
+class Echo(DurableObject):
+    """Echoes messages; its fetch misbehaves on request (see the paths below)."""
+
+    def __init__(self, ctx: ObjectContext, env: Any) -> None:
+        super().__init__(ctx, env)
+
+    async def fetch(self, request: Request) -> Response:
+        if request.path.endswith("/snowman-header"):
+            return Response(headers={"x-weather": "☃"})
+        if request.path.endswith("/crlf-header"):
+            return Response(headers={"x-a": "1\r\nset-cookie: stolen=1"})
+        if request.path.endswith("/hang"):
+            await trio.sleep_forever()
+        ws = request.websocket
+        if ws is None:
+            return Response(body="hello")
+        self.ctx.accept_websocket(ws)
+        return Response(status=101, websocket=ws)
+
+    async def websocket_message(self, ws: WebSocket, message: str | bytes) -> None:
+        ws.send(message)
+
+
+@asynccontextmanager
+async def serving(**options: Any) -> AsyncIterator[tuple[Server, WebSocketConnection]]:
+    """A server for the echo app, and a witness WebSocket connected to it."""
+    app = App({"echo": Echo})
+    async with open_server(app, **options) as server:
+        with trio.fail_after(WAIT_SECONDS):
+            async with open_websocket_url(server.url("/echo/witness")) as witness:
+                await witness_alive(witness)
+                yield server, witness
+
+
+async def witness_alive(witness: WebSocketConnection) -> None:
+    with trio.fail_after(WAIT_SECONDS):
+        await witness.send_message("still there?")
+        assert await witness.get_message() == "still there?"
+
+
+async def raw_exchange(port: int, data: bytes) -> bytes:
+    """Send ``data``, then read until the server closes (or resets) the connection, or
+    just the head of a 101 (the connection then stays open as a WebSocket)."""
+    received = bytearray()
+    with trio.fail_after(WAIT_SECONDS):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            try:
+                await stream.send_all(data)
+                while chunk := await stream.receive_some(65536):
+                    received += chunk
+                    if received.startswith(b"HTTP/1.1 101 ") and b"\r\n\r\n" in received:
+                        break
+            except trio.BrokenResourceError:
+                pass  # reset: whatever was received before it is the answer
+    return bytes(received)
+
+
+def status_of(response: bytes) -> int:
+    assert response.startswith(b"HTTP/1.1 "), response[:200]
+    return int(response.split(b" ", 2)[1])
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET //[ HTTP/1.1\r\nHost: x\r\n\r\n", 404),  # a path: no namespace ""
+        (b"GET http://[::1/x HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET //x]/ HTTP/1.1\r\nHost: x\r\n\r\n", 404),  # a path: no namespace "x]"
+        (b"GET x HTTP/1.1\r\nHost: x\r\n\r\n", 400),  # neither origin- nor absolute-form
+        (b"\x16\x03\x01\x02\x00garbage\r\n\r\n", 400),  # a TLS hello, say
+        (b"GET / HTTP/1.1\r\n\r\n", 400),  # no Host
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n", 431),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 10_000 + b"\r\n", 431),
+    ],
+    ids=[
+        "ipv6-bracket",
+        "absolute-bad-ipv6",
+        "bracket-path",
+        "bare-word",
+        "garbage",
+        "no-host",
+        "100kb-header",
+        "10k-headers",
+    ],
+)
+async def test_malformed_requests_get_4xx_and_harm_nobody(
+    request_bytes: bytes, status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "trio_hibernate")
+    async with serving() as (server, witness):
+        response = await raw_exchange(server.port, request_bytes)
+        assert status_of(response) == status, response[:300]
+        await witness_alive(witness)
+        if status != 404:
+            assert server.host.statistics().bad_requests == 1
+            assert "bad request from 127.0.0.1:" in caplog.text
+        assert server.host.statistics().internal_errors == 0
+
+
+@pytest.mark.parametrize(
+    ("key", "status"),
+    [
+        ("\xe9", 400),
+        ("", 400),
+        ("c2hvcnQ=", 400),  # base64, but 5 bytes
+        ("not base64 at all!!!!!==", 400),
+        (GOOD_KEY, 101),
+    ],
+)
+async def test_upgrade_key_is_checked(key: str, status: int) -> None:
+    async with serving() as (server, witness):
+        request = UPGRADE.format(path="/echo/a", host="x", key=key, extra="")
+        response = await raw_exchange(server.port, request.encode("latin-1"))
+        assert status_of(response) == status
+        await witness_alive(witness)
+
+
+@pytest.mark.parametrize("path", ["/echo/a/snowman-header", "/echo/a/crlf-header"])
+async def test_a_response_header_that_cannot_be_sent_is_a_500(
+    path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with serving() as (server, witness):
+        reply = await http_exchange(server.port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert reply.status == 500
+        assert "set-cookie" not in reply.headers
+        await witness_alive(witness)
+    assert "fetch() of echo" in caplog.text  # contained as a handler error, with the cause
+    assert "must be Latin-1 text" in caplog.text
+
+
+def test_response_headers_are_validated_at_construction() -> None:
+    with pytest.raises(ValueError, match="Latin-1"):
+        Response(headers={"x": "☃"})
+    with pytest.raises(ValueError, match="control characters"):
+        Response(headers=[("x", "a\nb")])
+    with pytest.raises(ValueError, match="header name"):
+        Response(headers=[("bad name", "v")])
+    assert Response(headers={"x-ok": "caf\xe9 \t!"}).headers == (("x-ok", "caf\xe9 \t!"),)
+
+
+def test_request_path_never_raises() -> None:
+    assert Request(method="GET", url="//[").path == "//["
+    assert Request(method="GET", url="//x/y?q=1").path == "//x/y"
+    assert Request(method="GET", url="//x/y?q=1").query == "q=1"
+    assert Request(method="GET", url="http://[::1/x").path == ""
+    assert Request(method="GET", url="http://h:1/a/b?c").path == "/a/b"
+    assert Request(method="GET", url="http://h").path == "/"
+    assert Request(method="OPTIONS", url="*").path == ""
+
+
+async def test_a_fetch_that_never_answers_gets_504(autojump_clock: trio.abc.Clock) -> None:
+    async with serving(request_timeout=7) as (server, witness):
+        start = trio.current_time()
+        reply = await http_exchange(server.port, b"GET /echo/b/hang HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert reply.status == 504
+        assert trio.current_time() - start == pytest.approx(7, abs=0.5)
+        await witness_alive(witness)
+
+
+async def test_an_upgrade_accepted_after_the_timeout_is_let_go(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    release = trio.Event()
+
+    class Slow(Echo):
+        async def fetch(self, request: Request) -> Response:
+            await release.wait()
+            return await super().fetch(request)
+
+    app = App({"echo": Slow})
+    async with open_server(app, request_timeout=3) as server:
+        request = UPGRADE.format(path="/echo/slow", host="x", key=GOOD_KEY, extra="")
+        response = await raw_exchange(server.port, request.encode())
+        assert status_of(response) == 504
+        release.set()
+        await settle()  # the object accepts the socket and answers, too late
+        assert server.host.object_statistics("echo", "slow").websockets == 0
+        assert server.host.statistics().hibernated_objects == 0
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "allowed", "status"),
+    [
+        ("https://evil.example", "127.0.0.1", None, 403),
+        ("null", "127.0.0.1", None, 403),
+        ("http://127.0.0.1:{port}", "127.0.0.1:{port}", None, 101),
+        ("HTTP://LOCALHOST", "localhost:80", None, 101),
+        ("https://app.example", "app.example", None, 101),
+        ("https://app.example:8443", "app.example", None, 403),
+        ("https://evil.example", "127.0.0.1", ["https://evil.example"], 101),
+        ("https://evil.example", "127.0.0.1", ["https://good.example"], 403),
+        ("https://evil.example", "127.0.0.1", ["*"], 101),
+        (None, "127.0.0.1", None, 101),  # not a browser
+    ],
+)
+async def test_cross_site_upgrades_are_refused_by_default(
+    origin: str | None, host: str, allowed: list[str] | None, status: int
+) -> None:
+    async with serving(allowed_origins=allowed) as (server, witness):
+        extra = "" if origin is None else f"Origin: {origin.format(port=server.port)}\r\n"
+        request = UPGRADE.format(
+            path="/echo/a", host=host.format(port=server.port), key=GOOD_KEY, extra=extra
+        )
+        response = await raw_exchange(server.port, request.encode())
+        assert status_of(response) == status
+        if status == 403:
+            assert b"allowed_origins" in response
+        await witness_alive(witness)
+
+
+async def test_an_internal_error_in_the_http_phase_is_contained(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(self: ServerConnection, request: Request) -> None:
+        raise RuntimeError("a bug of ours")
+
+    async with serving() as (server, witness):
+        monkeypatch.setattr(ServerConnection, "_gatekeep", broken)
+        reply = await http_exchange(server.port, b"GET /echo/a HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert reply.status == 500
+        await witness_alive(witness)
+        assert server.host.statistics().internal_errors == 1
+        monkeypatch.undo()
+        metrics = await http_exchange(server.port, b"GET /_metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert b"trio_hibernate_internal_errors_total 1" in metrics.body
+    assert "internal error serving 127.0.0.1:" in caplog.text
+    assert "RuntimeError: a bug of ours" in caplog.text  # with the traceback
+
+
+async def test_an_internal_error_in_the_websocket_phase_closes_1011(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from wsproto.events import CloseConnection, TextMessage
+
+    from trio_hibernate._lifecycle import ObjectCore
+
+    def broken(self: ObjectCore, text: str) -> bool:
+        raise RuntimeError("a bug of ours")
+
+    async with serving() as (server, witness):
+        async with open_raw_websocket(server.port, "/echo/victim") as raw:
+            monkeypatch.setattr(ObjectCore, "is_auto_response", broken)
+            await raw.send(TextMessage(data="boom"))
+            event = await raw.next_event()
+            assert isinstance(event, CloseConnection)
+            assert event.code == 1011
+            monkeypatch.undo()
+        await witness_alive(witness)
+        assert server.host.statistics().internal_errors == 1
+    assert "a bug of ours" in caplog.text

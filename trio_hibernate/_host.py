@@ -463,6 +463,7 @@ async def open_host(
     if storage_backend is not None and data_dir is not None:
         raise ValueError("give data_dir or storage_backend, not both")
     backend = storage_backend if storage_backend is not None else SqliteBackend(data_dir)
+    host: Host | None = None
     try:
         async with open_owned_nursery() as outer:
             nursery, scope = await outer.start(_run_host_nursery)
@@ -488,8 +489,11 @@ async def open_host(
                     reason = "service restart" if host.shutdown_close_code == 1012 else "going away"
                     await host._shutdown(host.shutdown_close_code, reason, close_timeout)
                 scope.cancel()
-                host.alarm_index.close()
     finally:
+        # Only now has every task of the host nursery finished, including commits in
+        # worker threads (not abandoned on cancel), which record into the alarm index.
+        if host is not None:
+            host.alarm_index.close()
         backend.close()
 
 

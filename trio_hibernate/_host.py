@@ -319,8 +319,7 @@ class Host:
     def _deliver(self, entry: ObjectEntry, event: Event) -> None:
         """Queue ``event`` for the object, waking it if it is hibernated."""
         if self._closing:
-            if isinstance(event, FetchEvent):
-                event.reply(Response(status=503, body="the server is shutting down\n"))
+            self._refuse_closing(entry, event)
             return
         if entry.core.enqueue(event):
             self._nursery.start_soon(supervise, self, entry)
@@ -355,6 +354,24 @@ class Host:
         for record in entry.core.registry.sockets():
             record.transport.begin_shutdown(1011, "internal error")
             entry.core.release(record)
+
+    def _refuse_closing(self, entry: ObjectEntry, event: Event) -> None:
+        """Answer an event that will not run because the host is shutting down.
+
+        A fetch gets 503, a stub call an error, an alarm's ``on_done`` runs (the alarm
+        stays set in the object's storage). Socket events are dropped: shutdown closes
+        every socket without running handlers.
+        """
+        if isinstance(event, FetchEvent):
+            event.reply(Response(status=503, body="the server is shutting down\n"))
+        elif isinstance(event, CallEvent):
+            failure = RuntimeError(
+                f"the host is shutting down: {event.method}() of {entry.namespace} "
+                f"{entry.object_id} was not run"
+            )
+            event.reply((False, failure))
+        elif isinstance(event, AlarmEvent) and event.on_done is not None:
+            event.on_done()
 
     def _idle_from(self, activation: Activation) -> None:
         self._idle[activation] = trio.current_time()
@@ -454,7 +471,8 @@ async def open_host(
     Resource handling:
         On exit every WebSocket is closed with ``shutdown_close_code`` and every instance
         is dropped; the host waits up to ``close_timeout`` for peers to answer, then
-        cancels what remains.
+        cancels what remains. Stub calls, fetches and alarms still queued, or arriving
+        while the host closes, are answered (an error, a 503, ``on_done``), not run.
     """
     if idle_timeout <= 0:
         raise ValueError(f"idle_timeout must be positive, got {idle_timeout}")

@@ -95,6 +95,8 @@ class ObjectStub:
         Raises:
             AttributeError: the object has no such public method.
             DataCloneError: an argument or the result is not data.
+            RuntimeError: the host is shutting down (the call was not run, or was
+                cancelled while it ran).
             Exception: whatever the method raised.
         """
         name: object = method
@@ -136,7 +138,8 @@ class ObjectStub:
     ) -> Response:
         """Send an HTTP request (a :class:`Request`, or a URL path) to the object's fetch.
 
-        WebSocket upgrades cannot go through a stub.
+        WebSocket upgrades cannot go through a stub. While the host shuts down the
+        answer is a 503.
         """
         if isinstance(request, str):
             request = Request(method=method, url=request, headers=headers, body=body)

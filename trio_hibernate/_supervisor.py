@@ -102,9 +102,22 @@ class Activation:
 
 
 async def supervise(host: Host, entry: ObjectEntry) -> None:
-    """Run activations of ``entry`` until it has nothing left to do."""
+    """Run activations of ``entry`` until it has nothing left to do.
+
+    Once the host is closing no instance is constructed: the queued events are answered
+    instead (a fetch 503, a call an error, an alarm its ``on_done``), so that no caller
+    waits for an event shutdown cancelled.
+    """
     core = entry.core
     while True:
+        if host._closing:
+            # STARTING -> STOPPING -> HIBERNATED with the mailbox handed back: the
+            # lifecycle's path for an instance that cannot be constructed.
+            for event in core.on_failed():
+                host._refuse_closing(entry, event)
+            core.on_stopped()
+            host._forget_if_unused(entry)
+            return
         activation = Activation()
         entry.activation = activation
         started_at = trio.current_time()
@@ -116,7 +129,7 @@ async def supervise(host: Host, entry: ObjectEntry) -> None:
             host._seconds_in_memory += trio.current_time() - started_at
             _release_storage(host, entry, activation)
             activation.stopped.set()
-        if not core.on_stopped() or host._closing:
+        if not core.on_stopped():
             host._forget_if_unused(entry)
             return
 
@@ -166,6 +179,11 @@ async def _activate(host: Host, entry: ObjectEntry, activation: Activation) -> N
         try:
             await _run_turns(host, entry, activation, instance, ctx)
         finally:
+            if host._closing:
+                # Shutdown cancelled the activation (here, not in supervise: the host
+                # nursery's cancellation may carry the Cancelled past supervise's loop).
+                while (event := core.pop_event()) is not None:
+                    host._refuse_closing(entry, event)
             core.begin_stop()
             host._hibernations += 1
             nursery.cancel_scope.cancel()
@@ -432,8 +450,12 @@ async def _dispatch_call(
         # Not contained: the caller's ``await stub.call(...)`` raises it.
         outcome = (False, exc)
     finally:
-        if outcome is None:
-            outcome = (False, RuntimeError(f"{entry.namespace} {entry.object_id} shut down"))
+        if outcome is None:  # cancelled: only shutdown cancels a turn
+            failure = RuntimeError(
+                f"the host shut down while {event.method}() of {entry.namespace} "
+                f"{entry.object_id} ran"
+            )
+            outcome = (False, failure)
         lost = (False, StorageCommitError(f"{entry.namespace} {entry.object_id}: {_LOST_TEXT}"))
         activation.gate.hold(partial(event.reply, outcome), partial(event.reply, lost))
 

@@ -38,6 +38,7 @@ from ._gate import OutputGate
 from ._http import Request, Response
 from ._storage.alarms import AlarmInfo
 from ._storage.api import Storage
+from ._stubs import waiting_turns
 
 if TYPE_CHECKING:
     from ._host import Host, ObjectEntry
@@ -120,6 +121,9 @@ async def supervise(host: Host, entry: ObjectEntry) -> None:
             return
         activation = Activation()
         entry.activation = activation
+        # This task's own context (copied from whoever woke the object): its turns
+        # wait for what they call.
+        waiting_turns.set(((entry.namespace, entry.object_id),))
         started_at = trio.current_time()
         try:
             with activation.scope:
@@ -255,9 +259,12 @@ async def _exclusive(host: Host, entry: ObjectEntry, activation: Activation) -> 
     """A background task's transaction: a turn of its own, committed at the end."""
     async with activation.turn_lock:
         activation.owner = trio.lowlevel.current_task()
+        # Like a turn, the transaction holds the object until it ends.
+        token = waiting_turns.set((*waiting_turns.get(), (entry.namespace, entry.object_id)))
         try:
             yield
         finally:
+            waiting_turns.reset(token)
             activation.owner = None
             await _commit(host, entry, activation)
 
@@ -337,9 +344,19 @@ async def _dispatch(
     event: Event,
 ) -> None:
     kind = type(event)
-    if kind is FetchEvent:
-        assert isinstance(event, FetchEvent)
-        await _dispatch_fetch(entry, activation, instance, event)
+    if kind is FetchEvent or kind is CallEvent:
+        assert isinstance(event, FetchEvent | CallEvent)
+        token = None
+        if event.chain:  # made in a turn of another object, which waits for this one
+            token = waiting_turns.set((*event.chain, (entry.namespace, entry.object_id)))
+        try:
+            if isinstance(event, FetchEvent):
+                await _dispatch_fetch(entry, activation, instance, event)
+            else:
+                await _dispatch_call(host, entry, activation, instance, event)
+        finally:
+            if token is not None:
+                waiting_turns.reset(token)
         return
     if kind is AlarmEvent:
         assert isinstance(event, AlarmEvent)
@@ -348,10 +365,6 @@ async def _dispatch(
         finally:
             if event.on_done is not None:
                 event.on_done()
-        return
-    if kind is CallEvent:
-        assert isinstance(event, CallEvent)
-        await _dispatch_call(host, entry, activation, instance, event)
         return
     assert isinstance(event, MessageEvent | CloseEvent | ErrorEvent)
     record = event.record
@@ -514,6 +527,7 @@ async def _dispatch_alarm(
 async def _background(
     entry: ObjectEntry, activation: Activation, async_fn: Callable[[], Awaitable[object]]
 ) -> None:
+    waiting_turns.set(())  # no turn waits for this task (its context is its own copy)
     try:
         await async_fn()
     except Exception:  # contained here (house rule 5): logged; the object goes on

@@ -1,4 +1,4 @@
-"""Stub calls between objects: re-entrant calls are refused at once.
+"""Stub calls between objects: re-entrant calls are refused at once; calls time out.
 
 Every test runs on the autojump clock: a call that deadlocks shows up as the test's own
 ``fail_after`` expiring, in no real time.
@@ -6,10 +6,12 @@ Every test runs on the autojump clock: a call that deadlocks shows up as the tes
 
 from __future__ import annotations
 
+import math
 from typing import Any, Final
 
 import pytest
 import trio
+from trio.testing import wait_all_tasks_blocked
 
 from trio_hibernate import (
     App,
@@ -22,6 +24,7 @@ from trio_hibernate import (
     Response,
     Storage,
     WebSocket,
+    open_host,
 )
 from trio_hibernate.testing import open_test_host
 
@@ -54,6 +57,12 @@ class Node(DurableObject):
 
     async def ping(self) -> str:
         return "pong"
+
+    async def slow(self, seconds: float) -> str:
+        await trio.sleep(seconds)
+        self.env["slow_done_at"] = trio.current_time()
+        self.env["done"].set()
+        return "slow"
 
     async def call_self(self) -> str:
         result: str = await self._stub().ping()
@@ -185,3 +194,50 @@ async def test_a_background_transaction_calling_its_own_object_is_refused(
             assert await stub.in_background_transaction() == "started"
             await app.env["done"].wait()
     assert isinstance(app.env["transaction"], ReentrantCallError)
+
+
+# -- timeouts ------------------------------------------------------------------------------
+
+
+async def test_a_stub_call_times_out_after_call_timeout_and_stays_queued(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    app = node_app()
+    with trio.fail_after(1000):
+        async with open_test_host(app) as th:  # the default call_timeout, 30 s
+            stub = th.host.get_namespace("node").get_by_name("x")
+            start = trio.current_time()
+            with pytest.raises(trio.TooSlowError) as info:
+                await stub.slow(100)
+            assert trio.current_time() - start == pytest.approx(30)
+            assert str(info.value) == (
+                "slow() of node/x got no answer within call_timeout=30 s; "
+                "it stays queued and will still run"
+            )
+            # Not withdrawn: the slow turn runs to its end.
+            await app.env["done"].wait()
+            assert app.env["slow_done_at"] == pytest.approx(start + 100)
+            assert await stub.ping() == "pong"
+
+
+async def test_a_stub_fetch_times_out_too(autojump_clock: trio.abc.Clock) -> None:
+    async def slow_call(stub: ObjectStub) -> None:
+        with pytest.raises(trio.TooSlowError):
+            await stub.slow(10)
+
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            async with open_test_host(node_app(), call_timeout=5) as th:
+                stub = th.host.get_namespace("node").get_by_name("x")
+                nursery.start_soon(slow_call, stub)
+                await wait_all_tasks_blocked()  # the object is in the slow turn
+                with pytest.raises(trio.TooSlowError, match=r"fetch\(\) of node/x .*=5 s"):
+                    await stub.fetch("/node/x")
+                assert trio.current_time() == pytest.approx(5)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, math.nan])
+async def test_call_timeout_must_be_positive(bad: float) -> None:
+    with pytest.raises(ValueError, match=f"call_timeout must be positive.*got {bad}"):
+        async with open_host(node_app(), call_timeout=bad):
+            pass  # pragma: no cover

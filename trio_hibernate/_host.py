@@ -119,6 +119,7 @@ class Host:
         wall_clock: Callable[[], float],
         storage_backend: StorageBackend,
         allowed_origins: frozenset[str] | None,
+        call_timeout: float = 30.0,
     ) -> None:
         self.app = app
         self.env = app.env
@@ -130,6 +131,8 @@ class Host:
         self.wall_clock = wall_clock
         self.storage_backend = storage_backend
         self.allowed_origins = allowed_origins
+        self.call_timeout = call_timeout
+        """Seconds a stub call or fetch waits for its answer (see :func:`open_host`)."""
         self.shutdown_close_code = 1001
         """Close code sent to every WebSocket when the host shuts down (1001 going away;
         set 1012 before a restart so clients reconnect at once)."""
@@ -443,6 +446,7 @@ async def open_host(
     data_dir: str | os.PathLike[str] | None = None,
     allowed_origins: Iterable[str] | None = None,
     storage_backend: StorageBackend | None = None,
+    call_timeout: float = 30.0,
 ) -> AsyncIterator[Host]:
     """Run a :class:`Host` for ``app`` for the duration of the ``async with`` block.
 
@@ -467,6 +471,9 @@ async def open_host(
             ``trio_hibernate._storage.backend``); exclusive with ``data_dir``.
         allowed_origins: If given, WebSocket upgrades whose ``Origin`` header is not in
             it are refused with 403 before any object wakes (cross-site hijacking).
+        call_timeout: Seconds a stub's ``call`` or ``fetch`` waits for its answer before
+            raising ``trio.TooSlowError`` (``math.inf``: no limit). The call is not
+            withdrawn: it stays queued, runs in its turn, and its result is dropped.
 
     Resource handling:
         On exit every WebSocket is closed with ``shutdown_close_code`` and every instance
@@ -478,6 +485,8 @@ async def open_host(
         raise ValueError(f"idle_timeout must be positive, got {idle_timeout}")
     if close_timeout <= 0 or handshake_timeout <= 0:
         raise ValueError("close_timeout and handshake_timeout must be positive")
+    if not call_timeout > 0:
+        raise ValueError(f"call_timeout must be positive (seconds), got {call_timeout}")
     if storage_backend is not None and data_dir is not None:
         raise ValueError("give data_dir or storage_backend, not both")
     backend = storage_backend if storage_backend is not None else SqliteBackend(data_dir)
@@ -496,6 +505,7 @@ async def open_host(
                 wall_clock=wall_clock,
                 storage_backend=backend,
                 allowed_origins=None if allowed_origins is None else frozenset(allowed_origins),
+                call_timeout=call_timeout,
             )
             host.shutdown_close_code = shutdown_close_code
             try:

@@ -105,8 +105,12 @@ class ObjectStub:
     its own object, directly or through others (A -> B -> A), could never be answered.
     Such a call raises :class:`~trio_hibernate.ReentrantCallError` at once in the caller
     instead of deadlocking. Calls from a ``ctx.start_soon`` task are not part of a turn:
-    they queue behind the current one, even to the task's own object. The caller being
-    cancelled does not withdraw a call already queued.
+    they queue behind the current one, even to the task's own object.
+
+    A call waits at most the host's ``call_timeout`` (see
+    :func:`~trio_hibernate.open_host`), then raises ``trio.TooSlowError``. Neither the
+    timeout nor the caller being cancelled withdraws a call already queued: the object
+    still runs it in its turn, and the result is dropped.
     """
 
     __slots__ = ("_host", "id", "namespace")
@@ -127,6 +131,7 @@ class ObjectStub:
         Raises:
             AttributeError: the object has no such public method.
             ReentrantCallError: the object's turn is waiting for this call (see above).
+            trio.TooSlowError: no answer within the host's ``call_timeout``.
             DataCloneError: an argument or the result is not data.
             RuntimeError: the host is shutting down (the call was not run, or was
                 cancelled while it ran).
@@ -150,7 +155,7 @@ class ObjectStub:
 
         entry = host._entry_for(self.namespace, self.id)
         host._deliver(entry, CallEvent(method, tuple(copied_args), copied_kwargs, reply, chain))
-        await done.wait()
+        await self._answer(done, f"{method}()")
         ok, value = box[0]
         if ok:
             return value
@@ -177,6 +182,7 @@ class ObjectStub:
 
         Raises:
             ReentrantCallError: the object's turn is waiting for this call.
+            trio.TooSlowError: no answer within the host's ``call_timeout``.
         """
         chain = _check_reentry(self.namespace, self.id, "fetch()")
         if isinstance(request, str):
@@ -192,5 +198,16 @@ class ObjectStub:
 
         entry = self._host._entry_for(self.namespace, self.id)
         self._host._deliver(entry, FetchEvent(request, reply, chain))
-        await done.wait()
+        await self._answer(done, "fetch()")
         return box[0]
+
+    async def _answer(self, done: trio.Event, what: str) -> None:
+        """Wait for ``done`` at most the host's ``call_timeout``."""
+        timeout = self._host.call_timeout
+        with trio.move_on_after(timeout):
+            await done.wait()
+        if not done.is_set():
+            raise trio.TooSlowError(
+                f"{what} of {_label(self.namespace, self.id)} got no answer within "
+                f"call_timeout={timeout:g} s; it stays queued and will still run"
+            )

@@ -22,6 +22,7 @@ EXPECTED = {
     "ObjectStatistics",
     "ObjectStub",
     "ReadyState",
+    "ReentrantCallError",
     "Request",
     "Response",
     "Server",

@@ -16,6 +16,7 @@ from ._errors import (
     HibernateError as HibernateError,
     InvalidCloseCodeError as InvalidCloseCodeError,
     LimitExceededError as LimitExceededError,
+    ReentrantCallError as ReentrantCallError,
     StorageCommitError as StorageCommitError,
     WebSocketStateError as WebSocketStateError,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "ObjectStatistics",
     "ObjectStub",
     "ReadyState",
+    "ReentrantCallError",
     "Request",
     "Response",
     "Server",

@@ -1,19 +1,26 @@
 """Exceptions raised by trio-hibernate.
 
 Every error says whose fault it is: :class:`LimitExceededError`, :class:`DataCloneError`,
-:class:`InvalidCloseCodeError` and :class:`WebSocketStateError` are raised to the *caller*
-(application code misused the API or passed a value over a limit), and nothing has changed
-when they are raised. Failures caused by the *peer* are never raised into object code; they
-arrive as ``websocket_close`` / ``websocket_error`` events instead.
+:class:`InvalidCloseCodeError`, :class:`WebSocketStateError` and
+:class:`ReentrantCallError` are raised to the *caller* (application code misused the API
+or passed a value over a limit), and nothing has changed when they are raised. Failures
+caused by the *peer* are never raised into object code; they arrive as
+``websocket_close`` / ``websocket_error`` events instead.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._ids import ObjectId
 
 __all__ = [
     "DataCloneError",
     "HibernateError",
     "InvalidCloseCodeError",
     "LimitExceededError",
+    "ReentrantCallError",
     "StorageCommitError",
     "WebSocketStateError",
 ]
@@ -66,3 +73,22 @@ class WebSocketStateError(HibernateError, RuntimeError):
     For example ``send()`` after ``close()``, accepting a socket twice, or asking for the
     tags of a socket this object never accepted.
     """
+
+
+class ReentrantCallError(HibernateError, RuntimeError):
+    """A stub call would wait for a turn that is itself waiting for this call.
+
+    An object runs one turn at a time, and a turn that awaits a stub call holds its object
+    until the answer comes. So an object calling itself from a turn, or a cycle such as
+    A's turn calling B whose turn calls A, could never be answered: the call is refused
+    at once, in the caller, and nothing is queued. A ``ctx.start_soon`` task is not part
+    of a turn: its calls, even to its own object, queue behind the current turn.
+
+    Attributes:
+        chain: The objects whose turns are waiting, outermost first, then the object
+            called: ``(namespace, id)`` pairs, so ``chain[0] == chain[-1]`` for A -> B -> A.
+    """
+
+    def __init__(self, message: str, *, chain: tuple[tuple[str, ObjectId], ...]) -> None:
+        super().__init__(message)
+        self.chain = chain

@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ._ids import ObjectId
+
 if TYPE_CHECKING:
     from ._http import Request, Response
     from ._registry import SocketRecord
 
 __all__ = [
     "AlarmEvent",
+    "CallChain",
     "CallEvent",
     "CloseEvent",
     "ErrorEvent",
@@ -18,6 +21,9 @@ __all__ = [
     "FetchEvent",
     "MessageEvent",
 ]
+
+#: The objects whose turns wait for a call, outermost first (see ``ReentrantCallError``).
+CallChain = tuple[tuple[str, ObjectId], ...]
 
 
 class MessageEvent:
@@ -56,13 +62,17 @@ class FetchEvent:
     """An HTTP request (maybe a WebSocket upgrade) for the object's ``fetch`` handler.
 
     ``reply`` is called exactly once, with the response or the exception to report.
+    ``chain``: the objects whose turns wait for it (empty unless it came from a stub).
     """
 
-    __slots__ = ("reply", "request")
+    __slots__ = ("chain", "reply", "request")
 
-    def __init__(self, request: Request, reply: Callable[[Response], None]) -> None:
+    def __init__(
+        self, request: Request, reply: Callable[[Response], None], chain: CallChain = ()
+    ) -> None:
         self.request = request
         self.reply = reply
+        self.chain = chain
 
 
 class AlarmEvent:
@@ -83,9 +93,10 @@ class CallEvent:
     """A stub called one of the object's public async methods.
 
     ``reply`` is called exactly once, with ``(True, result)`` or ``(False, exception)``.
+    ``chain``: the objects whose turns wait for it (empty from outside any turn).
     """
 
-    __slots__ = ("args", "kwargs", "method", "reply")
+    __slots__ = ("args", "chain", "kwargs", "method", "reply")
 
     def __init__(
         self,
@@ -93,11 +104,13 @@ class CallEvent:
         args: tuple[object, ...],
         kwargs: dict[str, object],
         reply: Callable[[tuple[bool, object]], None],
+        chain: CallChain = (),
     ) -> None:
         self.method = method
         self.args = args
         self.kwargs = kwargs
         self.reply = reply
+        self.chain = chain
 
 
 Event = MessageEvent | CloseEvent | ErrorEvent | FetchEvent | AlarmEvent | CallEvent

@@ -150,6 +150,7 @@ class Host:
         wall_clock: Callable[[], float],
         storage_backend: StorageBackend,
         allowed_origins: frozenset[str] | None,
+        call_timeout: float = 30.0,
     ) -> None:
         self.app = app
         self.env = app.env
@@ -162,6 +163,8 @@ class Host:
         self.wall_clock = wall_clock
         self.storage_backend = storage_backend
         self.allowed_origins = allowed_origins
+        self.call_timeout = call_timeout
+        """Seconds a stub call or fetch waits for its answer (see :func:`open_host`)."""
         self.shutdown_close_code = 1001
         """Close code sent to every WebSocket when the host shuts down (1001 going away;
         set 1012 before a restart so clients reconnect at once)."""
@@ -365,8 +368,7 @@ class Host:
     def _deliver(self, entry: ObjectEntry, event: Event) -> None:
         """Queue ``event`` for the object, waking it if it is hibernated."""
         if self._closing:
-            if isinstance(event, FetchEvent):
-                event.reply(Response(status=503, body="the server is shutting down\n"))
+            self._refuse_closing(entry, event)
             return
         if entry.core.enqueue(event):
             self._nursery.start_soon(supervise, self, entry)
@@ -401,6 +403,24 @@ class Host:
         for record in entry.core.registry.sockets():
             record.transport.begin_shutdown(1011, "internal error")
             entry.core.release(record)
+
+    def _refuse_closing(self, entry: ObjectEntry, event: Event) -> None:
+        """Answer an event that will not run because the host is shutting down.
+
+        A fetch gets 503, a stub call an error, an alarm's ``on_done`` runs (the alarm
+        stays set in the object's storage). Socket events are dropped: shutdown closes
+        every socket without running handlers.
+        """
+        if isinstance(event, FetchEvent):
+            event.reply(Response(status=503, body="the server is shutting down\n"))
+        elif isinstance(event, CallEvent):
+            failure = RuntimeError(
+                f"the host is shutting down: {event.method}() of {entry.namespace} "
+                f"{entry.object_id} was not run"
+            )
+            event.reply((False, failure))
+        elif isinstance(event, AlarmEvent) and event.on_done is not None:
+            event.on_done()
 
     def _idle_from(self, activation: Activation) -> None:
         self._idle[activation] = trio.current_time()
@@ -473,6 +493,7 @@ async def open_host(
     data_dir: str | os.PathLike[str] | None = None,
     allowed_origins: Iterable[str] | None = None,
     storage_backend: StorageBackend | None = None,
+    call_timeout: float = 30.0,
 ) -> AsyncIterator[Host]:
     """Run a :class:`Host` for ``app`` for the duration of the ``async with`` block.
 
@@ -504,11 +525,15 @@ async def open_host(
             than its ``Host`` header is refused with 403 before any object wakes
             (cross-site WebSocket hijacking). Clients that send no ``Origin`` (anything
             but a browser) are not affected.
+        call_timeout: Seconds a stub's ``call`` or ``fetch`` waits for its answer before
+            raising ``trio.TooSlowError`` (``math.inf``: no limit). The call is not
+            withdrawn: it stays queued, runs in its turn, and its result is dropped.
 
     Resource handling:
         On exit every WebSocket is closed with ``shutdown_close_code`` and every instance
         is dropped; the host waits up to ``close_timeout`` for peers to answer, then
-        cancels what remains.
+        cancels what remains. Stub calls, fetches and alarms still queued, or arriving
+        while the host closes, are answered (an error, a 503, ``on_done``), not run.
     """
     if idle_timeout <= 0:
         raise ValueError(f"idle_timeout must be positive, got {idle_timeout}")
@@ -516,12 +541,14 @@ async def open_host(
         ("close_timeout", close_timeout),
         ("handshake_timeout", handshake_timeout),
         ("request_timeout", request_timeout),
+        ("call_timeout", call_timeout),
     ):
         if not value > 0:
             raise ValueError(f"{option} must be positive, got {value}")
     if storage_backend is not None and data_dir is not None:
         raise ValueError("give data_dir or storage_backend, not both")
     backend = storage_backend if storage_backend is not None else SqliteBackend(data_dir)
+    host: Host | None = None
     try:
         async with open_owned_nursery() as outer:
             nursery, scope = await outer.start(_run_host_nursery)
@@ -537,6 +564,7 @@ async def open_host(
                 wall_clock=wall_clock,
                 storage_backend=backend,
                 allowed_origins=None if allowed_origins is None else frozenset(allowed_origins),
+                call_timeout=call_timeout,
             )
             host.shutdown_close_code = shutdown_close_code
             try:
@@ -548,8 +576,11 @@ async def open_host(
                     reason = "service restart" if host.shutdown_close_code == 1012 else "going away"
                     await host._shutdown(host.shutdown_close_code, reason, close_timeout)
                 scope.cancel()
-                host.alarm_index.close()
     finally:
+        # Only now has every task of the host nursery finished, including commits in
+        # worker threads (not abandoned on cancel), which record into the alarm index.
+        if host is not None:
+            host.alarm_index.close()
         backend.close()
 
 

@@ -3,25 +3,54 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextvars import ContextVar
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, final
 
 import trio
 
 from ._codec import decode_data
-from ._events import CallEvent, FetchEvent
+from ._errors import ReentrantCallError
+from ._events import CallChain, CallEvent, FetchEvent
 from ._http import Request, Response
 from ._ids import ObjectId
 
 if TYPE_CHECKING:
     from ._host import Host
 
-__all__ = ["Namespace", "ObjectStub"]
+__all__ = ["Namespace", "ObjectStub", "waiting_turns"]
 
 #: Methods a stub may not call: the runtime's handlers and the constructor.
 RESERVED_METHODS: Final = frozenset(
     {"fetch", "alarm", "websocket_message", "websocket_close", "websocket_error"}
 )
+
+#: The objects whose turns wait for the current task, outermost first. The supervisor
+#: sets it for its task (the object itself, plus the chain of the call or fetch a turn
+#: runs) and for a background transaction; a ``ctx.start_soon`` task starts with it
+#: empty, since no turn waits for it. Tasks a turn starts in a nursery of its own inherit
+#: it: the turn waits for them.
+waiting_turns: Final[ContextVar[CallChain]] = ContextVar("trio_hibernate_waiting_turns", default=())
+
+
+def _label(namespace: str, object_id: ObjectId) -> str:
+    return f"{namespace}/{object_id.name or object_id.hex}"
+
+
+def _check_reentry(namespace: str, object_id: ObjectId, what: str) -> CallChain:
+    """The chain the new call carries; raises if its target is waiting in it already."""
+    chain = waiting_turns.get()
+    if (namespace, object_id) in chain:
+        target = _label(namespace, object_id)
+        path = " -> ".join(_label(ns, oid) for ns, oid in (*chain, (namespace, object_id)))
+        raise ReentrantCallError(
+            f"re-entrant stub call refused: {what} of {target} would wait for a turn of "
+            f"{target} that is itself waiting for this call ({path}); objects run one "
+            "turn at a time, so it would deadlock. Make the call from a ctx.start_soon "
+            "task instead: it then queues behind the current turn",
+            chain=(*chain, (namespace, object_id)),
+        )
+    return chain
 
 
 @final
@@ -72,9 +101,16 @@ class ObjectStub:
     method of the object and returns its result; ``await stub.fetch(...)`` runs its
     ``fetch``. Arguments and results are copied as data, as between separate objects.
 
-    Calls are not re-entrant: an object that calls itself, directly or through another
-    object, waits for itself forever, as with Orleans grains. The caller being
-    cancelled does not withdraw a call already queued.
+    Calls are not re-entrant: an object runs one turn at a time, so a turn that calls
+    its own object, directly or through others (A -> B -> A), could never be answered.
+    Such a call raises :class:`~trio_hibernate.ReentrantCallError` at once in the caller
+    instead of deadlocking. Calls from a ``ctx.start_soon`` task are not part of a turn:
+    they queue behind the current one, even to the task's own object.
+
+    A call waits at most the host's ``call_timeout`` (see
+    :func:`~trio_hibernate.open_host`), then raises ``trio.TooSlowError``. Neither the
+    timeout nor the caller being cancelled withdraws a call already queued: the object
+    still runs it in its turn, and the result is dropped.
     """
 
     __slots__ = ("_host", "id", "namespace")
@@ -94,12 +130,17 @@ class ObjectStub:
 
         Raises:
             AttributeError: the object has no such public method.
+            ReentrantCallError: the object's turn is waiting for this call (see above).
+            trio.TooSlowError: no answer within the host's ``call_timeout``.
             DataCloneError: an argument or the result is not data.
+            RuntimeError: the host is shutting down (the call was not run, or was
+                cancelled while it ran).
             Exception: whatever the method raised.
         """
         name: object = method
         if not isinstance(name, str) or name.startswith("_") or name in RESERVED_METHODS:
             raise AttributeError(f"{method!r} is not a public method a stub can call")
+        chain = _check_reentry(self.namespace, self.id, f"{method}()")
         host = self._host
         copied_args = decode_data(host._encode_call(args))
         copied_kwargs = decode_data(host._encode_call(kwargs))
@@ -113,8 +154,8 @@ class ObjectStub:
             done.set()
 
         entry = host._entry_for(self.namespace, self.id)
-        host._deliver(entry, CallEvent(method, tuple(copied_args), copied_kwargs, reply))
-        await done.wait()
+        host._deliver(entry, CallEvent(method, tuple(copied_args), copied_kwargs, reply, chain))
+        await self._answer(done, f"{method}()")
         ok, value = box[0]
         if ok:
             return value
@@ -136,8 +177,14 @@ class ObjectStub:
     ) -> Response:
         """Send an HTTP request (a :class:`Request`, or a URL path) to the object's fetch.
 
-        WebSocket upgrades cannot go through a stub.
+        WebSocket upgrades cannot go through a stub. While the host shuts down the
+        answer is a 503.
+
+        Raises:
+            ReentrantCallError: the object's turn is waiting for this call.
+            trio.TooSlowError: no answer within the host's ``call_timeout``.
         """
+        chain = _check_reentry(self.namespace, self.id, "fetch()")
         if isinstance(request, str):
             request = Request(method=method, url=request, headers=headers, body=body)
         elif request.websocket is not None:
@@ -150,6 +197,17 @@ class ObjectStub:
             done.set()
 
         entry = self._host._entry_for(self.namespace, self.id)
-        self._host._deliver(entry, FetchEvent(request, reply))
-        await done.wait()
+        self._host._deliver(entry, FetchEvent(request, reply, chain))
+        await self._answer(done, "fetch()")
         return box[0]
+
+    async def _answer(self, done: trio.Event, what: str) -> None:
+        """Wait for ``done`` at most the host's ``call_timeout``."""
+        timeout = self._host.call_timeout
+        with trio.move_on_after(timeout):
+            await done.wait()
+        if not done.is_set():
+            raise trio.TooSlowError(
+                f"{what} of {_label(self.namespace, self.id)} got no answer within "
+                f"call_timeout={timeout:g} s; it stays queued and will still run"
+            )

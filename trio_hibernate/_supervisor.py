@@ -38,6 +38,7 @@ from ._gate import OutputGate
 from ._http import Request, Response
 from ._storage.alarms import AlarmInfo
 from ._storage.api import Storage
+from ._stubs import waiting_turns
 
 if TYPE_CHECKING:
     from ._host import Host, ObjectEntry
@@ -102,11 +103,27 @@ class Activation:
 
 
 async def supervise(host: Host, entry: ObjectEntry) -> None:
-    """Run activations of ``entry`` until it has nothing left to do."""
+    """Run activations of ``entry`` until it has nothing left to do.
+
+    Once the host is closing no instance is constructed: the queued events are answered
+    instead (a fetch 503, a call an error, an alarm its ``on_done``), so that no caller
+    waits for an event shutdown cancelled.
+    """
     core = entry.core
     while True:
+        if host._closing:
+            # STARTING -> STOPPING -> HIBERNATED with the mailbox handed back: the
+            # lifecycle's path for an instance that cannot be constructed.
+            for event in core.on_failed():
+                host._refuse_closing(entry, event)
+            core.on_stopped()
+            host._forget_if_unused(entry)
+            return
         activation = Activation()
         entry.activation = activation
+        # This task's own context (copied from whoever woke the object): its turns
+        # wait for what they call.
+        waiting_turns.set(((entry.namespace, entry.object_id),))
         started_at = trio.current_time()
         try:
             with activation.scope:
@@ -116,7 +133,7 @@ async def supervise(host: Host, entry: ObjectEntry) -> None:
             host._seconds_in_memory += trio.current_time() - started_at
             _release_storage(host, entry, activation)
             activation.stopped.set()
-        if not core.on_stopped() or host._closing:
+        if not core.on_stopped():
             host._forget_if_unused(entry)
             return
 
@@ -166,6 +183,11 @@ async def _activate(host: Host, entry: ObjectEntry, activation: Activation) -> N
         try:
             await _run_turns(host, entry, activation, instance, ctx)
         finally:
+            if host._closing:
+                # Shutdown cancelled the activation (here, not in supervise: the host
+                # nursery's cancellation may carry the Cancelled past supervise's loop).
+                while (event := core.pop_event()) is not None:
+                    host._refuse_closing(entry, event)
             core.begin_stop()
             host._hibernations += 1
             nursery.cancel_scope.cancel()
@@ -237,9 +259,12 @@ async def _exclusive(host: Host, entry: ObjectEntry, activation: Activation) -> 
     """A background task's transaction: a turn of its own, committed at the end."""
     async with activation.turn_lock:
         activation.owner = trio.lowlevel.current_task()
+        # Like a turn, the transaction holds the object until it ends.
+        token = waiting_turns.set((*waiting_turns.get(), (entry.namespace, entry.object_id)))
         try:
             yield
         finally:
+            waiting_turns.reset(token)
             activation.owner = None
             await _commit(host, entry, activation)
 
@@ -319,9 +344,19 @@ async def _dispatch(
     event: Event,
 ) -> None:
     kind = type(event)
-    if kind is FetchEvent:
-        assert isinstance(event, FetchEvent)
-        await _dispatch_fetch(entry, activation, instance, event)
+    if kind is FetchEvent or kind is CallEvent:
+        assert isinstance(event, FetchEvent | CallEvent)
+        token = None
+        if event.chain:  # made in a turn of another object, which waits for this one
+            token = waiting_turns.set((*event.chain, (entry.namespace, entry.object_id)))
+        try:
+            if isinstance(event, FetchEvent):
+                await _dispatch_fetch(entry, activation, instance, event)
+            else:
+                await _dispatch_call(host, entry, activation, instance, event)
+        finally:
+            if token is not None:
+                waiting_turns.reset(token)
         return
     if kind is AlarmEvent:
         assert isinstance(event, AlarmEvent)
@@ -330,10 +365,6 @@ async def _dispatch(
         finally:
             if event.on_done is not None:
                 event.on_done()
-        return
-    if kind is CallEvent:
-        assert isinstance(event, CallEvent)
-        await _dispatch_call(host, entry, activation, instance, event)
         return
     assert isinstance(event, MessageEvent | CloseEvent | ErrorEvent)
     record = event.record
@@ -432,8 +463,12 @@ async def _dispatch_call(
         # Not contained: the caller's ``await stub.call(...)`` raises it.
         outcome = (False, exc)
     finally:
-        if outcome is None:
-            outcome = (False, RuntimeError(f"{entry.namespace} {entry.object_id} shut down"))
+        if outcome is None:  # cancelled: only shutdown cancels a turn
+            failure = RuntimeError(
+                f"the host shut down while {event.method}() of {entry.namespace} "
+                f"{entry.object_id} ran"
+            )
+            outcome = (False, failure)
         lost = (False, StorageCommitError(f"{entry.namespace} {entry.object_id}: {_LOST_TEXT}"))
         activation.gate.hold(partial(event.reply, outcome), partial(event.reply, lost))
 
@@ -492,6 +527,7 @@ async def _dispatch_alarm(
 async def _background(
     entry: ObjectEntry, activation: Activation, async_fn: Callable[[], Awaitable[object]]
 ) -> None:
+    waiting_turns.set(())  # no turn waits for this task (its context is its own copy)
     try:
         await async_fn()
     except Exception:  # contained here (house rule 5): logged; the object goes on

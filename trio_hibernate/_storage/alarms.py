@@ -41,10 +41,17 @@ class AlarmInfo:
 
 
 class AlarmIndex:
-    """Pending alarms by object; persisted in SQLite for a durable host."""
+    """Pending alarms by object; persisted in SQLite for a durable host.
+
+    Thread-safe: commits record into it from worker threads. Once :meth:`close` has run,
+    :meth:`load` and :meth:`record` raise ``sqlite3.ProgrammingError`` (the host closes it
+    only after its last commit has finished, so that would be a bug of ours).
+    """
 
     def __init__(self, path: Path | None) -> None:
         self._lock = threading.Lock()
+        self._path = path
+        self._closed = False
         self._conn: sqlite3.Connection | None = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,19 +63,27 @@ class AlarmIndex:
                 "at REAL NOT NULL, PRIMARY KEY (namespace, id)) WITHOUT ROWID"
             )
 
+    def _check_open(self, what: str) -> None:
+        # Called with the lock held, so close() cannot happen between check and use.
+        if self._closed:
+            where = "in memory" if self._path is None else str(self._path)
+            raise sqlite3.ProgrammingError(f"the alarm index ({where}) is closed: cannot {what}")
+
     def load(self) -> list[tuple[AlarmKey, float]]:
         """Every alarm recorded by an earlier run of the host."""
-        if self._conn is None:
-            return []
         with self._lock:
+            self._check_open("load the alarms")
+            if self._conn is None:
+                return []
             rows = self._conn.execute("SELECT namespace, id, name, at FROM alarms").fetchall()
         return [((ns, hex_id, name), float(at)) for ns, hex_id, name, at in rows]
 
     def record(self, key: AlarmKey, when: float | None) -> None:
         """Write (or with None, remove) an entry. Thread-safe; flushes to disk."""
-        if self._conn is None:
-            return
         with self._lock:
+            self._check_open(f"record the alarm of {key[0]}/{key[2] or key[1]}")
+            if self._conn is None:
+                return
             if when is None:
                 self._conn.execute(
                     "DELETE FROM alarms WHERE namespace = ? AND id = ?", (key[0], key[1])
@@ -82,11 +97,12 @@ class AlarmIndex:
                 )
 
     def close(self) -> None:
-        """Close the index database."""
-        if self._conn is not None:
-            with self._lock:
+        """Close the index database (idempotent)."""
+        with self._lock:
+            self._closed = True
+            if self._conn is not None:
                 self._conn.close()
-            self._conn = None
+                self._conn = None
 
 
 class AlarmScheduler:

@@ -748,7 +748,7 @@ class HibernationMachine(RuleBasedStateMachine):
             # Only an exact text match is an auto-response.
             assert self.pair is None or not isinstance(data, str) or data != self.pair.request
             sock.queued += 1
-            self._enqueue(MessageEvent(record, data))
+            self._enqueue(MessageEvent(record, data, len(data)))
         if record.queued >= LIMITS.max_queued_messages_per_websocket:
             event("connection paused (backpressure)")
             sock.paused = True  # the connection waits for resume_reading()
@@ -978,12 +978,8 @@ class HibernationMachine(RuleBasedStateMachine):
         assert (self.ctx is not None) is (core.state is ObjectState.LIVE)
         assert core.state is not ObjectState.STARTING  # the machine starts at once
         assert core.has_work is (
-            bool(self._listed())
-            or bool(self.mailbox)
-            or core.state is not ObjectState.HIBERNATED
-            or core.auto_response is not None  # settings outlive instances (spec 1)
-            or core.event_timeout_ms is not None
-        )
+            bool(self._listed()) or bool(self.mailbox) or core.state is not ObjectState.HIBERNATED
+        )  # settings (auto-response, event timeout) keep no object without sockets
         if core.state is ObjectState.HIBERNATED:
             assert not self.mailbox, "a queued event must wake the object"
         if core.state is not ObjectState.LIVE:

@@ -1078,7 +1078,7 @@ def test_events_come_out_in_arrival_order() -> None:
     core, ctx = live_object()
     _, _ = accepted(ctx)
     record = core.registry.sockets()[0]
-    events: list[Event] = [MessageEvent(record, f"m{i}") for i in range(5)]
+    events: list[Event] = [MessageEvent(record, f"m{i}", 2) for i in range(5)]
     events.append(CloseEvent(record, 1000, "", True))
     for event in events:
         core.enqueue(event)
@@ -1103,7 +1103,7 @@ def test_a_failed_constructor_drops_the_queued_events() -> None:
     record = core.registry.sockets()[0]
     core.begin_stop()
     assert core.on_stopped() is False
-    message = MessageEvent(record, "hi")
+    message = MessageEvent(record, "hi", 2)
     assert core.enqueue(message) is True
     request = fetch()
     core.enqueue(request)
@@ -1129,6 +1129,15 @@ def test_has_work() -> None:
     core.on_stopped()
     seen.append(core.has_work)
     assert seen == [False, True, True, False]
+
+
+def test_settings_keep_no_object_without_sockets() -> None:
+    core, ctx = live_object()
+    ctx.set_websocket_auto_response(WebSocketRequestResponsePair("ping", "pong"))
+    ctx.set_hibernatable_websocket_event_timeout(1000)
+    core.begin_stop()
+    core.on_stopped()
+    assert not core.has_work  # forgotten whole: issue 9, one-visit rooms leaked
 
 
 def test_release_is_idempotent() -> None:

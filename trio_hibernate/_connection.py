@@ -103,6 +103,7 @@ class ServerConnection:
         "_dead",
         "_entry",
         "_flushed",
+        "_held",
         "_host",
         "_pending",
         "_pending_close",
@@ -124,6 +125,9 @@ class ServerConnection:
         self._pending: list[bytes] | None = []
         self._pending_close: tuple[int | None, str] | None = None
         self._backlog: bytearray | None = None
+        #: Inbound bytes counted in the host's memory budget on behalf of this connection
+        #: (a request body, or a message being reassembled); queued messages carry theirs.
+        self._held = 0
         self._flushed: trio.Event | None = None
         self._resume: trio.Event | None = None
         self._watchdog: trio.CancelScope | None = None
@@ -155,6 +159,8 @@ class ServerConnection:
             if self._watchdog is not None:
                 self._watchdog.cancel()
             host._connection_ended(self)
+            host.buffers.give(self._held)
+            self._held = 0
             if not self._terminal and self._record is not None:
                 # Cancelled (host shutdown) before the socket's end was decided.
                 self._terminal = True
@@ -218,6 +224,8 @@ class ServerConnection:
         response: Response | None = None
         with trio.move_on_after(host.request_timeout):
             response = await self._answer(request)
+        host.buffers.give(self._held)  # the request body is no longer needed
+        self._held = 0
         if response is None:
             log.warning(
                 "%s %s from %s: no response within the request timeout (%g s); answering 504",
@@ -316,6 +324,9 @@ class ServerConnection:
                         f"Payload Too Large: the request body is over {limit} bytes "
                         "(Limits.max_request_body_bytes)",
                     )
+                if not host.buffers.take(len(event.data)):
+                    raise _BadRequest(503, f"Service Unavailable: {self._budget_text()}")
+                self._held += len(event.data)
             elif isinstance(event, h11.EndOfMessage):
                 break
             else:
@@ -452,8 +463,9 @@ class ServerConnection:
     async def _refuse(self, status: int, message: str) -> None:
         """The peer sent a request we cannot serve: answer ``status``, then read and
         discard what it still sends (bounded) so that the answer is not lost to a reset."""
-        self._host._bad_requests += 1
-        log.info("bad request from %s: %d %s", self._peer(), status, message)
+        if status < 500:
+            self._host._bad_requests += 1
+        log.info("refused a request from %s: %d %s", self._peer(), status, message)
         self._send_raw_response(status, message)
         if self._dead:
             return
@@ -480,10 +492,12 @@ class ServerConnection:
         core = entry.core
         host = self._host
         deliver = host._deliver
-        max_queued = host.limits.max_queued_messages_per_websocket
-        max_bytes = host.limits.max_message_bytes
+        budget = host.buffers
+        limits = host.limits
+        max_queued = limits.max_queued_messages_per_websocket
+        max_queued_bytes = limits.max_queued_bytes_per_websocket
+        max_bytes = limits.max_message_bytes
         parts: list[str | bytes] = []
-        size = 0
         while True:
             for event in ws.events():
                 kind = type(event)
@@ -491,17 +505,22 @@ class ServerConnection:
                     assert isinstance(event, TextMessage | BytesMessage)
                     if self._terminal:
                         continue  # shutting down: discard, wait for the peer's Close
-                    data = event.data
+                    payload = event.data
                     chunk: str | bytes
-                    if isinstance(data, str):
-                        chunk = data
-                        size += len(data) if data.isascii() else len(data.encode())
+                    if isinstance(payload, str):
+                        chunk = payload
+                        added = len(payload) if payload.isascii() else len(payload.encode())
                     else:
-                        chunk = data if type(data) is bytes else bytes(data)
-                        size += len(chunk)
+                        chunk = payload if type(payload) is bytes else bytes(payload)
+                        added = len(chunk)
+                    size = self._held + added
                     if size > max_bytes:
                         self._fail(1009, f"Message is too large: {size} > {max_bytes}")
                         return
+                    if not budget.take(added):
+                        self._over_budget(size)
+                        return
+                    self._held = size
                     if not event.message_finished:
                         parts.append(chunk)
                         continue
@@ -510,14 +529,15 @@ class ServerConnection:
                         parts.append(chunk)
                         message = _join(parts)
                         parts = []
-                    size = 0
+                    self._held = 0  # from here the event holds the bytes (see _budget.py)
                     if isinstance(message, str) and core.is_auto_response(message):
+                        budget.give(size)
                         reply = core.record_auto_response(record, host.wall_clock())
                         host._auto_responses += 1
                         if reply is not None:
                             self.send_message(reply)
                         continue
-                    deliver(entry, MessageEvent(record, message))
+                    deliver(entry, MessageEvent(record, message, size))
                 elif kind is Ping:
                     assert isinstance(event, Ping)
                     if ws.state is ConnectionState.OPEN:
@@ -529,15 +549,51 @@ class ServerConnection:
                 # Pong: nothing to do.
             if self._dead:
                 return
-            if record.queued >= max_queued:
+            if not self._terminal and (
+                record.queued >= max_queued or record.queued_bytes >= max_queued_bytes
+            ):
+                # Backpressure: the object is behind; stop reading until it catches up
+                # (the supervisor calls resume_reading). Not while shutting down: the
+                # object will never catch up then, and the peer's Close must be read.
                 self._resume = trio.Event()
+                record.reading_paused = True
                 await self._resume.wait()
+                record.reading_paused = False
                 self._resume = None
-            data = await self._recv()
+                continue
+            if parts:
+                # A message is partly here: it must keep coming, or it is dropped.
+                with trio.move_on_after(host.partial_message_timeout) as stalled:
+                    data = await self._recv()
+                if stalled.cancelled_caught:
+                    self._fail(
+                        1008,
+                        f"message incomplete: no data for {host.partial_message_timeout:g} s "
+                        "(partial_message_timeout)",
+                    )
+                    return
+            else:
+                data = await self._recv()
             if not data:
                 self._end(CloseEvent(record, 1006, _DROP_REASON, False))
                 return
             ws.receive_data(data)
+
+    def _over_budget(self, size: int) -> None:
+        budget = self._host.buffers
+        log.warning(
+            "%s: closing with 1013: a %d-byte message would take the host over its memory "
+            "budget (%d of Limits.max_buffered_bytes=%d in use)",
+            self._peer(),
+            size,
+            budget.used,
+            budget.limit,
+        )
+        self._fail(
+            1013,
+            f"the server is over its memory budget ({budget.limit} bytes, "
+            "Limits.max_buffered_bytes); try again later",
+        )
 
     def _on_close_frame(
         self, ws: WSConnection, record: SocketRecord, event: CloseConnection
@@ -642,20 +698,16 @@ class ServerConnection:
             return
         backlog = self._backlog
         if backlog is not None:
-            backlog += data
             limit = self._host.limits.max_send_buffer_bytes
-            if len(backlog) > limit and self._record is not None:
-                self._end(
-                    ErrorEvent(
-                        self._record,
-                        WebSocketProtocolError(
-                            1011,
-                            f"the peer is not reading: over {limit} bytes buffered "
-                            "(Limits.max_send_buffer_bytes)",
-                        ),
-                    )
+            if len(backlog) + len(data) > limit:
+                self._drop_slow_reader(
+                    f"the peer is not reading: over {limit} bytes buffered "
+                    "(Limits.max_send_buffer_bytes)"
                 )
-                self._abort()
+            elif not self._host.buffers.take(len(data)):
+                self._drop_slow_reader(self._budget_text())
+            else:
+                backlog += data
             return
         try:
             sent = self._sock.send(data)
@@ -665,8 +717,28 @@ class ServerConnection:
             self._dead = True  # reset by the peer: the read side reports the drop
             return
         if sent < len(data):
-            self._backlog = bytearray(memoryview(data)[sent:])
-            self._host._spawn(self._flush)
+            # One write may leave more than max_send_buffer_bytes behind (a big message):
+            # the cap applies to what piles up on top while the peer does not read.
+            if self._host.buffers.take(len(data) - sent):
+                self._backlog = bytearray(memoryview(data)[sent:])
+                self._host._spawn(self._flush)
+            else:
+                self._drop_slow_reader(self._budget_text())
+
+    def _budget_text(self) -> str:
+        budget = self._host.buffers
+        return (
+            f"the server is over its memory budget ({budget.used} of {budget.limit} bytes "
+            "in use, Limits.max_buffered_bytes)"
+        )
+
+    def _drop_slow_reader(self, reason: str) -> None:
+        """Outbound bytes cannot be buffered for this peer: drop the connection (a Close
+        frame would wait behind the bytes it is not reading)."""
+        log.warning("%s: disconnected: %s", self._peer(), reason)
+        if self._record is not None:
+            self._end(ErrorEvent(self._record, WebSocketProtocolError(1011, reason)))
+        self._abort()
 
     async def _flush(self) -> None:
         sock = self._sock
@@ -683,9 +755,11 @@ class ServerConnection:
                     self._dead = True
                     break
                 del backlog[:sent]
+                self._host.buffers.give(sent)
         except trio.ClosedResourceError:
             pass  # aborted by _abort(); nothing more can be written
         finally:
+            self._host.buffers.give(len(backlog))
             self._backlog = None
             if self._flushed is not None:
                 self._flushed.set()

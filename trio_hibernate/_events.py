@@ -27,13 +27,18 @@ CallChain = tuple[tuple[str, ObjectId], ...]
 
 
 class MessageEvent:
-    """A whole text (``str``) or binary (``bytes``) message from a socket."""
+    """A whole text (``str``) or binary (``bytes``) message from a socket.
 
-    __slots__ = ("data", "record")
+    ``size`` is its length in bytes (UTF-8 for text), counted in the socket's queue and
+    in the host's memory budget until the event is taken off the mailbox.
+    """
 
-    def __init__(self, record: SocketRecord, data: str | bytes) -> None:
+    __slots__ = ("data", "record", "size")
+
+    def __init__(self, record: SocketRecord, data: str | bytes, size: int) -> None:
         self.record = record
         self.data = data
+        self.size = size
 
 
 class CloseEvent:

@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any, Final, final
 import attrs
 import trio
 
+from ._budget import MemoryBudget
 from ._codec import encode_data
 from ._connection import ServerConnection
-from ._events import AlarmEvent, CallEvent, Event, FetchEvent
+from ._events import AlarmEvent, CallEvent, Event, FetchEvent, MessageEvent
 from ._frames import encode_message
 from ._groups import open_owned_nursery
 from ._http import Request, Response
@@ -64,6 +65,9 @@ class HostStatistics:
     """Total (Trio clock) seconds that instances spent in memory, finished activations."""
     storage_commits: int
     """Storage commits that succeeded."""
+    buffered_bytes: int
+    """Bytes held for clients now: messages being received or queued, request bodies,
+    outbound buffers (bounded by ``Limits.max_buffered_bytes``)."""
     bad_requests: int
     """Requests refused because they were malformed (400, 413, 431)."""
     internal_errors: int
@@ -146,6 +150,7 @@ class Host:
         hibernate_after_every_event: bool,
         handshake_timeout: float,
         request_timeout: float,
+        partial_message_timeout: float,
         close_timeout: float,
         wall_clock: Callable[[], float],
         storage_backend: StorageBackend,
@@ -159,6 +164,7 @@ class Host:
         self.hibernate_after_every_event = hibernate_after_every_event
         self.handshake_timeout = handshake_timeout
         self.request_timeout = request_timeout
+        self.partial_message_timeout = partial_message_timeout
         self.close_timeout = close_timeout
         self.wall_clock = wall_clock
         self.storage_backend = storage_backend
@@ -188,6 +194,8 @@ class Host:
         self._auto_responses = 0
         self._seconds_in_memory = 0.0
         self._commits = 0
+        self.buffers = MemoryBudget(limits.max_buffered_bytes)
+        """Bytes held for clients, host-wide (``Limits.max_buffered_bytes``)."""
         self._bad_requests = 0
         self._internal_errors = 0
 
@@ -272,6 +280,7 @@ class Host:
             auto_responses=self._auto_responses,
             seconds_in_memory=self._seconds_in_memory,
             storage_commits=self._commits,
+            buffered_bytes=self.buffers.used,
             bad_requests=self._bad_requests,
             internal_errors=self._internal_errors,
         )
@@ -388,7 +397,9 @@ class Host:
         No handler can run (there is no instance), so the sockets are released at once.
         """
         for event in dropped:
-            if isinstance(event, FetchEvent):
+            if isinstance(event, MessageEvent):
+                self.buffers.give(event.size)
+            elif isinstance(event, FetchEvent):
                 event.reply(Response(status=500, body="Internal Server Error\n"))
             elif isinstance(event, CallEvent):
                 failure = RuntimeError(f"the constructor of {entry.cls.__name__} raised")
@@ -411,7 +422,9 @@ class Host:
         stays set in the object's storage). Socket events are dropped: shutdown closes
         every socket without running handlers.
         """
-        if isinstance(event, FetchEvent):
+        if isinstance(event, MessageEvent):
+            self.buffers.give(event.size)
+        elif isinstance(event, FetchEvent):
             event.reply(Response(status=503, body="the server is shutting down\n"))
         elif isinstance(event, CallEvent):
             failure = RuntimeError(
@@ -487,6 +500,7 @@ async def open_host(
     hibernate_after_every_event: bool = False,
     handshake_timeout: float = 10.0,
     request_timeout: float = 30.0,
+    partial_message_timeout: float = 30.0,
     close_timeout: float = 10.0,
     shutdown_close_code: int = 1001,
     wall_clock: Callable[[], float] = time.time,
@@ -508,6 +522,9 @@ async def open_host(
         request_timeout: Seconds to answer a request (``App.authorize``, ``App.fetch``
             and the object's ``fetch``, including a WebSocket upgrade) before the client
             gets 504. An upgrade the object accepts later is let go at once.
+        partial_message_timeout: Seconds a WebSocket message that has started to
+            arrive may go without more data before the connection is closed with 1008
+            (its bytes are held in memory meanwhile).
         close_timeout: Seconds to wait for the peer's answer to our Close frame before
             dropping the connection (the object then sees 1006).
         shutdown_close_code: Close code sent to every WebSocket when the block exits
@@ -541,6 +558,7 @@ async def open_host(
         ("close_timeout", close_timeout),
         ("handshake_timeout", handshake_timeout),
         ("request_timeout", request_timeout),
+        ("partial_message_timeout", partial_message_timeout),
         ("call_timeout", call_timeout),
     ):
         if not value > 0:
@@ -560,6 +578,7 @@ async def open_host(
                 hibernate_after_every_event=hibernate_after_every_event,
                 handshake_timeout=handshake_timeout,
                 request_timeout=request_timeout,
+                partial_message_timeout=partial_message_timeout,
                 close_timeout=close_timeout,
                 wall_clock=wall_clock,
                 storage_backend=backend,

@@ -128,6 +128,7 @@ class ObjectCore:
         """Queue ``event``. Returns True when the caller must start a supervisor (wake)."""
         if isinstance(event, MessageEvent):
             event.record.queued += 1
+            event.record.queued_bytes += event.size
         self._mailbox.append(event)
         before = self.state
         if before is _L:
@@ -151,6 +152,7 @@ class ObjectCore:
         for event in dropped:
             if isinstance(event, MessageEvent):
                 event.record.queued -= 1
+                event.record.queued_bytes -= event.size
         return dropped
 
     def begin_stop(self) -> None:
@@ -174,6 +176,7 @@ class ObjectCore:
         event = self._mailbox.popleft()
         if isinstance(event, MessageEvent):
             event.record.queued -= 1
+            event.record.queued_bytes -= event.size
         return event
 
     def release(self, record: SocketRecord) -> None:
@@ -188,12 +191,11 @@ class ObjectCore:
 
     @property
     def has_work(self) -> bool:
-        """True while the host must keep this core: sockets, events, an instance, or
-        settings that outlive instances (the auto-response pair, the event timeout)."""
-        return (
-            bool(self.registry)
-            or bool(self._mailbox)
-            or self.state is not _H
-            or self.auto_response is not None
-            or self.event_timeout_ms is not None
-        )
+        """True while the host must keep this core: sockets, events or an instance.
+
+        The auto-response pair and the event timeout outlive instances (spec 1) only as
+        long as the object has sockets: a hibernated object with none is forgotten
+        whole, so an object visited once costs nothing afterwards (workerd drops an
+        actor's hibernation manager likewise once its last socket is gone).
+        """
+        return bool(self.registry) or bool(self._mailbox) or self.state is not _H

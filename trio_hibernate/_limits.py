@@ -43,9 +43,18 @@ class Limits:
     max_queued_messages_per_websocket: int = attrs.field(default=64, validator=_positive)
     """Inbound messages of one socket waiting for the object before the runtime stops
     reading that socket (backpressure to the peer; nothing is dropped)."""
-    max_send_buffer_bytes: int = attrs.field(default=16 * 1024 * 1024, validator=_positive)
-    """Outbound bytes buffered for one socket whose peer is not reading. Past it the
-    connection is aborted and the object gets ``websocket_error``."""
+    max_queued_bytes_per_websocket: int = attrs.field(default=1024 * 1024, validator=_positive)
+    """Bytes of inbound messages of one socket waiting for the object before the runtime
+    stops reading that socket (as ``max_queued_messages_per_websocket``; a message is
+    always taken whole, so one message may go past it)."""
+    max_send_buffer_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=_positive)
+    """Outbound bytes piling up for one socket whose peer is not reading (on top of what
+    the last write left). Past it the connection is dropped, the object gets
+    ``websocket_error`` (1011) and a warning is logged."""
+    max_buffered_bytes: int = attrs.field(default=256 * 1024 * 1024, validator=_positive)
+    """Host-wide bytes held for clients: messages being received or queued for objects,
+    request bodies, outbound buffers. The connection that would pass it is refused:
+    its message gets Close 1013, its request 503, a slow reader is dropped."""
     max_request_body_bytes: int = attrs.field(default=1024 * 1024, validator=_positive)
     """Body of a plain HTTP request handed to ``fetch``. Bigger: 413."""
     max_storage_key_bytes: int = attrs.field(default=2048, validator=_positive)

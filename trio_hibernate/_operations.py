@@ -54,6 +54,12 @@ def render_metrics(stats: HostStatistics) -> str:
             [("", stats.storage_commits)],
         ),
         (
+            "trio_hibernate_buffered_bytes",
+            "gauge",
+            "Bytes held for clients (Limits.max_buffered_bytes).",
+            [("", stats.buffered_bytes)],
+        ),
+        (
             "trio_hibernate_bad_requests_total",
             "counter",
             "Requests refused as malformed (400, 413, 431).",

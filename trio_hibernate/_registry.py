@@ -70,6 +70,10 @@ class SocketRecord:
     auto_response_at: float | None = None
     #: Inbound messages of this socket queued for the object (backpressure).
     queued: int = 0
+    #: Their size in bytes (UTF-8 for text).
+    queued_bytes: int = 0
+    #: The connection stopped reading until the object catches up (see ``queued``).
+    reading_paused: bool = False
 
     @property
     def ready_state(self) -> ReadyState:

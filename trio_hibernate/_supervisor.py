@@ -372,8 +372,14 @@ async def _dispatch(
     call: Awaitable[None]
     if kind is MessageEvent:
         assert isinstance(event, MessageEvent)
-        if record.queued == host.limits.max_queued_messages_per_websocket - 1:
-            record.transport.resume_reading()
+        host.buffers.give(event.size)
+        if record.reading_paused:
+            limits = host.limits
+            if (
+                record.queued < limits.max_queued_messages_per_websocket
+                and record.queued_bytes < limits.max_queued_bytes_per_websocket
+            ):
+                record.transport.resume_reading()
         call = instance.websocket_message(ws, event.data)
     elif kind is CloseEvent:
         assert isinstance(event, CloseEvent)

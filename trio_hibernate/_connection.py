@@ -234,14 +234,14 @@ class ServerConnection:
                 self._peer(),
                 host.request_timeout,
             )
-            self._send_http(h, _simple_response(504, "Gateway Timeout"))
+            self._send_http(h, request, _simple_response(504, "Gateway Timeout"))
             return False
         if response.status == 101:
             record = self._record
             assert record is not None
             self._upgrade(h, request, record, response)
             return True
-        self._send_http(h, response)
+        self._send_http(h, request, response)
         return False
 
     async def _answer(self, request: Request) -> Response:
@@ -332,6 +332,8 @@ class ServerConnection:
             else:
                 return None  # ConnectionClosed or PAUSED without a request: nothing to do
         assert head is not None
+        if head.method == b"CONNECT":  # a proxy's method: nothing here can tunnel
+            raise _BadRequest(405, "Method Not Allowed: CONNECT")
         target = head.target.decode("latin-1")
         if not split_target(target)[0] and not (head.method == b"OPTIONS" and target == "*"):
             raise _BadRequest(
@@ -341,13 +343,16 @@ class ServerConnection:
         websocket = None
         if self._is_upgrade(head):
             websocket = WebSocket(transport=self, url=target, limits=host.limits)
-        return Request(
-            method=head.method.decode("ascii"),
-            url=target,
-            headers=headers,
-            body=bytes(body),
-            websocket=websocket,
-        )
+        try:
+            return Request(
+                method=head.method.decode("ascii"),
+                url=target,
+                headers=headers,
+                body=bytes(body),
+                websocket=websocket,
+            )
+        except ValueError as exc:  # h11 lets control characters through in values
+            raise _BadRequest(400, f"Bad Request: {exc}") from None
 
     @staticmethod
     def _is_upgrade(head: h11.Request) -> bool:
@@ -432,7 +437,7 @@ class ServerConnection:
         if self._pending_close is not None:
             self.start_close(*self._pending_close)
 
-    def _send_http(self, h: h11.Connection, response: Response) -> None:
+    def _send_http(self, h: h11.Connection, request: Request, response: Response) -> None:
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers]
         headers += [
             (b"content-length", str(len(response.body)).encode()),
@@ -445,7 +450,8 @@ class ServerConnection:
             )
         )
         assert data is not None
-        data += h.send(h11.Data(data=response.body)) or b""
+        if request.method != "HEAD":  # the head of the response only (RFC 9110 9.3.2)
+            data += h.send(h11.Data(data=response.body)) or b""
         data += h.send(h11.EndOfMessage()) or b""
         self._write(data)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -172,3 +173,63 @@ def test_bad_app_spec_exits_2() -> None:
     )
     assert result.returncode == 2
     assert b"no module named 'no_such_module_here'" in result.stderr
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run ``python -m trio_hibernate serve ...`` to its end (it must not hang)."""
+    return subprocess.run(
+        [sys.executable, "-m", "trio_hibernate", "serve", *args],
+        capture_output=True,
+        timeout=30,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def test_data_dir_that_is_a_file_exits_2_before_listening(tmp_path: Path) -> None:
+    (tmp_path / "data").write_text("a file")
+    result = run_cli("examples/chat.py", "--port", "0", "--data-dir", str(tmp_path / "data"))
+    assert result.returncode == 2
+    message = (
+        f"trio-hibernate: the data directory {tmp_path / 'data'} exists and is not a directory"
+    )
+    assert result.stderr.decode().splitlines() == [message]
+    assert b"listening" not in result.stdout
+
+
+def test_corrupt_alarm_index_exits_2_before_listening(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    index = tmp_path / "data" / "_alarms.sqlite3"
+    index.write_bytes(bytes(range(256)) * 64)
+    result = run_cli("examples/chat.py", "--port", "0", "--data-dir", str(tmp_path / "data"))
+    assert result.returncode == 2
+    assert result.stderr.decode().splitlines() == [
+        f"trio-hibernate: cannot use the alarm index {index}: file is not a database"
+    ]
+    assert b"listening" not in result.stdout
+
+
+def test_app_raising_at_import_exits_2_with_its_traceback(tmp_path: Path) -> None:
+    app_file = tmp_path / "broken_app.py"
+    app_file.write_text("raise RuntimeError('the app cannot start')\n")
+    result = run_cli(str(app_file), "--port", "0")
+    assert result.returncode == 2
+    stderr = result.stderr.decode()
+    assert "Traceback (most recent call last)" in stderr
+    assert f'File "{app_file}", line 1' in stderr
+    assert "RuntimeError: the app cannot start" in stderr
+    assert stderr.endswith(
+        f"trio-hibernate: cannot load the app {app_file} (the traceback is above)\n"
+    )
+
+
+def test_a_port_in_use_exits_2() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("examples/chat.py", "--port", str(port))
+    assert result.returncode == 2
+    assert result.stderr.decode().splitlines() == [
+        f"trio-hibernate: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]

@@ -29,6 +29,7 @@ EXPECTED = {
     "SqlStorage",
     "Storage",
     "StorageCommitError",
+    "StorageError",
     "WebSocket",
     "WebSocketProtocolError",
     "WebSocketRequestResponsePair",

@@ -17,6 +17,7 @@ from ._errors import (
     InvalidCloseCodeError as InvalidCloseCodeError,
     LimitExceededError as LimitExceededError,
     StorageCommitError as StorageCommitError,
+    StorageError as StorageError,
     WebSocketStateError as WebSocketStateError,
 )
 from ._host import (
@@ -63,6 +64,7 @@ __all__ = [
     "SqlStorage",
     "Storage",
     "StorageCommitError",
+    "StorageError",
     "WebSocket",
     "WebSocketProtocolError",
     "WebSocketRequestResponsePair",

@@ -451,6 +451,12 @@ async def open_host(
         allowed_origins: If given, WebSocket upgrades whose ``Origin`` header is not in
             it are refused with 403 before any object wakes (cross-site hijacking).
 
+    Raises:
+        StorageError: ``data_dir`` is not a writable directory, or its alarm index
+            (``_alarms.sqlite3``) cannot be read; raised on entry, before the block runs.
+        ValueError: a timeout is not positive, or both ``data_dir`` and
+            ``storage_backend`` were given.
+
     Resource handling:
         On exit every WebSocket is closed with ``shutdown_close_code`` and every instance
         is dropped; the host waits up to ``close_timeout`` for peers to answer, then
@@ -466,29 +472,37 @@ async def open_host(
     try:
         async with open_owned_nursery() as outer:
             nursery, scope = await outer.start(_run_host_nursery)
-            host = Host(
-                app,
-                nursery,
-                limits=limits or Limits(),
-                idle_timeout=idle_timeout,
-                hibernate_after_every_event=hibernate_after_every_event,
-                handshake_timeout=handshake_timeout,
-                close_timeout=close_timeout,
-                wall_clock=wall_clock,
-                storage_backend=backend,
-                allowed_origins=None if allowed_origins is None else frozenset(allowed_origins),
-            )
-            host.shutdown_close_code = shutdown_close_code
+            # The host nursery ignores every cancellation but ``scope``'s: whatever way we
+            # leave (a storage error while starting, KeyboardInterrupt during shutdown),
+            # ``scope`` must be cancelled, or this block waits for that nursery forever.
+            host: Host | None = None
             try:
+                host = Host(
+                    app,
+                    nursery,
+                    limits=limits or Limits(),
+                    idle_timeout=idle_timeout,
+                    hibernate_after_every_event=hibernate_after_every_event,
+                    handshake_timeout=handshake_timeout,
+                    close_timeout=close_timeout,
+                    wall_clock=wall_clock,
+                    storage_backend=backend,
+                    allowed_origins=None if allowed_origins is None else frozenset(allowed_origins),
+                )
+                host.shutdown_close_code = shutdown_close_code
                 nursery.start_soon(host.alarms.run)
                 nursery.start_soon(host._reap_idle)
-                yield host
+                try:
+                    yield host
+                finally:
+                    with trio.CancelScope(shield=True):
+                        code = host.shutdown_close_code
+                        reason = "service restart" if code == 1012 else "going away"
+                        await host._shutdown(code, reason, close_timeout)
             finally:
-                with trio.CancelScope(shield=True):
-                    reason = "service restart" if host.shutdown_close_code == 1012 else "going away"
-                    await host._shutdown(host.shutdown_close_code, reason, close_timeout)
                 scope.cancel()
-                host.alarm_index.close()
+                if host is not None:
+                    host.alarm_index.close()
     finally:
         backend.close()
 

@@ -233,3 +233,24 @@ def test_a_port_in_use_exits_2() -> None:
     assert result.stderr.decode().splitlines() == [
         f"trio-hibernate: cannot listen on 127.0.0.1:{port}: Address already in use"
     ]
+
+
+def test_ctrl_c_while_the_app_loads_exits_130(tmp_path: Path) -> None:
+    app_file = tmp_path / "slow_app.py"
+    app_file.write_text("import time\nprint('loading', flush=True)\ntime.sleep(60)\n")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trio_hibernate", "serve", str(app_file), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == b"loading\n"
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=20)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 130
+    assert stderr == b"trio-hibernate: interrupted\n"

@@ -18,6 +18,7 @@ import pytest
 import trio
 
 import trio_hibernate._server
+import trio_hibernate._storage.alarms
 from trio_hibernate import App, DurableObject, StorageError, open_host, open_server
 
 WAIT_SECONDS = 10
@@ -103,3 +104,18 @@ async def test_open_server_raises_it_too_and_never_listens(
         async with open_server(APP, data_dir=tmp_path / "data"):
             pytest.fail("the server started")
     assert listened == []  # no port was ever open
+
+
+async def test_ctrl_c_during_start_up_leaves_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A KeyboardInterrupt while the host opens its storage (a slow disk, say) used to
+    hang like a storage error: the host nursery, already started, was never cancelled."""
+
+    def interrupted(self: object) -> list[object]:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trio_hibernate._storage.alarms.AlarmIndex, "load", interrupted)
+    with trio.fail_after(WAIT_SECONDS), pytest.raises(KeyboardInterrupt):
+        async with open_server(APP, data_dir=tmp_path / "data"):
+            pytest.fail("the server started")

@@ -1,9 +1,11 @@
 """The command line: ``trio-hibernate serve MODULE:APP`` (also ``python -m trio_hibernate``).
 
-Signals: SIGTERM and SIGINT close every WebSocket with 1001 and exit 0 after the
-shutdown deadline at most; SIGUSR1 does the same with 1012 (service restart: clients
-reconnect at once); SIGHUP loads the app's code again in place, keeping every socket
-connected, as ``--reload`` does when a source file changes.
+Signals: SIGTERM and SIGINT close every WebSocket with 1001 and exit 0 as soon as every
+client has answered, after ``--shutdown-timeout`` at most; SIGUSR1 does the same with 1012
+(service restart: clients reconnect at once); SIGHUP loads the app's code again in place,
+keeping every socket connected, as ``--reload`` does when a source file changes. Ctrl-C
+while the app loads or the server starts, or a second one while it shuts down, exits
+with 130.
 """
 
 from __future__ import annotations
@@ -213,9 +215,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status.
 
-    0 after a clean shutdown; 2 for a usage or configuration error (a bad app spec, an
-    app that raises while loading, an unusable ``--data-dir``, a port that cannot be
-    bound), reported on stderr before anything listens.
+    0 after a shutdown by signal; 2 for a usage or configuration error (a bad app spec,
+    an app that raises while loading, an unusable ``--data-dir``, a port that cannot be
+    bound), reported on stderr before anything listens; 130 when interrupted: Ctrl-C
+    before the server is up, or a second one during the shutdown.
     """
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -223,10 +226,14 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        app, source = load_app(args.app)
-    except AppLoadError as exc:
-        return _fail(str(exc))
-    except Exception:  # the app's own code raised: show where, then stop
-        traceback.print_exc()
-        return _fail(f"cannot load the app {args.app} (the traceback is above)")
-    return trio.run(_serve, app, args, source)
+        try:
+            app, source = load_app(args.app)
+        except AppLoadError as exc:
+            return _fail(str(exc))
+        except Exception:  # the app's own code raised: show where, then stop
+            traceback.print_exc()
+            return _fail(f"cannot load the app {args.app} (the traceback is above)")
+        return trio.run(_serve, app, args, source)
+    except KeyboardInterrupt:
+        print("trio-hibernate: interrupted", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT

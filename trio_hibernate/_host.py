@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -146,6 +147,9 @@ class Host:
         self._idle_arrived = trio.Event()
         self._closing = False
         self._all_done: trio.Event | None = None
+        self._shutdown_deadline: float | None = None  # trio time; set by _shutdown
+        self._shutdown_wait: trio.CancelScope | None = None
+        self._shutdown_reported = False
         self._last_message: str | bytes | None = None
         self._last_frame = b""
         self._wakes = 0
@@ -399,17 +403,53 @@ class Host:
         if self._all_done is not None and not self._connections:
             self._all_done.set()
 
-    async def _shutdown(self, code: int, reason: str, grace: float) -> None:
-        self._closing = True
-        for entry in list(self._objects.values()):
-            if entry.activation is not None:
-                entry.activation.scope.cancel()
-        for conn in list(self._connections):
-            conn.begin_shutdown(code, reason)
-        if self._connections:
-            self._all_done = trio.Event()
-            with trio.move_on_after(grace):
-                await self._all_done.wait()
+    async def _shutdown(self, grace: float) -> None:
+        """Close every connection with :attr:`shutdown_close_code` and wait until each
+        has ended, at most ``grace`` seconds after the first call, logging how many
+        remain once a second.
+
+        Called again (the signal helper starts the shutdown, leaving ``open_host`` ends
+        it), it only waits for what remains of the first call's grace period.
+        """
+        if not self._closing:
+            self._closing = True
+            if self._shutdown_deadline is None:  # else _stop_waiting came first
+                self._shutdown_deadline = trio.current_time() + grace
+            for entry in list(self._objects.values()):
+                if entry.activation is not None:
+                    entry.activation.scope.cancel()
+            code = self.shutdown_close_code
+            reason = "service restart" if code == 1012 else "going away"
+            for conn in list(self._connections):
+                conn.begin_shutdown(code, reason)
+        with trio.CancelScope() as self._shutdown_wait:
+            while self._connections and trio.current_time() < self._deadline():
+                self._all_done = trio.Event()
+                with trio.move_on_at(min(self._deadline(), trio.current_time() + 1)):
+                    await self._all_done.wait()
+                if self._connections and trio.current_time() < self._deadline():
+                    log.info("shutdown: %d connection(s) still closing", len(self._connections))
+        if self._connections and not self._shutdown_reported:
+            self._shutdown_reported = True
+            log.warning(
+                "shutdown: %d connection(s) did not close within %g s (close_timeout); "
+                "dropping them",
+                len(self._connections),
+                grace,
+            )
+
+    def _deadline(self) -> float:
+        assert self._shutdown_deadline is not None
+        return self._shutdown_deadline
+
+    def _stop_waiting(self) -> int:
+        """Forced exit: the shutdown stops waiting for connections (now and if called
+        again); they are dropped when the host exits. Returns how many there are."""
+        self._shutdown_deadline = -math.inf
+        self._shutdown_reported = True
+        if self._shutdown_wait is not None:
+            self._shutdown_wait.cancel()
+        return len(self._connections)
 
 
 @asynccontextmanager
@@ -496,9 +536,7 @@ async def open_host(
                     yield host
                 finally:
                     with trio.CancelScope(shield=True):
-                        code = host.shutdown_close_code
-                        reason = "service restart" if code == 1012 else "going away"
-                        await host._shutdown(code, reason, close_timeout)
+                        await host._shutdown(close_timeout)
             finally:
                 scope.cancel()
                 if host is not None:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import trio
+from helpers import open_raw_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+from wsproto.events import CloseConnection
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(rb"listening on http://127\.0\.0\.1:(\d+) ")
@@ -235,6 +237,36 @@ def test_a_port_in_use_exits_2() -> None:
     ]
 
 
+async def read_until(served: Served, text: bytes) -> None:
+    """Read the server's output until ``text`` appears in it."""
+    assert served.process.stdout is not None
+    while text not in served.output:
+        chunk = await served.process.stdout.receive_some(4096)
+        assert chunk, f"the server exited: {served.output.decode(errors='replace')}"
+        served.output += chunk
+
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_second_signal_during_shutdown_exits_at_once(
+    tmp_path: Path, second: signal.Signals
+) -> None:
+    app_file = tmp_path / "echo_app.py"
+    app_file.write_text(APP_SOURCE.format(version="v1"))
+    with trio.fail_after(30):
+        async with (
+            serve(f"{app_file}:app", "--shutdown-timeout", "600") as served,
+            open_raw_websocket(served.port, "/echo/a") as raw,  # never answers the Close
+        ):
+            served.process.send_signal(signal.SIGTERM)
+            assert isinstance(await raw.next_event(), CloseConnection)
+            await read_until(served, b"shutdown: 1 connection(s) still closing")
+            served.process.send_signal(second)
+            await drain(served)
+            assert await served.process.wait() == 130
+    assert f"{second.name} again: exiting now, dropping 1 connection(s)".encode() in served.output
+    assert served.output.endswith(b"trio-hibernate: interrupted\n")
+
+
 def test_ctrl_c_while_the_app_loads_exits_130(tmp_path: Path) -> None:
     app_file = tmp_path / "slow_app.py"
     app_file.write_text("import time\nprint('loading', flush=True)\ntime.sleep(60)\n")
@@ -254,3 +286,35 @@ def test_ctrl_c_while_the_app_loads_exits_130(tmp_path: Path) -> None:
         process.wait()
     assert process.returncode == 130
     assert stderr == b"trio-hibernate: interrupted\n"
+
+
+async def test_the_chat_example_run_as_a_script_closes_with_1001_on_sigterm() -> None:
+    """``python examples/chat.py`` embeds the server with ``wait_for_shutdown_signal``."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "examples/chat.py", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    served = Served(process, 0)
+    try:
+        with trio.fail_after(30):
+            await read_until(served, b"/chat/<room>")
+            match = re.search(rb"listening on ws://127\.0\.0\.1:(\d+)/", served.output)
+            assert match is not None, served.output
+            served.port = int(match.group(1))
+            async with open_websocket_url(served.url("/chat/lobby?nick=alice")) as ws:
+                assert await ws.get_message() == "* alice joined"
+                process.send_signal(signal.SIGTERM)
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.get_message()
+            assert closed.value.reason is not None
+            assert closed.value.reason.code == 1001
+            await drain(served)
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            await process.wait()
+    assert served.output.endswith(b"SIGTERM: stopped\n")

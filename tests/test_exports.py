@@ -38,6 +38,7 @@ EXPECTED = {
     "open_host",
     "open_server",
     "serve_objects",
+    "wait_for_shutdown_signal",
 }
 
 

@@ -1,5 +1,5 @@
-"""Shutdown: it ends as soon as every client has answered its Close, and says what it
-waits for.
+"""Shutdown: it ends as soon as every client has answered its Close, says what it waits
+for, and ``wait_for_shutdown_signal`` gives an embedded server the CLI's signal handling.
 
 Everything runs on the autojump clock (``helpers``): the shutdown timeouts here are long
 (60 s), and the assertions say the shutdown took far less than that in virtual time.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 from contextlib import AbstractAsyncContextManager
+from functools import partial
 from typing import Final
 
 import pytest
@@ -29,6 +30,7 @@ from trio_hibernate import (
     Server,
     WebSocket,
     open_server,
+    wait_for_shutdown_signal,
 )
 
 #: The grace period of every host here: a shutdown that takes it did not end on time.
@@ -189,3 +191,73 @@ async def test_a_client_still_sending_does_not_hold_up_the_shutdown(
             took = trio.current_time() - started
             clients.cancel_scope.cancel()
     assert took < PROMPTLY
+
+
+# -- wait_for_shutdown_signal ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("signum", "close"),
+    [
+        (signal.SIGTERM, (1001, "going away")),
+        (signal.SIGINT, (1001, "going away")),
+        (signal.SIGUSR1, (1012, "service restart")),
+    ],
+    ids=["SIGTERM", "SIGINT", "SIGUSR1"],
+)
+async def test_a_signal_closes_every_websocket_and_returns_when_they_answered(
+    autojump_clock: MockClock,
+    signum: signal.Signals,
+    close: tuple[int, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "trio_hibernate")
+    closes: list[tuple[int, str | None]] = []
+    with trio.fail_after(WAIT_SECONDS):
+        async with trio.open_nursery() as clients:
+            async with serve() as server:
+                await clients.start(echo_client, server, closes)
+                await clients.start(echo_client, server, closes)
+                clients.start_soon(raise_signal, signum)
+                started = trio.current_time()
+                assert await wait_for_shutdown_signal(server) is signum
+                took = trio.current_time() - started
+                assert server.host.statistics().connections == 0  # all answered already
+    assert closes == [close, close]
+    assert took < PROMPTLY
+    assert f"{signum.name}: shutting down (closing 2 connection(s) with {close[0]})" in (
+        messages(caplog)
+    )
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are restored
+
+
+async def shut_down_by_two_signals(second: signal.Signals) -> tuple[float, bool]:
+    """Serve a client that never answers; SIGTERM, then ``second`` once it has its
+    Close. Returns how long the shutdown took and whether KeyboardInterrupt came out."""
+    interrupted = False
+    started = trio.current_time()  # starting the server takes no (virtual) time
+    async with trio.open_nursery() as clients:
+        try:
+            async with serve() as server:
+                closed = await clients.start(never_answer, server.port)
+                clients.start_soon(partial(raise_signal, signal.SIGTERM, second, between=closed))
+                await wait_for_shutdown_signal(server)
+        except KeyboardInterrupt:  # a plain except: it must leave open_server bare
+            interrupted = True
+        took = trio.current_time() - started
+        clients.cancel_scope.cancel()
+    return took, interrupted
+
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_second_signal_stops_waiting_at_once(
+    autojump_clock: MockClock, second: signal.Signals, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "trio_hibernate")
+    with trio.fail_after(WAIT_SECONDS):
+        took, interrupted = await shut_down_by_two_signals(second)
+    assert interrupted
+    assert took < PROMPTLY
+    assert messages(caplog, logging.WARNING) == [
+        f"{second.name} again: exiting now, dropping 1 connection(s)"
+    ]

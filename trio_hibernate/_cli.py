@@ -1,11 +1,11 @@
 """The command line: ``trio-hibernate serve MODULE:APP`` (also ``python -m trio_hibernate``).
 
-Signals: SIGTERM and SIGINT close every WebSocket with 1001 and exit 0 as soon as every
-client has answered, after ``--shutdown-timeout`` at most; SIGUSR1 does the same with 1012
-(service restart: clients reconnect at once); SIGHUP loads the app's code again in place,
-keeping every socket connected, as ``--reload`` does when a source file changes. Ctrl-C
-while the app loads or the server starts, or a second one while it shuts down, exits
-with 130.
+Signals (see :func:`~trio_hibernate.wait_for_shutdown_signal`): SIGTERM and SIGINT close
+every WebSocket with 1001 and exit 0 as soon as every client has answered, after
+``--shutdown-timeout`` at most; SIGUSR1 does the same with 1012 (service restart: clients
+reconnect at once); a second one of these exits at once with status 130. SIGHUP loads the
+app's code again in place, keeping every socket connected, as ``--reload`` does when a
+source file changes. Ctrl-C while the app loads or the server starts exits with 130.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from ._app import App
 from ._errors import StorageError
 from ._host import Host
 from ._server import open_server
+from ._signals import wait_for_shutdown_signal
 
 __all__ = ["load_app", "main"]
 
@@ -125,6 +126,12 @@ async def _watch(host: Host, spec: str, source: Path) -> None:
             await _reload(host, spec)
 
 
+async def _reload_on_sighup(host: Host, spec: str) -> None:
+    with trio.open_signal_receiver(signal.SIGHUP) as received:
+        async for _ in received:
+            await _reload(host, spec)
+
+
 async def _serve(app: App, args: argparse.Namespace, source: Path | None) -> int:
     serving = False
     try:
@@ -146,19 +153,11 @@ async def _serve(app: App, args: argparse.Namespace, source: Path | None) -> int
                 flush=True,
             )
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(_reload_on_sighup, server.host, args.app)
                 if args.reload and source is not None:
                     nursery.start_soon(_watch, server.host, args.app, source)
-                watched = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP}
-                with trio.open_signal_receiver(*watched) as signals:
-                    async for signum in signals:
-                        if signum == signal.SIGHUP:
-                            await _reload(server.host, args.app)
-                            continue
-                        if signum == signal.SIGUSR1:
-                            server.host.shutdown_close_code = 1012
-                        log.info("%s: shutting down", signal.Signals(signum).name)
-                        nursery.cancel_scope.cancel()
-                        break
+                await wait_for_shutdown_signal(server)
+                nursery.cancel_scope.cancel()
     except StorageError as exc:
         if serving:
             raise
@@ -218,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     0 after a shutdown by signal; 2 for a usage or configuration error (a bad app spec,
     an app that raises while loading, an unusable ``--data-dir``, a port that cannot be
     bound), reported on stderr before anything listens; 130 when interrupted: Ctrl-C
-    before the server is up, or a second one during the shutdown.
+    before the server is up, or a second signal during the shutdown.
     """
     args = _parser().parse_args(argv)
     logging.basicConfig(

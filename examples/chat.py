@@ -31,7 +31,8 @@ from trio_hibernate import (
     Response,
     WebSocket,
     WebSocketRequestResponsePair,
-    serve_objects,
+    open_server,
+    wait_for_shutdown_signal,
 )
 
 NICK = re.compile(r"[A-Za-z0-9_-]{1,32}")
@@ -129,13 +130,12 @@ app = App({"chat": ChatRoom}, fetch=page)
 
 
 async def main(port: int, address: str, data_dir: str | None) -> None:
-    async with trio.open_nursery() as nursery:
-        server = await nursery.start(
-            lambda task_status: serve_objects(
-                app, address, port, data_dir=data_dir, task_status=task_status
-            )
-        )
+    async with open_server(app, address, port, data_dir=data_dir) as server:
         print(f"chat server listening on {server.url('/chat/<room>?nick=<name>')}", flush=True)
+        # SIGTERM or Ctrl-C: every client gets a Close (1001) and is waited for; a second
+        # one stops waiting (KeyboardInterrupt).
+        signum = await wait_for_shutdown_signal(server)
+    print(f"{signum.name}: stopped", flush=True)
 
 
 def cli() -> None:
@@ -149,8 +149,8 @@ def cli() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         trio.run(main, args.port, args.address, args.data_dir)
-    except KeyboardInterrupt:
-        print("bye")
+    except KeyboardInterrupt:  # Ctrl-C while starting, or a second one while stopping
+        print("interrupted")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import trio
+from helpers import open_raw_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+from wsproto.events import CloseConnection
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(rb"listening on http://127\.0\.0\.1:(\d+) ")
@@ -172,3 +175,146 @@ def test_bad_app_spec_exits_2() -> None:
     )
     assert result.returncode == 2
     assert b"no module named 'no_such_module_here'" in result.stderr
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run ``python -m trio_hibernate serve ...`` to its end (it must not hang)."""
+    return subprocess.run(
+        [sys.executable, "-m", "trio_hibernate", "serve", *args],
+        capture_output=True,
+        timeout=30,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def test_data_dir_that_is_a_file_exits_2_before_listening(tmp_path: Path) -> None:
+    (tmp_path / "data").write_text("a file")
+    result = run_cli("examples/chat.py", "--port", "0", "--data-dir", str(tmp_path / "data"))
+    assert result.returncode == 2
+    message = (
+        f"trio-hibernate: the data directory {tmp_path / 'data'} exists and is not a directory"
+    )
+    assert result.stderr.decode().splitlines() == [message]
+    assert b"listening" not in result.stdout
+
+
+def test_corrupt_alarm_index_exits_2_before_listening(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    index = tmp_path / "data" / "_alarms.sqlite3"
+    index.write_bytes(bytes(range(256)) * 64)
+    result = run_cli("examples/chat.py", "--port", "0", "--data-dir", str(tmp_path / "data"))
+    assert result.returncode == 2
+    assert result.stderr.decode().splitlines() == [
+        f"trio-hibernate: cannot use the alarm index {index}: file is not a database"
+    ]
+    assert b"listening" not in result.stdout
+
+
+def test_app_raising_at_import_exits_2_with_its_traceback(tmp_path: Path) -> None:
+    app_file = tmp_path / "broken_app.py"
+    app_file.write_text("raise RuntimeError('the app cannot start')\n")
+    result = run_cli(str(app_file), "--port", "0")
+    assert result.returncode == 2
+    stderr = result.stderr.decode()
+    assert "Traceback (most recent call last)" in stderr
+    assert f'File "{app_file}", line 1' in stderr
+    assert "RuntimeError: the app cannot start" in stderr
+    assert stderr.endswith(
+        f"trio-hibernate: cannot load the app {app_file} (the traceback is above)\n"
+    )
+
+
+def test_a_port_in_use_exits_2() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("examples/chat.py", "--port", str(port))
+    assert result.returncode == 2
+    assert result.stderr.decode().splitlines() == [
+        f"trio-hibernate: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
+
+
+async def read_until(served: Served, text: bytes) -> None:
+    """Read the server's output until ``text`` appears in it."""
+    assert served.process.stdout is not None
+    while text not in served.output:
+        chunk = await served.process.stdout.receive_some(4096)
+        assert chunk, f"the server exited: {served.output.decode(errors='replace')}"
+        served.output += chunk
+
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_second_signal_during_shutdown_exits_at_once(
+    tmp_path: Path, second: signal.Signals
+) -> None:
+    app_file = tmp_path / "echo_app.py"
+    app_file.write_text(APP_SOURCE.format(version="v1"))
+    with trio.fail_after(30):
+        async with (
+            serve(f"{app_file}:app", "--shutdown-timeout", "600") as served,
+            open_raw_websocket(served.port, "/echo/a") as raw,  # never answers the Close
+        ):
+            served.process.send_signal(signal.SIGTERM)
+            assert isinstance(await raw.next_event(), CloseConnection)
+            await read_until(served, b"shutdown: 1 connection(s) still closing")
+            served.process.send_signal(second)
+            await drain(served)
+            assert await served.process.wait() == 130
+    assert f"{second.name} again: exiting now, dropping 1 connection(s)".encode() in served.output
+    assert served.output.endswith(b"trio-hibernate: interrupted\n")
+
+
+def test_ctrl_c_while_the_app_loads_exits_130(tmp_path: Path) -> None:
+    app_file = tmp_path / "slow_app.py"
+    app_file.write_text("import time\nprint('loading', flush=True)\ntime.sleep(60)\n")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trio_hibernate", "serve", str(app_file), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == b"loading\n"
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=20)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 130
+    assert stderr == b"trio-hibernate: interrupted\n"
+
+
+async def test_the_chat_example_run_as_a_script_closes_with_1001_on_sigterm() -> None:
+    """``python examples/chat.py`` embeds the server with ``wait_for_shutdown_signal``."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "examples/chat.py", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    served = Served(process, 0)
+    try:
+        with trio.fail_after(30):
+            await read_until(served, b"/chat/<room>")
+            match = re.search(rb"listening on ws://127\.0\.0\.1:(\d+)/", served.output)
+            assert match is not None, served.output
+            served.port = int(match.group(1))
+            async with open_websocket_url(served.url("/chat/lobby?nick=alice")) as ws:
+                assert await ws.get_message() == "* alice joined"
+                process.send_signal(signal.SIGTERM)
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.get_message()
+            assert closed.value.reason is not None
+            assert closed.value.reason.code == 1001
+            await drain(served)
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            await process.wait()
+    assert served.output.endswith(b"SIGTERM: stopped\n")

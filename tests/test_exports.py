@@ -30,6 +30,7 @@ EXPECTED = {
     "SqlStorage",
     "Storage",
     "StorageCommitError",
+    "StorageError",
     "WebSocket",
     "WebSocketProtocolError",
     "WebSocketRequestResponsePair",
@@ -38,6 +39,7 @@ EXPECTED = {
     "open_host",
     "open_server",
     "serve_objects",
+    "wait_for_shutdown_signal",
 }
 
 

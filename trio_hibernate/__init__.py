@@ -4,7 +4,8 @@ An application defines :class:`DurableObject` classes and registers them in an
 :class:`App`. Each object is addressed by name, accepts WebSockets with tags and small
 attachments, and is evicted from memory when idle while its WebSockets stay connected;
 the next event constructs it again. Serve an app with :func:`open_server` /
-:func:`serve_objects`, or run a :func:`open_host` and hand it sockets.
+:func:`serve_objects` (and :func:`wait_for_shutdown_signal` to stop on SIGTERM), or run
+a :func:`open_host` and hand it sockets.
 """
 
 from ._app import App as App
@@ -18,6 +19,7 @@ from ._errors import (
     LimitExceededError as LimitExceededError,
     ReentrantCallError as ReentrantCallError,
     StorageCommitError as StorageCommitError,
+    StorageError as StorageError,
     WebSocketStateError as WebSocketStateError,
 )
 from ._host import (
@@ -33,6 +35,7 @@ from ._limits import Limits as Limits
 from ._object import DurableObject as DurableObject
 from ._registry import ReadyState as ReadyState
 from ._server import Server as Server, open_server as open_server, serve_objects as serve_objects
+from ._signals import wait_for_shutdown_signal as wait_for_shutdown_signal
 from ._storage.alarms import AlarmInfo as AlarmInfo
 from ._storage.api import SqlCursor as SqlCursor, SqlStorage as SqlStorage, Storage as Storage
 from ._stubs import Namespace as Namespace, ObjectStub as ObjectStub
@@ -65,6 +68,7 @@ __all__ = [
     "SqlStorage",
     "Storage",
     "StorageCommitError",
+    "StorageError",
     "WebSocket",
     "WebSocketProtocolError",
     "WebSocketRequestResponsePair",
@@ -73,6 +77,7 @@ __all__ = [
     "open_host",
     "open_server",
     "serve_objects",
+    "wait_for_shutdown_signal",
 ]
 
 

@@ -1,9 +1,11 @@
 """The command line: ``trio-hibernate serve MODULE:APP`` (also ``python -m trio_hibernate``).
 
-Signals: SIGTERM and SIGINT close every WebSocket with 1001 and exit 0 after the
-shutdown deadline at most; SIGUSR1 does the same with 1012 (service restart: clients
-reconnect at once); SIGHUP loads the app's code again in place, keeping every socket
-connected, as ``--reload`` does when a source file changes.
+Signals (see :func:`~trio_hibernate.wait_for_shutdown_signal`): SIGTERM and SIGINT close
+every WebSocket with 1001 and exit 0 as soon as every client has answered, after
+``--shutdown-timeout`` at most; SIGUSR1 does the same with 1012 (service restart: clients
+reconnect at once); a second one of these exits at once with status 130. SIGHUP loads the
+app's code again in place, keeping every socket connected, as ``--reload`` does when a
+source file changes. Ctrl-C while the app loads or the server starts exits with 130.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import importlib.util
 import logging
 import signal
 import sys
+import traceback
 from pathlib import Path
 from types import ModuleType
 from typing import Final
@@ -21,8 +24,10 @@ from typing import Final
 import trio
 
 from ._app import App
+from ._errors import StorageError
 from ._host import Host
-from ._server import serve_objects
+from ._server import open_server
+from ._signals import wait_for_shutdown_signal
 
 __all__ = ["load_app", "main"]
 
@@ -121,40 +126,53 @@ async def _watch(host: Host, spec: str, source: Path) -> None:
             await _reload(host, spec)
 
 
-async def _serve(app: App, args: argparse.Namespace, source: Path | None) -> None:
-    async with trio.open_nursery() as nursery:
-        server = await nursery.start(
-            lambda task_status: serve_objects(
-                app,
-                args.host,
-                args.port,
-                task_status=task_status,
-                data_dir=args.data_dir,
-                idle_timeout=args.idle_timeout,
-                close_timeout=args.shutdown_timeout,
-                allowed_origins=args.allowed_origin,
-                max_connections=args.max_connections,
+async def _reload_on_sighup(host: Host, spec: str) -> None:
+    with trio.open_signal_receiver(signal.SIGHUP) as received:
+        async for _ in received:
+            await _reload(host, spec)
+
+
+async def _serve(app: App, args: argparse.Namespace, source: Path | None) -> int:
+    serving = False
+    try:
+        async with open_server(
+            app,
+            args.host,
+            args.port,
+            data_dir=args.data_dir,
+            idle_timeout=args.idle_timeout,
+            close_timeout=args.shutdown_timeout,
+            allowed_origins=args.allowed_origin,
+            max_connections=args.max_connections,
+        ) as server:
+            serving = True
+            print(
+                f"trio-hibernate: listening on http://{server.address[0]}:{server.port} "
+                f"(namespaces: {', '.join(sorted(app.objects))}; "
+                f"storage: {args.data_dir or 'in memory'})",
+                flush=True,
             )
-        )
-        print(
-            f"trio-hibernate: listening on http://{server.address[0]}:{server.port} "
-            f"(namespaces: {', '.join(sorted(app.objects))}; "
-            f"storage: {args.data_dir or 'in memory'})",
-            flush=True,
-        )
-        if args.reload and source is not None:
-            nursery.start_soon(_watch, server.host, args.app, source)
-        watched = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP}
-        with trio.open_signal_receiver(*watched) as signals:
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    await _reload(server.host, args.app)
-                    continue
-                if signum == signal.SIGUSR1:
-                    server.host.shutdown_close_code = 1012
-                log.info("%s: shutting down", signal.Signals(signum).name)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_reload_on_sighup, server.host, args.app)
+                if args.reload and source is not None:
+                    nursery.start_soon(_watch, server.host, args.app, source)
+                await wait_for_shutdown_signal(server)
                 nursery.cancel_scope.cancel()
-                break
+    except StorageError as exc:
+        if serving:
+            raise
+        return _fail(str(exc))
+    except OSError as exc:  # from binding the port (the storage raises StorageError)
+        if serving:
+            raise
+        return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
+    return 0
+
+
+def _fail(message: str) -> int:
+    """Report a usage or configuration error; returns the exit status for it."""
+    print(f"trio-hibernate: {message}", file=sys.stderr, flush=True)
+    return 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -194,16 +212,27 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+    """Run the command line; returns the exit status.
+
+    0 after a shutdown by signal; 2 for a usage or configuration error (a bad app spec,
+    an app that raises while loading, an unusable ``--data-dir``, a port that cannot be
+    bound), reported on stderr before anything listens; 130 when interrupted: Ctrl-C
+    before the server is up, or a second signal during the shutdown.
+    """
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        app, source = load_app(args.app)
-    except AppLoadError as exc:
-        print(f"trio-hibernate: {exc}", file=sys.stderr)
-        return 2
-    trio.run(_serve, app, args, source)
-    return 0
+        try:
+            app, source = load_app(args.app)
+        except AppLoadError as exc:
+            return _fail(str(exc))
+        except Exception:  # the app's own code raised: show where, then stop
+            traceback.print_exc()
+            return _fail(f"cannot load the app {args.app} (the traceback is above)")
+        return trio.run(_serve, app, args, source)
+    except KeyboardInterrupt:
+        print("trio-hibernate: interrupted", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT

@@ -5,11 +5,13 @@ Every error says whose fault it is: :class:`LimitExceededError`, :class:`DataClo
 :class:`ReentrantCallError` are raised to the *caller* (application code misused the API
 or passed a value over a limit), and nothing has changed when they are raised. Failures
 caused by the *peer* are never raised into object code; they arrive as
-``websocket_close`` / ``websocket_error`` events instead.
+``websocket_close`` / ``websocket_error`` events instead. :class:`StorageError` is the
+*operator's*: the data directory, or a file in it, cannot be used.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -22,6 +24,7 @@ __all__ = [
     "LimitExceededError",
     "ReentrantCallError",
     "StorageCommitError",
+    "StorageError",
     "WebSocketStateError",
 ]
 
@@ -54,6 +57,22 @@ class DataCloneError(HibernateError, TypeError):
     the like, with shared references and cycles. Functions, sockets and arbitrary class
     instances are not data.
     """
+
+
+class StorageError(HibernateError):
+    """The storage cannot be used: the data directory is not a writable directory, or a
+    database file in it is not a valid SQLite database (corrupt, or something else).
+
+    Raised by :func:`~trio_hibernate.open_host` (and the servers built on it) at
+    start-up, before anything listens; the message names the file and the cause.
+
+    Attributes:
+        path: The directory or file at fault.
+    """
+
+    def __init__(self, message: str, *, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class StorageCommitError(HibernateError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -187,6 +188,9 @@ class Host:
         self._idle_arrived = trio.Event()
         self._closing = False
         self._all_done: trio.Event | None = None
+        self._shutdown_deadline: float | None = None  # trio time; set by _shutdown
+        self._shutdown_wait: trio.CancelScope | None = None
+        self._shutdown_reported = False
         self._last_message: str | bytes | None = None
         self._last_frame = b""
         self._wakes = 0
@@ -478,17 +482,53 @@ class Host:
         if self._all_done is not None and not self._connections:
             self._all_done.set()
 
-    async def _shutdown(self, code: int, reason: str, grace: float) -> None:
-        self._closing = True
-        for entry in list(self._objects.values()):
-            if entry.activation is not None:
-                entry.activation.scope.cancel()
-        for conn in list(self._connections):
-            conn.begin_shutdown(code, reason)
-        if self._connections:
-            self._all_done = trio.Event()
-            with trio.move_on_after(grace):
-                await self._all_done.wait()
+    async def _shutdown(self, grace: float) -> None:
+        """Close every connection with :attr:`shutdown_close_code` and wait until each
+        has ended, at most ``grace`` seconds after the first call, logging how many
+        remain once a second.
+
+        Called again (the signal helper starts the shutdown, leaving ``open_host`` ends
+        it), it only waits for what remains of the first call's grace period.
+        """
+        if not self._closing:
+            self._closing = True
+            if self._shutdown_deadline is None:  # else _stop_waiting came first
+                self._shutdown_deadline = trio.current_time() + grace
+            for entry in list(self._objects.values()):
+                if entry.activation is not None:
+                    entry.activation.scope.cancel()
+            code = self.shutdown_close_code
+            reason = "service restart" if code == 1012 else "going away"
+            for conn in list(self._connections):
+                conn.begin_shutdown(code, reason)
+        with trio.CancelScope() as self._shutdown_wait:
+            while self._connections and trio.current_time() < self._deadline():
+                self._all_done = trio.Event()
+                with trio.move_on_at(min(self._deadline(), trio.current_time() + 1)):
+                    await self._all_done.wait()
+                if self._connections and trio.current_time() < self._deadline():
+                    log.info("shutdown: %d connection(s) still closing", len(self._connections))
+        if self._connections and not self._shutdown_reported:
+            self._shutdown_reported = True
+            log.warning(
+                "shutdown: %d connection(s) did not close within %g s (close_timeout); "
+                "dropping them",
+                len(self._connections),
+                grace,
+            )
+
+    def _deadline(self) -> float:
+        assert self._shutdown_deadline is not None
+        return self._shutdown_deadline
+
+    def _stop_waiting(self) -> int:
+        """Forced exit: the shutdown stops waiting for connections (now and if called
+        again); they are dropped when the host exits. Returns how many there are."""
+        self._shutdown_deadline = -math.inf
+        self._shutdown_reported = True
+        if self._shutdown_wait is not None:
+            self._shutdown_wait.cancel()
+        return len(self._connections)
 
 
 @asynccontextmanager
@@ -546,6 +586,12 @@ async def open_host(
             raising ``trio.TooSlowError`` (``math.inf``: no limit). The call is not
             withdrawn: it stays queued, runs in its turn, and its result is dropped.
 
+    Raises:
+        StorageError: ``data_dir`` is not a writable directory, or its alarm index
+            (``_alarms.sqlite3``) cannot be read; raised on entry, before the block runs.
+        ValueError: a timeout is not positive, or both ``data_dir`` and
+            ``storage_backend`` were given.
+
     Resource handling:
         On exit every WebSocket is closed with ``shutdown_close_code`` and every instance
         is dropped; the host waits up to ``close_timeout`` for peers to answer, then
@@ -570,30 +616,34 @@ async def open_host(
     try:
         async with open_owned_nursery() as outer:
             nursery, scope = await outer.start(_run_host_nursery)
-            host = Host(
-                app,
-                nursery,
-                limits=limits or Limits(),
-                idle_timeout=idle_timeout,
-                hibernate_after_every_event=hibernate_after_every_event,
-                handshake_timeout=handshake_timeout,
-                request_timeout=request_timeout,
-                partial_message_timeout=partial_message_timeout,
-                close_timeout=close_timeout,
-                wall_clock=wall_clock,
-                storage_backend=backend,
-                allowed_origins=None if allowed_origins is None else frozenset(allowed_origins),
-                call_timeout=call_timeout,
-            )
-            host.shutdown_close_code = shutdown_close_code
+            # The host nursery ignores every cancellation but ``scope``'s: whatever way we
+            # leave (a storage error while starting, KeyboardInterrupt during shutdown),
+            # ``scope`` must be cancelled, or this block waits for that nursery forever.
             try:
+                host = Host(
+                    app,
+                    nursery,
+                    limits=limits or Limits(),
+                    idle_timeout=idle_timeout,
+                    hibernate_after_every_event=hibernate_after_every_event,
+                    handshake_timeout=handshake_timeout,
+                    request_timeout=request_timeout,
+                    partial_message_timeout=partial_message_timeout,
+                    close_timeout=close_timeout,
+                    wall_clock=wall_clock,
+                    storage_backend=backend,
+                    allowed_origins=None if allowed_origins is None else frozenset(allowed_origins),
+                    call_timeout=call_timeout,
+                )
+                host.shutdown_close_code = shutdown_close_code
                 nursery.start_soon(host.alarms.run)
                 nursery.start_soon(host._reap_idle)
-                yield host
+                try:
+                    yield host
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await host._shutdown(close_timeout)
             finally:
-                with trio.CancelScope(shield=True):
-                    reason = "service restart" if host.shutdown_close_code == 1012 else "going away"
-                    await host._shutdown(host.shutdown_close_code, reason, close_timeout)
                 scope.cancel()
     finally:
         # Only now has every task of the host nursery finished, including commits in

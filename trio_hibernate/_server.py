@@ -153,21 +153,23 @@ async def serve_objects(
         max_connections = default_max_connections()
     if max_connections < 1:
         raise ValueError(f"max_connections must be at least 1, got {max_connections}")
-    listener = _listen(address, port, backlog)
-    try:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        log.info(
-            "at most %d connections (file descriptor limit %d, hard %d)",
-            max_connections,
-            soft,
-            hard,
-        )
-        async with open_host(app, **host_options) as host:
+    # The host first: if its storage cannot be used, nothing has listened (a port that
+    # accepts connections and never answers them is worse than no port).
+    async with open_host(app, **host_options) as host:
+        listener = _listen(address, port, backlog)
+        try:
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            log.info(
+                "at most %d connections (file descriptor limit %d, hard %d)",
+                max_connections,
+                soft,
+                hard,
+            )
             task_status.started(Server(host, listener))
             await _accept_loop(host, listener, max_connections)
-    finally:
-        trio.lowlevel.notify_closing(listener)
-        listener.close()
+        finally:
+            trio.lowlevel.notify_closing(listener)
+            listener.close()
 
 
 @asynccontextmanager

@@ -21,6 +21,8 @@ from typing import Final, NoReturn
 import attrs
 import trio
 
+from .._errors import StorageError
+
 __all__ = ["AlarmIndex", "AlarmInfo", "AlarmScheduler"]
 
 #: workerd retries a failing alarm with exponential backoff from 2 s, up to 6 times.
@@ -49,19 +51,37 @@ class AlarmIndex:
     """
 
     def __init__(self, path: Path | None) -> None:
+        """Open (creating if needed) the index at ``path``; None keeps it in memory.
+
+        Raises:
+            StorageError: the file cannot be opened or is not a valid alarm index
+                (not a SQLite database, corrupt, or unwritable).
+        """
         self._lock = threading.Lock()
         self._path = path
         self._closed = False
         self._conn: sqlite3.Connection | None = None
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._conn.execute("PRAGMA journal_mode = WAL")
-            self._conn.execute("PRAGMA synchronous = FULL")
-            self._conn.execute(
-                "CREATE TABLE IF NOT EXISTS alarms (namespace TEXT, id TEXT, name TEXT, "
-                "at REAL NOT NULL, PRIMARY KEY (namespace, id)) WITHOUT ROWID"
-            )
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            except (OSError, sqlite3.Error) as exc:
+                raise self._unusable(exc) from exc
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = FULL")
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS alarms (namespace TEXT, id TEXT, name TEXT, "
+                    "at REAL NOT NULL, PRIMARY KEY (namespace, id)) WITHOUT ROWID"
+                )
+            except sqlite3.Error as exc:
+                conn.close()
+                raise self._unusable(exc) from exc
+            self._conn = conn
+
+    def _unusable(self, cause: Exception) -> StorageError:
+        assert self._path is not None
+        return StorageError(f"cannot use the alarm index {self._path}: {cause}", path=self._path)
 
     def _check_open(self, what: str) -> None:
         # Called with the lock held, so close() cannot happen between check and use.
@@ -70,13 +90,23 @@ class AlarmIndex:
             raise sqlite3.ProgrammingError(f"the alarm index ({where}) is closed: cannot {what}")
 
     def load(self) -> list[tuple[AlarmKey, float]]:
-        """Every alarm recorded by an earlier run of the host."""
+        """Every alarm recorded by an earlier run of the host.
+
+        Raises:
+            StorageError: the index cannot be read (a corrupt file).
+        """
         with self._lock:
             self._check_open("load the alarms")
             if self._conn is None:
                 return []
-            rows = self._conn.execute("SELECT namespace, id, name, at FROM alarms").fetchall()
-        return [((ns, hex_id, name), float(at)) for ns, hex_id, name, at in rows]
+            try:
+                rows = self._conn.execute("SELECT namespace, id, name, at FROM alarms").fetchall()
+                return [((ns, hex_id, name), float(at)) for ns, hex_id, name, at in rows]
+            except (sqlite3.Error, ValueError, TypeError) as exc:  # TypeError: float(None)
+                self._conn.close()
+                self._conn = None
+                self._closed = True
+                raise self._unusable(exc) from exc
 
     def record(self, key: AlarmKey, when: float | None) -> None:
         """Write (or with None, remove) an entry. Thread-safe; flushes to disk."""

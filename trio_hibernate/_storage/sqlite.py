@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Final
 
+from .._errors import StorageError
 from .._ids import ObjectId
 from .backend import ObjectDatabase
 
@@ -248,6 +249,26 @@ class SqliteDatabase:
         self._conn.close()
 
 
+def _usable_directory(path: Path) -> Path:
+    """``path``, created if missing, after checking that objects can store files there."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise StorageError(
+            f"the data directory {path} exists and is not a directory", path=path
+        ) from None
+    except OSError as exc:
+        raise StorageError(
+            f"cannot create the data directory {path}: {exc.strerror or exc}", path=path
+        ) from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise StorageError(
+            f"the data directory {path} is not writable by this process (uid {os.geteuid()})",
+            path=path,
+        )
+    return path
+
+
 class SqliteBackend:
     """Where object databases live: files under ``data_dir``, or memory (tests, demos).
 
@@ -257,7 +278,13 @@ class SqliteBackend:
     """
 
     def __init__(self, data_dir: str | os.PathLike[str] | None = None) -> None:
-        self.data_dir = None if data_dir is None else Path(data_dir)
+        """Use ``data_dir`` (created if missing), or memory for None.
+
+        Raises:
+            StorageError: ``data_dir`` cannot be created, is not a directory, or is not
+                writable.
+        """
+        self.data_dir = None if data_dir is None else _usable_directory(Path(data_dir))
         self._memory: dict[tuple[str, str], SqliteDatabase] = {}
 
     @property

@@ -318,3 +318,51 @@ async def test_the_chat_example_run_as_a_script_closes_with_1001_on_sigterm() ->
         with trio.CancelScope(shield=True), trio.move_on_after(10):
             await process.wait()
     assert served.output.endswith(b"SIGTERM: stopped\n")
+
+
+HANGING_APP = """
+import trio
+from trio_hibernate import App, DurableObject, Response
+
+class Hang(DurableObject):
+    async def fetch(self, request):
+        await trio.sleep_forever()
+
+app = App({"hang": Hang})
+"""
+
+
+async def test_limit_and_timeout_flags_reach_the_host(tmp_path: Path) -> None:
+    from helpers import http_exchange
+
+    app_file = tmp_path / "hang_app.py"
+    app_file.write_text(HANGING_APP)
+    async with serve(str(app_file), "--request-timeout", "0.5", "--max-buffered-bytes", "1K") as s:
+        with trio.fail_after(10):
+            reply = await http_exchange(s.port, b"GET /hang/a HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert reply.status == 504
+        body = b"x" * 2000  # under max_request_body_bytes, over the 1 KiB budget
+        request = b"POST /hang/b HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n" + body
+        with trio.fail_after(10):
+            reply = await http_exchange(s.port, request)
+        assert reply.status == 503
+        assert b"max_buffered_bytes" in reply.body
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("65536", 65536), ("64K", 65536), ("256m", 256 * 2**20), ("1G", 2**30)]
+)
+def test_size_flags_take_binary_units(text: str, value: int) -> None:
+    from trio_hibernate._cli import _size
+
+    assert _size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "K", "12Q", "-5", "0", "1.5M"])
+def test_bad_sizes_are_refused(text: str) -> None:
+    import argparse
+
+    from trio_hibernate._cli import _size
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        _size(text)

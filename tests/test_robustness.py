@@ -506,3 +506,67 @@ async def test_rooms_visited_once_are_forgotten(
 #: Allocations made by the library itself (Trio keeps stale deadlines of finished
 #: cancel scopes in its heap for a while: bounded, and not ours to measure).
 OUR_CODE: Final = [tracemalloc.Filter(True, "*/trio_hibernate/*")]
+
+
+async def test_settings_of_a_forgotten_object_come_back_with_it() -> None:
+    """Spec 1: the auto-response pair and event timeout survive the last socket, though
+    the host keeps nothing in memory for the object meanwhile."""
+    from wsproto.events import CloseConnection, TextMessage
+
+    from trio_hibernate import WebSocketRequestResponsePair
+
+    class Configurable(Echo):
+        async def websocket_message(self, ws: WebSocket, message: str | bytes) -> None:
+            if message == "configure":
+                self.ctx.set_websocket_auto_response(WebSocketRequestResponsePair("hi", "yo"))
+                self.ctx.set_hibernatable_websocket_event_timeout(4000)
+            pair = self.ctx.get_websocket_auto_response()
+            timeout = self.ctx.get_hibernatable_websocket_event_timeout()
+            ws.send(f"{pair and (pair.request, pair.response)} {timeout}")
+
+    app = App({"echo": Configurable})
+    async with open_server(app) as server:
+        host = server.host
+        async with open_raw_websocket(server.port, "/echo/cfg") as ws:
+            await ws.send(TextMessage(data="configure"))
+            event = await ws.next_event()
+            assert isinstance(event, TextMessage)
+            assert event.data == "('hi', 'yo') 4000"
+            await ws.send(CloseConnection(code=1000))
+            assert isinstance(await ws.next_event(), CloseConnection)
+        await settle()
+        assert await host.hibernate("echo", "cfg")
+        stats = host.statistics()
+        assert (stats.live_objects, stats.hibernated_objects) == (0, 0)  # forgotten
+        assert len(host.settings) == 1
+        async with open_raw_websocket(server.port, "/echo/cfg") as ws:
+            await ws.send(TextMessage(data="hi"))  # answered by the runtime
+            event = await ws.next_event()
+            assert isinstance(event, TextMessage)
+            assert event.data == "yo"
+            await ws.send(TextMessage(data="show"))
+            event = await ws.next_event()
+            assert isinstance(event, TextMessage)
+            assert event.data == "('hi', 'yo') 4000"
+        assert len(host.settings) == 0  # taken back by the awake object
+
+
+def test_the_settings_index() -> None:
+    from trio_hibernate import WebSocketRequestResponsePair
+    from trio_hibernate._storage.settings import SettingsIndex
+
+    index = SettingsIndex()
+    try:
+        assert index.take("ns", "a") is None
+        pair = WebSocketRequestResponsePair("ping", "pong")
+        index.keep("ns", "a", (pair, None))
+        index.keep("ns", "b", (None, 250))
+        index.keep("ns", "a", (pair, 10))  # replaces
+        assert len(index) == 2
+        assert index.take("ns", "a") == (pair, 10)
+        assert index.take("ns", "a") is None
+        assert index.take("other", "b") is None
+        assert index.take("ns", "b") == (None, 250)
+        assert len(index) == 0
+    finally:
+        index.close()

@@ -26,6 +26,7 @@ import trio
 from ._app import App
 from ._errors import StorageError
 from ._host import Host
+from ._limits import Limits
 from ._server import open_server
 from ._signals import wait_for_shutdown_signal
 
@@ -142,6 +143,15 @@ async def _serve(app: App, args: argparse.Namespace, source: Path | None) -> int
             data_dir=args.data_dir,
             idle_timeout=args.idle_timeout,
             close_timeout=args.shutdown_timeout,
+            handshake_timeout=args.handshake_timeout,
+            request_timeout=args.request_timeout,
+            partial_message_timeout=args.partial_message_timeout,
+            call_timeout=args.call_timeout,
+            limits=Limits(
+                max_buffered_bytes=args.max_buffered_bytes,
+                max_message_bytes=args.max_message_bytes,
+                max_send_buffer_bytes=args.max_send_buffer_bytes,
+            ),
             allowed_origins=args.allowed_origin,
             max_connections=args.max_connections,
         ) as server:
@@ -175,6 +185,39 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+_UNITS: Final = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def _size(text: str) -> int:
+    """``65536``, ``64K``, ``256M`` or ``1G`` (binary units) -> bytes."""
+    number, unit = text.strip(), ""
+    if number[-1:].upper() in _UNITS.keys() - {""}:
+        number, unit = number[:-1], number[-1].upper()
+    try:
+        value = int(number) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected bytes like 65536, 64K or 256M, got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text}")
+    return value
+
+
+def _show_size(value: int) -> str:
+    for unit in ("G", "M", "K"):
+        if value % _UNITS[unit] == 0:
+            return f"{value // _UNITS[unit]}{unit}"
+    return str(value)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trio-hibernate", description="Serve hibernatable WebSocket objects."
@@ -194,11 +237,40 @@ def _parser() -> argparse.ArgumentParser:
         default=10.0,
         help="seconds to wait for clients to answer the Close on shutdown",
     )
+    for flag, default, what in (
+        ("--handshake-timeout", 10.0, "seconds a client has to send its HTTP request"),
+        ("--request-timeout", 30.0, "seconds to answer a request before a 504"),
+        (
+            "--partial-message-timeout",
+            30.0,
+            "seconds a half-received WebSocket message may stall before Close 1008",
+        ),
+        ("--call-timeout", 30.0, "seconds a stub call waits for its answer"),
+    ):
+        serve.add_argument(flag, type=_seconds, default=default, help=f"{what} ({default:g})")
+    limits = Limits()
+    for flag, default, what in (
+        (
+            "--max-buffered-bytes",
+            limits.max_buffered_bytes,
+            "bytes held for all clients together (messages, bodies, send buffers)",
+        ),
+        ("--max-message-bytes", limits.max_message_bytes, "largest inbound message"),
+        (
+            "--max-send-buffer-bytes",
+            limits.max_send_buffer_bytes,
+            "bytes piling up for a peer that does not read before it is dropped",
+        ),
+    ):
+        serve.add_argument(
+            flag, type=_size, default=default, help=f"{what} ({_show_size(default)}; K/M/G)"
+        )
     serve.add_argument(
         "--allowed-origin",
         action="append",
         default=None,
-        help="accept WebSocket upgrades only from this Origin (repeatable)",
+        help="let pages from this Origin open WebSockets (repeatable; '*' for any). "
+        "Default: a browser may connect only from this server's own origin",
     )
     serve.add_argument(
         "--max-connections",

@@ -27,6 +27,7 @@ from ._limits import Limits
 from ._operations import operations_response
 from ._storage.alarms import AlarmIndex, AlarmKey, AlarmScheduler
 from ._storage.backend import StorageBackend
+from ._storage.settings import SettingsIndex
 from ._storage.sqlite import SqliteBackend
 from ._stubs import Namespace
 from ._supervisor import Activation, supervise
@@ -179,6 +180,8 @@ class Host:
         self.alarms = AlarmScheduler(wall_clock=wall_clock, fire=self._fire_alarm)
         for key, when in self.alarm_index.load():
             self.alarms.schedule(key, when)
+        self.settings = SettingsIndex()
+        """Auto-response pairs and event timeouts of objects the host forgot."""
         self._nursery = nursery
         self._objects: dict[tuple[str, str], ObjectEntry] = {}
         self._connections: set[ServerConnection] = set()
@@ -365,7 +368,11 @@ class Host:
         key = (namespace, object_id.hex)
         entry = self._objects.get(key)
         if entry is None:
-            entry = ObjectEntry(namespace, object_id, cls, ObjectCore(self.limits))
+            core = ObjectCore(self.limits)
+            kept = self.settings.take(*key)
+            if kept is not None:
+                core.auto_response, core.event_timeout_ms = kept
+            entry = ObjectEntry(namespace, object_id, cls, core)
             self._objects[key] = entry
         return entry
 
@@ -391,8 +398,15 @@ class Host:
             activation.lot.unpark()
 
     def _forget_if_unused(self, entry: ObjectEntry) -> None:
-        if not entry.core.has_work:
-            self._objects.pop((entry.namespace, entry.object_id.hex), None)
+        """Drop an object with nothing left to do from memory; settings that must
+        outlive it (spec 1) go to the settings index."""
+        core = entry.core
+        key = (entry.namespace, entry.object_id.hex)
+        if core.has_work or self._objects.get(key) is not entry:
+            return
+        del self._objects[key]
+        if core.auto_response is not None or core.event_timeout_ms is not None:
+            self.settings.keep(*key, (core.auto_response, core.event_timeout_ms))
 
     def _fail_object(self, entry: ObjectEntry, dropped: list[Event]) -> None:
         """The constructor raised: close every socket with 1011, answer fetches 500 and
@@ -650,6 +664,7 @@ async def open_host(
         # worker threads (not abandoned on cancel), which record into the alarm index.
         if host is not None:
             host.alarm_index.close()
+            host.settings.close()
         backend.close()
 
 

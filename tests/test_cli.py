@@ -37,6 +37,16 @@ app = App({{"echo": Echo}})
 """
 
 
+#: ``python -m trio_hibernate`` with a lower soft descriptor limit.
+_LIMITED = (
+    "import resource, runpy, sys; "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, "
+    "({nofile}, resource.getrlimit(resource.RLIMIT_NOFILE)[1])); "
+    "sys.argv = ['trio-hibernate', *sys.argv[1:]]; "
+    "runpy.run_module('trio_hibernate', run_name='__main__')"
+)
+
+
 class Served:
     def __init__(self, process: trio.Process, port: int) -> None:
         self.process = process
@@ -48,10 +58,16 @@ class Served:
 
 
 @asynccontextmanager
-async def serve(*args: str) -> AsyncIterator[Served]:
-    """Start ``python -m trio_hibernate serve ...`` on port 0; kill it on the way out."""
+async def serve(*args: str, nofile: int | None = None) -> AsyncIterator[Served]:
+    """Start ``python -m trio_hibernate serve ...`` on port 0; kill it on the way out.
+
+    ``nofile`` lowers the server's soft file descriptor limit (``RLIMIT_NOFILE``).
+    """
+    python = [sys.executable, "-m", "trio_hibernate"]
+    if nofile is not None:
+        python = [sys.executable, "-c", _LIMITED.format(nofile=nofile)]
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "trio_hibernate", "serve", *args, "--port", "0"],
+        [*python, "serve", *args, "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         cwd=ROOT,

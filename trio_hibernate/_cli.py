@@ -134,6 +134,7 @@ async def _serve(app: App, args: argparse.Namespace, source: Path | None) -> Non
                 close_timeout=args.shutdown_timeout,
                 allowed_origins=args.allowed_origin,
                 max_connections=args.max_connections,
+                max_open_databases=args.max_open_databases,
             )
         )
         print(
@@ -186,7 +187,15 @@ def _parser() -> argparse.ArgumentParser:
         "--max-connections",
         type=int,
         default=None,
-        help="refuse clients with 503 past this many (default: fd limit - 256)",
+        help="refuse clients with 503 past this many (default: the fd limit less 256 "
+        "less 3 per open database)",
+    )
+    serve.add_argument(
+        "--max-open-databases",
+        type=int,
+        default=None,
+        help="object databases open at once, 3 fds each (default: 1/8 of the fd limit "
+        "less 256); past it the least recently used idle one is closed",
     )
     serve.add_argument("--reload", action="store_true", help="reload the app when its code changes")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -40,6 +40,16 @@ app = App({{"echo": Echo}})
 """
 
 
+#: ``python -m trio_hibernate`` with a lower soft descriptor limit.
+_LIMITED = (
+    "import resource, runpy, sys; "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, "
+    "({nofile}, resource.getrlimit(resource.RLIMIT_NOFILE)[1])); "
+    "sys.argv = ['trio-hibernate', *sys.argv[1:]]; "
+    "runpy.run_module('trio_hibernate', run_name='__main__')"
+)
+
+
 class Served:
     def __init__(self, process: trio.Process, port: int) -> None:
         self.process = process
@@ -51,10 +61,16 @@ class Served:
 
 
 @asynccontextmanager
-async def serve(*args: str) -> AsyncIterator[Served]:
-    """Start ``python -m trio_hibernate serve ...`` on port 0; kill it on the way out."""
+async def serve(*args: str, nofile: int | None = None) -> AsyncIterator[Served]:
+    """Start ``python -m trio_hibernate serve ...`` on port 0; kill it on the way out.
+
+    ``nofile`` lowers the server's soft file descriptor limit (``RLIMIT_NOFILE``).
+    """
+    python = [sys.executable, "-m", "trio_hibernate"]
+    if nofile is not None:
+        python = [sys.executable, "-c", _LIMITED.format(nofile=nofile)]
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "trio_hibernate", "serve", *args, "--port", "0"],
+        [*python, "serve", *args, "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         cwd=ROOT,
@@ -232,9 +248,10 @@ def test_a_port_in_use_exits_2() -> None:
         port = taken.getsockname()[1]
         result = run_cli("examples/chat.py", "--port", str(port))
     assert result.returncode == 2
-    assert result.stderr.decode().splitlines() == [
+    # The last line (the descriptor budget is logged before the port is bound).
+    assert result.stderr.decode().splitlines()[-1] == (
         f"trio-hibernate: cannot listen on 127.0.0.1:{port}: Address already in use"
-    ]
+    )
 
 
 async def read_until(served: Served, text: bytes) -> None:
@@ -366,3 +383,12 @@ def test_bad_sizes_are_refused(text: str) -> None:
 
     with pytest.raises(argparse.ArgumentTypeError):
         _size(text)
+
+
+def test_max_connections_over_the_descriptor_budget_exits_2(tmp_path: Path) -> None:
+    result = run_cli(
+        "examples/chat.py", "--data-dir", str(tmp_path), "--max-connections", "999999999"
+    )
+    assert result.returncode == 2
+    last = result.stderr.decode().splitlines()[-1]
+    assert last.startswith("trio-hibernate: max_connections=999999999 does not fit"), last

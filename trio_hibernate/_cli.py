@@ -154,6 +154,7 @@ async def _serve(app: App, args: argparse.Namespace, source: Path | None) -> int
             ),
             allowed_origins=args.allowed_origin,
             max_connections=args.max_connections,
+            max_open_databases=args.max_open_databases,
         ) as server:
             serving = True
             print(
@@ -169,6 +170,10 @@ async def _serve(app: App, args: argparse.Namespace, source: Path | None) -> int
                 await wait_for_shutdown_signal(server)
                 nursery.cancel_scope.cancel()
     except StorageError as exc:
+        if serving:
+            raise
+        return _fail(str(exc))
+    except ValueError as exc:  # an option the machine cannot honour (max_connections)
         if serving:
             raise
         return _fail(str(exc))
@@ -276,7 +281,15 @@ def _parser() -> argparse.ArgumentParser:
         "--max-connections",
         type=int,
         default=None,
-        help="refuse clients with 503 past this many (default: fd limit - 256)",
+        help="refuse clients with 503 past this many (default: the fd limit less 256 "
+        "less 3 per open database)",
+    )
+    serve.add_argument(
+        "--max-open-databases",
+        type=int,
+        default=None,
+        help="object databases open at once, 3 fds each (default: 1/8 of the fd limit "
+        "less 256); past it the least recently used idle one is closed",
     )
     serve.add_argument("--reload", action="store_true", help="reload the app when its code changes")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

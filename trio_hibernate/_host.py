@@ -562,6 +562,7 @@ async def open_host(
     allowed_origins: Iterable[str] | None = None,
     storage_backend: StorageBackend | None = None,
     call_timeout: float = 30.0,
+    max_open_databases: int | None = None,
 ) -> AsyncIterator[Host]:
     """Run a :class:`Host` for ``app`` for the duration of the ``async with`` block.
 
@@ -590,6 +591,12 @@ async def open_host(
             tests and demos, lost on exit.
         storage_backend: Another place to keep object data (see
             ``trio_hibernate._storage.backend``); exclusive with ``data_dir``.
+        max_open_databases: With ``data_dir``, the most object databases open at once
+            (3 file descriptors each). Past it, opening one closes the least recently
+            used one that is between transactions (its object, live or not, reopens it
+            on its next storage call); if all are inside a transaction, the storage call
+            raises :class:`LimitExceededError`. Default: an eighth of the file descriptor
+            limit less a reserve of 256, in databases. No effect in memory.
         allowed_origins: Origins (``"https://app.example"``) whose pages may open
             WebSockets here; ``"*"`` allows any. By default (None) a browser may only
             connect from the same origin: an upgrade whose ``Origin`` names another host
@@ -623,9 +630,13 @@ async def open_host(
     ):
         if not value > 0:
             raise ValueError(f"{option} must be positive, got {value}")
-    if storage_backend is not None and data_dir is not None:
-        raise ValueError("give data_dir or storage_backend, not both")
-    backend = storage_backend if storage_backend is not None else SqliteBackend(data_dir)
+    if storage_backend is not None and (data_dir is not None or max_open_databases is not None):
+        raise ValueError("give data_dir and max_open_databases, or storage_backend, not both")
+    backend = (
+        storage_backend
+        if storage_backend is not None
+        else SqliteBackend(data_dir, max_open_databases=max_open_databases)
+    )
     host: Host | None = None
     try:
         async with open_owned_nursery() as outer:

@@ -6,7 +6,14 @@ several machines) implements these two protocols and is passed to ``open_host`` 
 
 Threading contract: the runtime calls every method of an :class:`ObjectDatabase` from the
 event loop thread except :meth:`ObjectDatabase.commit`, which it runs in a worker thread
-when the backend is :attr:`StorageBackend.durable`; never two calls at once.
+when the backend is :attr:`StorageBackend.durable`; never two calls at once. A backend
+may do work of its own on a database between the runtime's calls (the SQLite one closes
+idle connections to stay within its descriptor budget), as long as the database object
+the runtime holds keeps working.
+
+Descriptor contract: the server budgets file descriptors (``_descriptors.py``), so a
+backend must bound the descriptors its open databases hold, report the bound as
+:attr:`StorageBackend.max_descriptors` before the first ``open``, and never exceed it.
 """
 
 from __future__ import annotations
@@ -67,6 +74,29 @@ class StorageBackend(Protocol):
         """Where the host keeps its index of pending alarms (None: in memory only)."""
         ...
 
-    def open(self, namespace: str, object_id: ObjectId) -> ObjectDatabase: ...
+    @property
+    def max_descriptors(self) -> int:
+        """The most file descriptors this backend's open databases will hold at once.
+
+        Fixed for the backend's life; the server keeps them out of ``max_connections``,
+        so that connections and databases together stay within the process's limit. 0
+        for a backend that holds none (memory).
+        """
+        ...
+
+    @property
+    def open_descriptors(self) -> int:
+        """File descriptors its open databases hold now (at most :attr:`max_descriptors`)."""
+        ...
+
+    def open(self, namespace: str, object_id: ObjectId) -> ObjectDatabase:
+        """The object's database, created if needed; released with :meth:`release`.
+
+        Raises:
+            LimitExceededError: opening it would pass :attr:`max_descriptors` and no open
+                database can be closed to make room (``limit_name`` names the option).
+        """
+        ...
+
     def release(self, namespace: str, object_id: ObjectId, db: ObjectDatabase) -> None: ...
     def close(self) -> None: ...

@@ -7,21 +7,34 @@ only ``COMMIT`` flushes, and the runtime runs it in a worker thread.
 
 Every method here is synchronous and not thread-safe; the runtime never uses one
 database from two threads at once.
+
+Descriptors: a file database in WAL mode holds 3 (the database, ``-wal``, ``-shm``). The
+backend keeps at most ``max_open_databases`` connections open, least recently used
+first: opening one more closes the connection of the least recently used database that
+is between transactions (no transaction open, no commit running). Its
+:class:`SqliteDatabase` stays valid and reconnects on its next use, so whoever holds it
+never notices, except that connection-level state (``TEMP`` tables, ``PRAGMA`` settings)
+does not survive between transactions.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Final
 
-from .._errors import StorageError
+from .._descriptors import default_max_open_databases
+from .._errors import LimitExceededError, StorageError
 from .._ids import ObjectId
 from .backend import ObjectDatabase
 
-__all__ = ["SqliteBackend", "SqliteDatabase"]
+__all__ = ["DESCRIPTORS_PER_DATABASE", "SqliteBackend", "SqliteDatabase"]
+
+#: Descriptors held by one open file database in WAL mode: the database, -wal and -shm.
+DESCRIPTORS_PER_DATABASE: Final = 3
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS _th_kv (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
@@ -65,54 +78,120 @@ def prefix_upper_bound(prefix: str) -> str | None:
 
 
 class SqliteDatabase:
-    """One object's database connection."""
+    """One object's database connection.
 
-    __slots__ = ("_conn",)
+    A file database is given ``reconnect`` and its backend's pool: the pool may close the
+    connection between transactions to stay within ``max_open_databases``, and the next
+    call opens a new one. A memory database (no ``reconnect``) is never closed by the pool.
+    """
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    __slots__ = ("_commit_lock", "_conn", "_pool", "_reconnect")
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection | None = None,
+        *,
+        reconnect: Callable[[], sqlite3.Connection] | None = None,
+        pool: _ConnectionPool | None = None,
+    ) -> None:
+        if conn is None and (reconnect is None or pool is None):
+            raise ValueError("a SqliteDatabase needs a connection, or reconnect and a pool")
         self._conn = conn
-        conn.executescript(_SCHEMA)
+        self._reconnect = reconnect
+        self._pool = pool
+        # Held by a commit (in its worker thread): the pool never closes a connection
+        # whose commit is still returning.
+        self._commit_lock = threading.Lock()
+        if conn is not None:
+            conn.executescript(_SCHEMA)
+
+    def _connection(self) -> sqlite3.Connection:
+        """The open connection, reconnecting (through the pool) if it was closed."""
+        conn = self._conn
+        if conn is not None:
+            if self._pool is not None:
+                self._pool.used(self)
+            return conn
+        if self._reconnect is None or self._pool is None:
+            raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+        self._pool.admit(self)
+        try:
+            conn = self._reconnect()
+            conn.executescript(_SCHEMA)
+        except BaseException:
+            self._pool.forget(self)
+            if conn is not None:
+                conn.close()
+            raise
+        self._conn = conn
+        return conn
+
+    def close_if_idle(self) -> bool:
+        """Close the connection if no transaction is open and no commit runs (the pool
+        calls it; the database reconnects on its next use). Returns whether it did."""
+        if not self._commit_lock.acquire(blocking=False):
+            return False
+        try:
+            conn = self._conn
+            if conn is None or conn.in_transaction:
+                return False
+            self._conn = None
+            conn.close()
+            return True
+        finally:
+            self._commit_lock.release()
 
     @property
     def total_changes(self) -> int:
-        """Rows changed through this connection so far."""
-        return self._conn.total_changes
+        """Rows changed through this connection so far (it restarts at 0 when the pool
+        reconnects, which happens only between transactions)."""
+        return self._connection().total_changes
 
     # -- transactions --------------------------------------------------------------------
 
     @property
     def in_transaction(self) -> bool:
         """True between :meth:`begin` and :meth:`commit`/:meth:`rollback`."""
-        return self._conn.in_transaction
+        conn = self._conn
+        return conn is not None and conn.in_transaction
 
     def begin(self) -> None:
         """Open the turn's transaction if none is open."""
-        if not self._conn.in_transaction:
-            self._conn.execute("BEGIN")
+        conn = self._connection()
+        if not conn.in_transaction:
+            conn.execute("BEGIN")
 
     def commit(self) -> None:
-        """Make the turn's writes durable. Flushes to disk: run it in a worker thread."""
-        if self._conn.in_transaction:
-            self._conn.execute("COMMIT")
+        """Make the turn's writes durable. Flushes to disk: run it in a worker thread.
+
+        Never reconnects (nor touches the pool, which belongs to the event loop thread):
+        a closed connection had no transaction to commit.
+        """
+        with self._commit_lock:
+            conn = self._conn
+            if conn is not None and conn.in_transaction:
+                conn.execute("COMMIT")
 
     def rollback(self) -> None:
         """Forget the turn's writes."""
-        if self._conn.in_transaction:
-            self._conn.execute("ROLLBACK")
+        conn = self._conn
+        if conn is not None and conn.in_transaction:
+            conn.execute("ROLLBACK")
 
     def savepoint(self, name: str) -> None:
         """Start a nested, all-or-nothing group of writes (``transaction()``)."""
         self.begin()
-        self._conn.execute(f"SAVEPOINT {name}")
+        self._connection().execute(f"SAVEPOINT {name}")
 
     def release(self, name: str) -> None:
         """Keep the writes since :meth:`savepoint` (still part of the turn)."""
-        self._conn.execute(f"RELEASE {name}")
+        self._connection().execute(f"RELEASE {name}")
 
     def rollback_to(self, name: str) -> None:
         """Undo the writes since :meth:`savepoint`."""
-        self._conn.execute(f"ROLLBACK TO {name}")
-        self._conn.execute(f"RELEASE {name}")
+        conn = self._connection()
+        conn.execute(f"ROLLBACK TO {name}")
+        conn.execute(f"RELEASE {name}")
 
     # -- key-value -----------------------------------------------------------------------
 
@@ -121,7 +200,7 @@ class SqliteDatabase:
         if not keys:
             return {}
         marks = ",".join("?" * len(keys))
-        rows = self._conn.execute(
+        rows = self._connection().execute(
             f"SELECT key, value FROM _th_kv WHERE key IN ({marks}) ORDER BY key", tuple(keys)
         )
         return dict(rows.fetchall())
@@ -129,7 +208,7 @@ class SqliteDatabase:
     def put_many(self, items: Iterable[tuple[str, bytes]]) -> None:
         """Insert or replace each (key, encoded value)."""
         self.begin()
-        self._conn.executemany(
+        self._connection().executemany(
             "INSERT INTO _th_kv (key, value) VALUES (?, ?) "
             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             items,
@@ -141,7 +220,9 @@ class SqliteDatabase:
             return 0
         self.begin()
         marks = ",".join("?" * len(keys))
-        cursor = self._conn.execute(f"DELETE FROM _th_kv WHERE key IN ({marks})", tuple(keys))
+        cursor = self._connection().execute(
+            f"DELETE FROM _th_kv WHERE key IN ({marks})", tuple(keys)
+        )
         return cursor.rowcount
 
     def list(
@@ -176,35 +257,38 @@ class SqliteDatabase:
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)
-        return self._conn.execute(sql, args).fetchall()
+        return self._connection().execute(sql, args).fetchall()
 
     def delete_all(self) -> None:
         """Delete every key, the alarm and every table the object made with SQL."""
         self.begin()
-        tables = self._conn.execute(
+        conn = self._connection()
+        tables = conn.execute(
             # GLOB, not LIKE: in LIKE "_" matches any character and case is ignored.
             "SELECT name FROM sqlite_master WHERE type = 'table' "
             "AND name NOT GLOB 'sqlite_*' AND name NOT GLOB '_th_*'"
         ).fetchall()
         for (table,) in tables:
-            self._conn.execute(f'DROP TABLE "{table}"')
-        self._conn.execute("DELETE FROM _th_kv")
-        self._conn.execute("DELETE FROM _th_meta")
+            conn.execute(f'DROP TABLE "{table}"')
+        conn.execute("DELETE FROM _th_kv")
+        conn.execute("DELETE FROM _th_meta")
 
     # -- alarm ---------------------------------------------------------------------------
 
     def get_alarm(self) -> float | None:
         """The alarm time (epoch seconds), or None."""
-        row = self._conn.execute("SELECT value FROM _th_meta WHERE name = 'alarm'").fetchone()
+        conn = self._connection()
+        row = conn.execute("SELECT value FROM _th_meta WHERE name = 'alarm'").fetchone()
         return None if row is None else float(row[0])
 
     def set_alarm(self, when: float | None) -> None:
         """Set (or with None, delete) the alarm."""
         self.begin()
+        conn = self._connection()
         if when is None:
-            self._conn.execute("DELETE FROM _th_meta WHERE name = 'alarm'")
+            conn.execute("DELETE FROM _th_meta WHERE name = 'alarm'")
         else:
-            self._conn.execute(
+            conn.execute(
                 "INSERT INTO _th_meta (name, value) VALUES ('alarm', ?) "
                 "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
                 (when,),
@@ -230,9 +314,10 @@ class SqliteDatabase:
                     return sqlite3.SQLITE_DENY
             return sqlite3.SQLITE_OK
 
-        self._conn.set_authorizer(authorize)
+        conn = self._connection()
+        conn.set_authorizer(authorize)
         try:
-            return self._conn.execute(query, bindings)
+            return conn.execute(query, bindings)
         except sqlite3.DatabaseError:
             if touched:
                 raise ValueError(
@@ -241,12 +326,72 @@ class SqliteDatabase:
                 ) from None
             raise
         finally:
-            self._conn.set_authorizer(None)
+            conn.set_authorizer(None)
 
     def close(self) -> None:
-        """Roll back anything uncommitted and close."""
-        self.rollback()
-        self._conn.close()
+        """Roll back anything uncommitted and close for good."""
+        self._reconnect = None
+        if self._pool is not None:
+            self._pool.forget(self)
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            conn.close()
+
+
+class _ConnectionPool:
+    """The file databases with an open connection, least recently used first.
+
+    Never more than ``limit``: :meth:`admit` makes room first by closing the least
+    recently used connection that is between transactions. Used from the event loop
+    thread only. Invariant: a pooled database is listed here exactly while its
+    connection is open.
+    """
+
+    __slots__ = ("_open", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        # A dict keeps insertion order, and re-inserting moves a key to the end.
+        self._open: dict[SqliteDatabase, None] = {}
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def used(self, db: SqliteDatabase) -> None:
+        """``db`` was just used: it becomes the most recently used."""
+        del self._open[db]
+        self._open[db] = None
+
+    def admit(self, db: SqliteDatabase) -> None:
+        """List ``db``, which is about to connect, closing another connection if needed.
+
+        Raises:
+            LimitExceededError: ``limit`` connections are open and every one is inside
+                a transaction or a commit.
+        """
+        if len(self._open) >= self.limit:
+            victim = next((old for old in self._open if old.close_if_idle()), None)
+            if victim is None:
+                raise LimitExceededError(
+                    f"cannot open another object database: all {self.limit} open ones "
+                    f"(max_open_databases) are inside a transaction; {self.limit + 1} "
+                    "would pass the file descriptor budget",
+                    limit_name="max_open_databases",
+                    limit=self.limit,
+                    value=self.limit + 1,
+                )
+            del self._open[victim]
+        self._open[db] = None
+
+    def forget(self, db: SqliteDatabase) -> None:
+        """``db`` closed its connection."""
+        self._open.pop(db, None)
+
+    def databases(self) -> list[SqliteDatabase]:
+        """The databases with an open connection, least recently used first."""
+        return list(self._open)
 
 
 def _usable_directory(path: Path) -> Path:
@@ -275,22 +420,60 @@ class SqliteBackend:
     File names are ``<data_dir>/<namespace>/<id hex>.sqlite3``: namespaces are validated
     identifiers and ids are hex, so no object name can reach outside ``data_dir``.
     In-memory databases live as long as the backend (across hibernation).
+
+    At most ``max_open_databases`` file databases have a connection open at once (3
+    descriptors each; default: an eighth of the descriptor limit less the reserve, see
+    ``_descriptors.py``). Opening one more closes the least recently used one that is
+    between transactions; if every one is inside a transaction, the storage call that
+    needed the database raises :class:`~trio_hibernate.LimitExceededError`. Memory
+    databases hold no descriptor and are not counted.
     """
 
-    def __init__(self, data_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str] | None = None,
+        *,
+        max_open_databases: int | None = None,
+    ) -> None:
         """Use ``data_dir`` (created if missing), or memory for None.
 
         Raises:
             StorageError: ``data_dir`` cannot be created, is not a directory, or is not
                 writable.
+            ValueError: ``max_open_databases`` is below 1.
         """
+        if max_open_databases is not None and max_open_databases < 1:
+            raise ValueError(f"max_open_databases must be at least 1, got {max_open_databases}")
         self.data_dir = None if data_dir is None else _usable_directory(Path(data_dir))
         self._memory: dict[tuple[str, str], SqliteDatabase] = {}
+        if max_open_databases is None:
+            max_open_databases = default_max_open_databases(DESCRIPTORS_PER_DATABASE)
+        self._pool = _ConnectionPool(max_open_databases)
 
     @property
     def durable(self) -> bool:
         """True when data outlives the process."""
         return self.data_dir is not None
+
+    @property
+    def max_open_databases(self) -> int:
+        """The most file databases with a connection open at once."""
+        return self._pool.limit
+
+    @property
+    def open_databases(self) -> int:
+        """File databases with a connection open now."""
+        return len(self._pool)
+
+    @property
+    def max_descriptors(self) -> int:
+        """``3 * max_open_databases`` for files; 0 in memory."""
+        return 0 if self.data_dir is None else DESCRIPTORS_PER_DATABASE * self._pool.limit
+
+    @property
+    def open_descriptors(self) -> int:
+        """``3 *`` the file databases with a connection open now."""
+        return DESCRIPTORS_PER_DATABASE * len(self._pool)
 
     @property
     def alarm_index_path(self) -> Path | None:
@@ -309,7 +492,12 @@ class SqliteBackend:
         return self.path_for(namespace, object_id).exists()
 
     def open(self, namespace: str, object_id: ObjectId) -> SqliteDatabase:
-        """Open (creating if needed) the object's database."""
+        """Open (creating if needed) the object's database.
+
+        Raises:
+            LimitExceededError: ``max_open_databases`` file databases are open and every
+                one is inside a transaction (``limit_name="max_open_databases"``).
+        """
         if self.data_dir is None:
             key = (namespace, object_id.hex)
             db = self._memory.get(key)
@@ -319,10 +507,20 @@ class SqliteBackend:
             return db
         path = self.path_for(namespace, object_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = FULL")
-        return SqliteDatabase(conn)
+
+        def connect() -> sqlite3.Connection:
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = FULL")
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+        db = SqliteDatabase(reconnect=connect, pool=self._pool)
+        db._connection()  # room is made before it connects: the budget is never passed
+        return db
 
     def release(self, namespace: str, object_id: ObjectId, db: ObjectDatabase) -> None:
         """The object hibernated: close a file database (memory ones stay open)."""
@@ -331,6 +529,6 @@ class SqliteBackend:
 
     def close(self) -> None:
         """Close every database still open (memory ones are lost)."""
-        for db in self._memory.values():
+        for db in [*self._memory.values(), *self._pool.databases()]:
             db.close()
         self._memory.clear()

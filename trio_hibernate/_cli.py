@@ -169,17 +169,12 @@ async def _serve(app: App, args: argparse.Namespace, source: Path | None) -> int
                     nursery.start_soon(_watch, server.host, args.app, source)
                 await wait_for_shutdown_signal(server)
                 nursery.cancel_scope.cancel()
-    except StorageError as exc:
+    except (StorageError, ValueError, OSError) as exc:
         if serving:
             raise
-        return _fail(str(exc))
-    except ValueError as exc:  # an option the machine cannot honour (max_connections)
-        if serving:
-            raise
-        return _fail(str(exc))
-    except OSError as exc:  # from binding the port (the storage raises StorageError)
-        if serving:
-            raise
+        if isinstance(exc, StorageError | ValueError):  # ValueError: max_connections
+            return _fail(str(exc))
+        # From binding the port (storage problems come as StorageError).
         return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
     return 0
 

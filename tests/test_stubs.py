@@ -16,6 +16,7 @@ from trio.testing import wait_all_tasks_blocked
 from trio_hibernate import (
     App,
     DurableObject,
+    Host,
     ObjectContext,
     ObjectId,
     ObjectStub,
@@ -241,3 +242,49 @@ async def test_call_timeout_must_be_positive(bad: float) -> None:
     with pytest.raises(ValueError, match=f"call_timeout must be positive.*got {bad}"):
         async with open_host(node_app(), call_timeout=bad):
             pass  # pragma: no cover
+
+
+async def test_a_caller_that_gave_up_no_longer_counts_as_waiting(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A's call to a busy B times out and A's turn ends; when B runs that call later
+    and calls A back, A is idle: the call goes through (the chain was stale)."""
+    seen: list[str] = []
+    b_busy = trio.Event()
+    b_called_back = trio.Event()
+
+    class A(DurableObject):
+        async def call_b(self) -> str:
+            try:
+                await self.ctx.get_namespace("b").get_by_name("b").work()
+            except trio.TooSlowError:
+                return "timed out"
+            return "answered"
+
+        async def ping(self) -> str:
+            return "pong"
+
+    class B(DurableObject):
+        async def hold(self) -> None:
+            b_busy.set()
+            await trio.sleep(10)  # B is busy; A's call waits behind this turn
+
+        async def work(self) -> None:
+            try:
+                seen.append(await self.ctx.get_namespace("a").get_by_name("a").ping())
+            except ReentrantCallError as exc:
+                seen.append(f"refused: {exc}")
+            b_called_back.set()
+
+    async def hold_b(host: Host) -> None:
+        with pytest.raises(trio.TooSlowError):  # call_timeout: hold() runs on anyway
+            await host.get_namespace("b").get_by_name("b").hold()
+
+    async with open_host(App({"a": A, "b": B}), call_timeout=3) as host:
+        with trio.fail_after(WAIT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(hold_b, host)
+                await b_busy.wait()
+                assert await host.get_namespace("a").get_by_name("a").call_b() == "timed out"
+            await b_called_back.wait()
+    assert seen == ["pong"]

@@ -20,10 +20,24 @@ __all__ = [
     "Event",
     "FetchEvent",
     "MessageEvent",
+    "Waiting",
 ]
 
-#: The objects whose turns wait for a call, outermost first (see ``ReentrantCallError``).
-CallChain = tuple[tuple[str, ObjectId], ...]
+
+class Waiting:
+    """Whether a stub call's caller still waits for its answer (cleared when it stops
+    waiting: answered, timed out or cancelled)."""
+
+    __slots__ = ("active",)
+
+    def __init__(self) -> None:
+        self.active = True
+
+
+#: The objects whose turns wait for a call, outermost first (see ``ReentrantCallError``):
+#: (namespace, id, how it waits). ``None``: the current task's own turn, which waits as
+#: long as it runs; a :class:`Waiting`: a caller that may give up (``call_timeout``).
+CallChain = tuple[tuple[str, ObjectId, Waiting | None], ...]
 
 
 class MessageEvent:

@@ -11,7 +11,7 @@ import trio
 
 from ._codec import decode_data
 from ._errors import ReentrantCallError
-from ._events import CallChain, CallEvent, FetchEvent
+from ._events import CallChain, CallEvent, FetchEvent, Waiting
 from ._http import Request, Response
 from ._ids import ObjectId
 
@@ -37,20 +37,21 @@ def _label(namespace: str, object_id: ObjectId) -> str:
     return f"{namespace}/{object_id.name or object_id.hex}"
 
 
-def _check_reentry(namespace: str, object_id: ObjectId, what: str) -> CallChain:
-    """The chain the new call carries; raises if its target is waiting in it already."""
-    chain = waiting_turns.get()
-    if (namespace, object_id) in chain:
+def _check_reentry(namespace: str, object_id: ObjectId, what: str, waiting: Waiting) -> CallChain:
+    """The chain the new call carries (this task's turns now wait through ``waiting``);
+    raises if its target is among the turns still waiting for this task."""
+    waiters = [(ns, oid) for ns, oid, how in waiting_turns.get() if how is None or how.active]
+    if (namespace, object_id) in waiters:
         target = _label(namespace, object_id)
-        path = " -> ".join(_label(ns, oid) for ns, oid in (*chain, (namespace, object_id)))
+        path = " -> ".join(_label(ns, oid) for ns, oid in (*waiters, (namespace, object_id)))
         raise ReentrantCallError(
             f"re-entrant stub call refused: {what} of {target} would wait for a turn of "
             f"{target} that is itself waiting for this call ({path}); objects run one "
             "turn at a time, so it would deadlock. Make the call from a ctx.start_soon "
             "task instead: it then queues behind the current turn",
-            chain=(*chain, (namespace, object_id)),
+            chain=(*waiters, (namespace, object_id)),
         )
-    return chain
+    return tuple((ns, oid, waiting if how is None else how) for ns, oid, how in waiting_turns.get())
 
 
 @final
@@ -140,7 +141,8 @@ class ObjectStub:
         name: object = method
         if not isinstance(name, str) or name.startswith("_") or name in RESERVED_METHODS:
             raise AttributeError(f"{method!r} is not a public method a stub can call")
-        chain = _check_reentry(self.namespace, self.id, f"{method}()")
+        waiting = Waiting()
+        chain = _check_reentry(self.namespace, self.id, f"{method}()", waiting)
         host = self._host
         copied_args = decode_data(host._encode_call(args))
         copied_kwargs = decode_data(host._encode_call(kwargs))
@@ -155,7 +157,7 @@ class ObjectStub:
 
         entry = host._entry_for(self.namespace, self.id)
         host._deliver(entry, CallEvent(method, tuple(copied_args), copied_kwargs, reply, chain))
-        await self._answer(done, f"{method}()")
+        await self._answer(done, f"{method}()", waiting)
         ok, value = box[0]
         if ok:
             return value
@@ -184,7 +186,8 @@ class ObjectStub:
             ReentrantCallError: the object's turn is waiting for this call.
             trio.TooSlowError: no answer within the host's ``call_timeout``.
         """
-        chain = _check_reentry(self.namespace, self.id, "fetch()")
+        waiting = Waiting()
+        chain = _check_reentry(self.namespace, self.id, "fetch()", waiting)
         if isinstance(request, str):
             request = Request(method=method, url=request, headers=headers, body=body)
         elif request.websocket is not None:
@@ -198,14 +201,18 @@ class ObjectStub:
 
         entry = self._host._entry_for(self.namespace, self.id)
         self._host._deliver(entry, FetchEvent(request, reply, chain))
-        await self._answer(done, "fetch()")
+        await self._answer(done, "fetch()", waiting)
         return box[0]
 
-    async def _answer(self, done: trio.Event, what: str) -> None:
-        """Wait for ``done`` at most the host's ``call_timeout``."""
+    async def _answer(self, done: trio.Event, what: str, waiting: Waiting) -> None:
+        """Wait for ``done`` at most the host's ``call_timeout``; from then on (answered,
+        timed out or cancelled) the caller's turns no longer wait for the call."""
         timeout = self._host.call_timeout
-        with trio.move_on_after(timeout):
-            await done.wait()
+        try:
+            with trio.move_on_after(timeout):
+                await done.wait()
+        finally:
+            waiting.active = False
         if not done.is_set():
             raise trio.TooSlowError(
                 f"{what} of {_label(self.namespace, self.id)} got no answer within "

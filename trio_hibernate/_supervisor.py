@@ -123,7 +123,7 @@ async def supervise(host: Host, entry: ObjectEntry) -> None:
         entry.activation = activation
         # This task's own context (copied from whoever woke the object): its turns
         # wait for what they call.
-        waiting_turns.set(((entry.namespace, entry.object_id),))
+        waiting_turns.set(((entry.namespace, entry.object_id, None),))
         started_at = trio.current_time()
         try:
             with activation.scope:
@@ -260,7 +260,7 @@ async def _exclusive(host: Host, entry: ObjectEntry, activation: Activation) -> 
     async with activation.turn_lock:
         activation.owner = trio.lowlevel.current_task()
         # Like a turn, the transaction holds the object until it ends.
-        token = waiting_turns.set((*waiting_turns.get(), (entry.namespace, entry.object_id)))
+        token = waiting_turns.set((*waiting_turns.get(), (entry.namespace, entry.object_id, None)))
         try:
             yield
         finally:
@@ -348,7 +348,7 @@ async def _dispatch(
         assert isinstance(event, FetchEvent | CallEvent)
         token = None
         if event.chain:  # made in a turn of another object, which waits for this one
-            token = waiting_turns.set((*event.chain, (entry.namespace, entry.object_id)))
+            token = waiting_turns.set((*event.chain, (entry.namespace, entry.object_id, None)))
         try:
             if isinstance(event, FetchEvent):
                 await _dispatch_fetch(entry, activation, instance, event)

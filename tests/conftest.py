@@ -15,9 +15,17 @@
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+import pytest
+import trio
 from hypothesis import HealthCheck, settings
+from trio.testing import MockClock
+
+T = TypeVar("T")
 
 settings.register_profile(
     "default", deadline=None, suppress_health_check=[HealthCheck.too_slow], max_examples=100
@@ -28,3 +36,28 @@ settings.register_profile(
 settings.register_profile("nightly", parent=settings.get_profile("default"), max_examples=10_000)
 settings.register_profile("stateful", parent=settings.get_profile("default"), max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture
+def clock(autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch) -> MockClock:
+    """The autojump clock, held still while any worker thread (a commit) runs.
+
+    A task waiting for a thread looks idle to the autojump clock, which would then jump
+    over timeouts in the middle of a commit of a durable host.
+    """
+    real_run_sync = trio.to_thread.run_sync
+    running = 0
+
+    async def run_sync(fn: Callable[..., T], *args: object, **kwargs: Any) -> T:
+        nonlocal running
+        running += 1
+        autojump_clock.autojump_threshold = math.inf
+        try:
+            return await real_run_sync(fn, *args, **kwargs)
+        finally:
+            running -= 1
+            if not running:
+                autojump_clock.autojump_threshold = 0
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", run_sync)
+    return autojump_clock

@@ -415,3 +415,44 @@ async def test_past_the_limit_at_most_16_silent_clients_are_waited_for(
             assert trio.current_time() == before
             assert (await read_to_eof(silent[0])).startswith(b"HTTP/1.1 503 ")
             assert trio.current_time() > before
+
+
+async def test_an_alarm_that_cannot_open_its_database_is_retried(
+    tmp_path: Path, clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review finding: with every pooled database inside a transaction, an alarm's own
+    read of its database raised out of the supervisor and ended the host."""
+    from trio_hibernate import AlarmInfo, Response
+    from trio_hibernate.testing import open_test_host
+
+    release = trio.Event()
+    holding = trio.Event()
+    runs: list[int] = []
+
+    class Obj(DurableObject):
+        async def fetch(self, request: Request) -> Response:
+            if request.path.endswith("/alarm"):
+                await self.ctx.storage.set_alarm(self.ctx.now() + 5)
+            else:
+                await self.ctx.storage.put("k", 1)  # the turn's transaction: pool full
+                holding.set()
+                await release.wait()
+            return Response(body="ok")
+
+        async def alarm(self, info: AlarmInfo) -> None:
+            runs.append(info.retry_count)
+
+    app = App({"o": Obj})
+    with trio.fail_after(WAIT):
+        async with open_test_host(app, data_dir=str(tmp_path), max_open_databases=1) as host:
+            await host.fetch("o", "b", "/alarm")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(host.fetch, "o", "a", "/hold")
+                await holding.wait()
+                await trio.sleep(6)  # B's alarm comes due and cannot open its database
+                assert runs == []
+                release.set()
+            await trio.sleep(3)  # the retry, 2 s later
+            assert runs == [1]
+    assert "failed; retry 1 in 2 s" in caplog.text
+    assert "max_open_databases" in caplog.text

@@ -18,7 +18,6 @@ the test looks at the client, runs on the real clock.
 from __future__ import annotations
 
 import logging
-import math
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -151,27 +150,6 @@ class Store(DurableObject):
         )
         if self.probe.alarm_script is not None:
             await self.probe.alarm_script(self, info)
-
-
-@pytest.fixture
-def clock(autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch) -> MockClock:
-    """The autojump clock, held still while any worker thread (a commit) runs."""
-    real_run_sync = trio.to_thread.run_sync
-    running = 0
-
-    async def run_sync(fn: Callable[..., T], *args: object, **kwargs: Any) -> T:
-        nonlocal running
-        running += 1
-        autojump_clock.autojump_threshold = math.inf
-        try:
-            return await real_run_sync(fn, *args, **kwargs)
-        finally:
-            running -= 1
-            if not running:
-                autojump_clock.autojump_threshold = 0
-
-    monkeypatch.setattr(trio.to_thread, "run_sync", run_sync)
-    return autojump_clock
 
 
 @asynccontextmanager

@@ -498,26 +498,21 @@ async def _dispatch_alarm(
     host: Host, entry: ObjectEntry, instance: DurableObject, ctx: ObjectContext, event: AlarmEvent
 ) -> None:
     storage = ctx.storage
-    db = storage._database()
-    current = db.get_alarm()
-    if current is None or current > event.scheduled:
-        return  # deleted or moved since it was scheduled: a stale index entry
+    current: float | None = None
     try:
+        # Reading the alarm may fail too (the database cannot be opened: the pool is
+        # full of transactions, the disk is gone): that is a failed run, retried.
+        current = storage._database().get_alarm()
+        if current is None or current > event.scheduled:
+            return  # deleted or moved since it was scheduled: a stale index entry
         await instance.alarm(AlarmInfo(event.retry_count, event.retry_count > 0))
+        if storage._database().get_alarm() == current:
+            await storage.delete_alarm()  # done; unless the handler set a new one
     except Exception:  # contained here (house rule 5): logged, retried with backoff
         delay = host.alarms.retry_delay(event.retry_count)
-        if delay is None:
+        if delay is not None:
             _olog(entry).exception(
-                "alarm() of %s %s raised on its last retry (%d); giving up",
-                entry.namespace,
-                entry.object_id,
-                event.retry_count,
-            )
-            if db.get_alarm() == current:
-                await storage.delete_alarm()
-        else:
-            _olog(entry).exception(
-                "alarm() of %s %s raised; retry %d in %g s",
+                "alarm() of %s %s failed; retry %d in %g s",
                 entry.namespace,
                 entry.object_id,
                 event.retry_count + 1,
@@ -525,9 +520,22 @@ async def _dispatch_alarm(
             )
             retry_at = host.wall_clock() + delay
             host.alarms.schedule(entry.alarm_key, retry_at, event.retry_count + 1)
-        return
-    if db.get_alarm() == current:
-        await storage.delete_alarm()  # done; unless the handler set a new one
+            return
+        _olog(entry).exception(
+            "alarm() of %s %s failed on its last retry (%d); giving up",
+            entry.namespace,
+            entry.object_id,
+            event.retry_count,
+        )
+        try:
+            if current is not None and storage._database().get_alarm() == current:
+                await storage.delete_alarm()
+        except Exception:  # contained here too: the alarm stays set, to fire on restart
+            _olog(entry).exception(
+                "could not delete the alarm of %s %s after its last retry",
+                entry.namespace,
+                entry.object_id,
+            )
 
 
 async def _background(

@@ -570,3 +570,89 @@ def test_the_settings_index() -> None:
         assert len(index) == 0
     finally:
         index.close()
+
+
+# -- review findings -----------------------------------------------------------------------
+
+
+async def test_a_socket_lost_while_paused_gets_its_close(autojump_clock: trio.abc.Clock) -> None:
+    """The peer resets while its connection is paused (backpressure) and the object's
+    reply hits the reset: the object must still get websocket_close (1006) and the
+    socket must leave get_websockets (it stayed listed forever)."""
+    import socket
+    import struct
+
+    from wsproto.events import TextMessage
+
+    from trio_hibernate import Limits
+
+    ends: list[int] = []
+    ended = trio.Event()
+    slow = trio.Event()
+
+    class Slow(Echo):
+        async def websocket_message(self, ws: WebSocket, message: str | bytes) -> None:
+            await slow.wait()
+            ws.send(message * 1000)
+
+        async def websocket_close(
+            self, ws: WebSocket, code: int, reason: str, was_clean: bool
+        ) -> None:
+            ends.append(code)
+            ended.set()
+
+    limits = Limits(max_queued_messages_per_websocket=2)
+    async with open_server(App({"echo": Slow}), limits=limits) as server:
+        async with open_raw_websocket(server.port, "/echo/room") as raw:
+            for i in range(5):
+                await raw.send(TextMessage(data=f"m{i}"))
+            await settle()  # the connection is paused: 2 queued, the object is busy
+            sock = raw.stream.socket
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # a reset
+            slow.set()
+            await settle()
+        with trio.fail_after(WAIT_SECONDS):
+            await ended.wait()
+        assert ends == [1006]
+        assert server.host.object_statistics("echo", "room").websockets == 0
+        assert server.host.statistics().buffered_bytes == 0
+
+
+async def test_an_upgrade_that_fails_after_the_accept_is_undone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(self: ServerConnection, *args: object) -> None:
+        raise RuntimeError("a bug of ours while answering the upgrade")
+
+    async with serving() as (server, witness):
+        monkeypatch.setattr(ServerConnection, "_upgrade", broken)
+        request = UPGRADE.format(path="/echo/victim", host="x", key=GOOD_KEY, extra="")
+        response = await raw_exchange(server.port, request.encode())
+        assert status_of(response) == 500
+        monkeypatch.undo()
+        await settle()
+        assert server.host.object_statistics("echo", "victim").websockets == 0
+        assert server.host.statistics().internal_errors == 1
+        await witness_alive(witness)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"headers": {"content-length": "3"}}, "sets the 'content-length' header itself"),
+        ({"headers": {"Transfer-Encoding": "gzip"}}, "header itself"),
+        ({"headers": {"connection": "keep-alive"}}, "header itself"),
+        ({"headers": {"x-a": "a "}}, "leading or trailing whitespace"),
+        ({"headers": {"x-a": "\ta"}}, "leading or trailing whitespace"),
+        ({"status": 100}, "101 \\(an upgrade\\) or an int from 200 to 599"),
+        ({"status": 199}, "from 200 to 599"),
+        ({"status": 600}, "from 200 to 599"),
+        ({"status": True}, "from 200 to 599"),
+    ],
+)
+def test_responses_the_server_could_not_send_are_refused_when_built(
+    kwargs: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        Response(**kwargs)

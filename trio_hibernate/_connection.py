@@ -182,9 +182,15 @@ class ServerConnection:
         log.error(
             "internal error serving %s; closing this connection only", self._peer(), exc_info=exc
         )
+        record, entry = self._record, self._entry
         if self._pending is not None:  # no response went out yet
             self._send_raw_response(500, "Internal Server Error")
-        elif self._record is not None and self._ws is not None:
+            if record is not None and entry is not None:
+                # Accepted, but the upgrade could not be completed: undo the accept.
+                self._record = None
+                entry.core.release(record)
+                self._host._forget_if_unused(entry)
+        elif record is not None and self._ws is not None:
             self._fail(1011, "internal error")
         else:
             self._abort()
@@ -443,7 +449,6 @@ class ServerConnection:
             (b"content-length", str(len(response.body)).encode()),
             (b"connection", b"close"),
         ]
-        self._pending = None
         data = h.send(
             h11.Response(
                 status_code=response.status, headers=headers, reason=_reason(response.status)
@@ -453,6 +458,8 @@ class ServerConnection:
         if request.method != "HEAD":  # the head of the response only (RFC 9110 9.3.2)
             data += h.send(h11.Data(data=response.body)) or b""
         data += h.send(h11.EndOfMessage()) or b""
+        self._pending = None
+        self._terminal = True  # the exchange is over: nothing may follow (a late frame)
         self._write(data)
 
     def _send_raw_response(self, status: int, message: str) -> None:
@@ -554,6 +561,9 @@ class ServerConnection:
                     return
                 # Pong: nothing to do.
             if self._dead:
+                # Lost while writing (reset by the peer), or aborted after the end was
+                # decided (then this changes nothing): the object must hear of it.
+                self._end(CloseEvent(record, 1006, _DROP_REASON, False))
                 return
             if not self._terminal and (
                 record.queued >= max_queued or record.queued_bytes >= max_queued_bytes
@@ -687,6 +697,12 @@ class ServerConnection:
         else:
             self._abort()
 
+    def _lost(self) -> None:
+        """Writing failed (the peer reset the connection): the connection task, even if
+        paused for backpressure, wakes up and reports the drop (1006)."""
+        self._dead = True
+        self.resume_reading()
+
     def _abort(self) -> None:
         """Drop the transport now; the connection task wakes up and ends."""
         self.resume_reading()
@@ -720,7 +736,7 @@ class ServerConnection:
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
-            self._dead = True  # reset by the peer: the read side reports the drop
+            self._lost()
             return
         if sent < len(data):
             # One write may leave more than max_send_buffer_bytes behind (a big message):
@@ -758,7 +774,7 @@ class ServerConnection:
                 except (BlockingIOError, InterruptedError):
                     continue
                 except OSError:
-                    self._dead = True
+                    self._lost()
                     break
                 del backlog[:sent]
                 self._host.buffers.give(sent)

@@ -107,8 +107,18 @@ class Request:
 
 
 def _status(instance: object, attribute: attrs.Attribute[int], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 100 <= value <= 599:
-        raise ValueError(f"an HTTP status is an int from 100 to 599, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not (value == 101 or 200 <= value <= 599)
+    ):
+        raise ValueError(
+            f"a response status is 101 (an upgrade) or an int from 200 to 599, got {value!r}"
+        )
+
+
+#: Headers the server writes itself (framing and the upgrade); a Response may not.
+_SERVER_HEADERS: Final = frozenset({"content-length", "transfer-encoding", "connection", "upgrade"})
 
 
 @attrs.frozen(kw_only=True)
@@ -125,6 +135,17 @@ class Response:
     """The accepted WebSocket, for a 101 response."""
 
     def __attrs_post_init__(self) -> None:
+        for name, value in self.headers:
+            if name.lower() in _SERVER_HEADERS:
+                raise ValueError(
+                    f"the server sets the {name!r} header itself; a Response may not "
+                    f"(it may only carry {', '.join(sorted(_SERVER_HEADERS))} as the "
+                    "server writes them)"
+                )
+            if value != value.strip(" \t"):
+                raise ValueError(
+                    f"the value of header {name!r} has leading or trailing whitespace: {value!r}"
+                )
         if (self.status == 101) != (self.websocket is not None):
             raise ValueError(
                 "a 101 response must carry the accepted websocket, and only a 101 may "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import socket
 import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,7 +18,7 @@ from typing import Any, Final
 
 import pytest
 import trio
-from helpers import WAIT_SECONDS, http_exchange, open_raw_websocket, settle
+from helpers import WAIT_SECONDS, RawWebSocket, http_exchange, open_raw_websocket, settle
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from trio_hibernate import App, DurableObject, ObjectContext, Request, Response, WebSocket
@@ -450,6 +451,79 @@ async def test_slow_readers_are_dropped_and_logged(caplog: pytest.LogCaptureFixt
     assert "disconnected: the peer is not reading" in caplog.text or (
         "disconnected: the server is over its memory budget" in caplog.text
     )
+
+
+# -- closing without a reset -----------------------------------------------------------
+
+
+async def test_a_peer_still_sending_gets_the_close_and_no_reset(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Found by test_fuzz: a client sends a burst before it reads, and the burst breaks the
+    protocol while the server still holds most of an echo for it. The client gets the
+    whole echo, the Close 1002 and EOF. (Closed at once, with the rest of the burst unread
+    or still arriving, the server's kernel reset the connection and threw away what the
+    client had not received yet.)"""
+    from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request as WSRequest
+
+    echo = b"e" * 60_000
+    async with serving() as (server, witness):
+        sock = trio.socket.socket()
+        # A small receive window: most of the echo waits on the server's side until we read.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        with trio.fail_after(WAIT_SECONDS):
+            await sock.connect(("127.0.0.1", server.port))
+        async with trio.SocketStream(sock) as stream:
+            raw = RawWebSocket(stream)
+            await raw.send(WSRequest(host="x", target="/echo/burst"))
+            assert isinstance(await raw.next_event(), AcceptConnection)
+            await raw.send_raw(client_frame(0x2, echo))
+            with trio.fail_after(WAIT_SECONDS):
+                received = bytearray(await stream.receive_some(1))  # the echo has begun
+            # RSV1 with no extension negotiated (a protocol error), then 256 KiB more.
+            burst = client_frame(0x40 | 0x2, b"r" * 2**18)
+            resets = []
+            with trio.fail_after(WAIT_SECONDS):
+                try:
+                    await stream.send_all(burst)
+                except trio.BrokenResourceError as exc:
+                    resets.append(f"sending: {exc.__cause__!r}")
+                try:  # what reached us before a reset can still be read
+                    while chunk := await stream.receive_some(65536):
+                        received += chunk
+                except trio.BrokenResourceError as exc:
+                    resets.append(f"receiving: {exc.__cause__!r}")
+        raw.conn.receive_data(bytes(received))
+        events = list(raw.conn.events())
+        assert not resets, f"reset ({resets}) after {len(received)} bytes: {events!r:.200}"
+        assert len(events) == 2, f"{len(received)} bytes: {events!r:.200}"
+        message, close = events
+        assert isinstance(message, BytesMessage)
+        assert message.data == echo
+        assert isinstance(close, CloseConnection)
+        assert close.code == 1002
+        await witness_alive(witness)
+        assert server.host.statistics().internal_errors == 0
+
+
+async def test_a_lingering_connection_holds_no_budget(autojump_clock: trio.abc.Clock) -> None:
+    """After a 1009 the server waits for the client's EOF; the cut message is no longer
+    counted in the memory budget meanwhile."""
+    from wsproto.events import CloseConnection
+
+    from trio_hibernate import Limits
+
+    async with serving(limits=Limits(max_message_bytes=2**16)) as (server, witness):
+        async with open_raw_websocket(server.port, "/echo/big") as raw:
+            await raw.send_raw(client_frame(0x2, b"b" * 2**17))
+            event = await raw.next_event()
+            assert isinstance(event, CloseConnection)
+            assert event.code == 1009
+            assert await raw.next_event() is None  # the server's EOF; ours is not sent yet
+            stats = server.host.statistics()
+            assert stats.connections == 2  # the witness, and this one lingering
+            assert stats.buffered_bytes == 0
+        await witness_alive(witness)
 
 
 # -- forgotten objects cost nothing -------------------------------------------------------

@@ -49,10 +49,13 @@ _DROP_REASON: Final = "WebSocket disconnected without sending Close frame."
 _MAX_NAME_CHARS: Final = 256
 #: Bytes of a request line and headers (h11 buffers them whole). Larger: 431.
 _MAX_HEAD_BYTES: Final = 16384
-#: After refusing a request we did not read to the end, the rest is read and discarded
-#: for at most this long (and this many bytes) before closing: closing with unread data
-#: makes the kernel send a reset, which can destroy the response before the client
-#: reads it.
+#: Closing a socket with unread bytes, or getting bytes after closing it, makes the
+#: kernel send a reset, which throws away whatever the peer has not received yet: the end
+#: of a response, the last frames, our Close frame. So a connection that sent something
+#: ends with a lingering close (``_linger``): our bytes go out, then EOF, while what the
+#: peer still sends is read and discarded until its EOF; for at most ``close_timeout``
+#: (this long after a refused request) and this many bytes. Past either bound the socket
+#: is closed as it is, and the peer gets a reset.
 _LINGER_SECONDS: Final = 1.0
 _LINGER_BYTES: Final = 1024 * 1024
 
@@ -100,6 +103,7 @@ class ServerConnection:
 
     __slots__ = (
         "_backlog",
+        "_closing",
         "_dead",
         "_entry",
         "_flushed",
@@ -133,6 +137,7 @@ class ServerConnection:
         self._watchdog: trio.CancelScope | None = None
         self._terminal = False  # the terminal event is decided; no other may follow
         self._dead = False  # the transport is unusable; writes are dropped
+        self._closing = False  # lingering: writes are dropped, the backlog still goes out
 
     # -- the task ------------------------------------------------------------------------
 
@@ -152,7 +157,11 @@ class ServerConnection:
                 pass  # aborted by us (notify_closing): the reason was already recorded
             except Exception as exc:  # contained here (house rule 5): logged, counted
                 self._internal_error(exc)
-            await self._drain()
+            # What was held (a message cut short) went with the phase that held it.
+            host.buffers.give(self._held)
+            self._held = 0
+            if self._pending is None:  # a response went out: let it arrive whole
+                await self._linger(host.close_timeout)
         except trio.ClosedResourceError:
             pass
         finally:
@@ -474,23 +483,13 @@ class ServerConnection:
         )
 
     async def _refuse(self, status: int, message: str) -> None:
-        """The peer sent a request we cannot serve: answer ``status``, then read and
-        discard what it still sends (bounded) so that the answer is not lost to a reset."""
+        """The peer sent a request we cannot serve: answer ``status``, then close without
+        losing the answer to a reset (a lingering close of ``_LINGER_SECONDS``)."""
         if status < 500:
             self._host._bad_requests += 1
         log.info("refused a request from %s: %d %s", self._peer(), status, message)
         self._send_raw_response(status, message)
-        if self._dead:
-            return
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_WR)
-        discarded = 0
-        with trio.move_on_after(_LINGER_SECONDS):
-            while discarded < _LINGER_BYTES:
-                data = await self._recv()
-                if not data:
-                    break
-                discarded += len(data)
+        await self._linger(_LINGER_SECONDS)
         self._abort()
 
     # -- WebSocket -----------------------------------------------------------------------
@@ -716,7 +715,7 @@ class ServerConnection:
         if self._pending is not None:
             self._pending.append(bytes(data))
             return
-        if self._dead:
+        if self._dead or self._closing:
             return
         backlog = self._backlog
         if backlog is not None:
@@ -778,6 +777,8 @@ class ServerConnection:
                     break
                 del backlog[:sent]
                 self._host.buffers.give(sent)
+            if self._closing and not self._dead:
+                self._shutdown_write()  # the EOF that _linger left to follow the backlog
         except trio.ClosedResourceError:
             pass  # aborted by _abort(); nothing more can be written
         finally:
@@ -786,15 +787,42 @@ class ServerConnection:
             if self._flushed is not None:
                 self._flushed.set()
 
-    async def _drain(self) -> None:
-        """Let buffered bytes reach the peer (bounded by the close timeout)."""
-        if self._backlog is not None and not self._dead:
-            self._flushed = trio.Event()
-            with trio.move_on_after(self._host.close_timeout):
+    async def _linger(self, seconds: float) -> None:
+        """End the connection without a reset (see ``_LINGER_BYTES``): what we buffered
+        goes out, then EOF, while what the peer still sends is read and discarded until its
+        EOF. Returns then, after ``seconds``, or once the peer has sent ``_LINGER_BYTES``
+        more, whichever comes first; nothing more is written from the start.
+
+        A peer that sends a burst before it reads needs this: after a protocol error or a
+        refusal in the middle of the burst, it reads our last bytes only once its own
+        sending is done, so we keep reading until then. After a complete closing handshake
+        the peer sends nothing more and the server closes at once (RFC 6455 section
+        7.1.1): only our buffered bytes are waited for.
+
+        Raises:
+            trio.ClosedResourceError: The connection was aborted meanwhile (``_abort``).
+        """
+        if self._dead:
+            return
+        self._closing = True
+        if self._backlog is None:
+            self._shutdown_write()
+        # Else the flusher sends EOF once the backlog is out.
+        handshake_done = self._ws is not None and self._ws.state is ConnectionState.CLOSED
+        discarded = 0
+        with trio.move_on_after(seconds):
+            while not handshake_done and (data := await self._recv()):
+                discarded += len(data)
+                if discarded > _LINGER_BYTES:
+                    return  # the peer does not stop: closing now resets it
+            if self._backlog is not None:  # the peer may still be reading
+                self._flushed = trio.Event()
                 await self._flushed.wait()
-        if not self._dead:
-            with contextlib.suppress(OSError):  # already reset by the peer
-                self._sock.shutdown(socket.SHUT_WR)
+
+    def _shutdown_write(self) -> None:
+        """Send EOF after the bytes the kernel holds."""
+        with contextlib.suppress(OSError):  # already reset by the peer
+            self._sock.shutdown(socket.SHUT_WR)
 
     @staticmethod
     def parse_target(path: str) -> tuple[str, str] | str:

@@ -730,3 +730,39 @@ def test_responses_the_server_could_not_send_are_refused_when_built(
 ) -> None:
     with pytest.raises(ValueError, match=match):
         Response(**kwargs)
+
+
+async def test_a_namespace_removed_by_a_code_update_is_not_built_again(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Review finding: messages queued for an object whose namespace a live code update
+    removed made the host construct the removed class again, with the new env."""
+    from wsproto.events import CloseConnection, TextMessage
+
+    built: list[object] = []
+    busy = trio.Event()
+
+    class Removed(Echo):
+        def __init__(self, ctx: ObjectContext, env: Any) -> None:
+            super().__init__(ctx, env)
+            built.append(env)
+
+        async def websocket_message(self, ws: WebSocket, message: str | bytes) -> None:
+            busy.set()
+            await trio.sleep(1)
+
+    async with open_server(App({"gone": Removed, "echo": Echo}, env="old")) as server:
+        async with open_raw_websocket(server.port, "/gone/room") as raw:
+            for _ in range(3):
+                await raw.send(TextMessage(data="m"))
+            with trio.fail_after(WAIT_SECONDS):
+                await busy.wait()
+            await settle()  # two messages are queued behind the running one
+            await server.host.replace_app(App({"echo": Echo}, env="new"))
+            event = await raw.next_event()
+            assert isinstance(event, CloseConnection)
+            assert event.code == 1012
+        await trio.sleep(5)  # on the mock clock: anything queued would have run by now
+        assert built == ["old"]
+        stats = server.host.statistics()
+        assert (stats.live_objects, stats.hibernated_objects, stats.buffered_bytes) == (0, 0, 0)

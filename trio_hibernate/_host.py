@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import socket
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -369,7 +370,15 @@ class Host:
         entry = self._objects.get(key)
         if entry is None:
             core = ObjectCore(self.limits)
-            kept = self.settings.take(*key)
+            try:
+                kept = self.settings.take(*key)
+            except sqlite3.Error:
+                log.exception(
+                    "could not read the kept settings of %s %s; they are lost",
+                    namespace,
+                    object_id,
+                )
+                kept = None
             if kept is not None:
                 core.auto_response, core.event_timeout_ms = kept
             entry = ObjectEntry(namespace, object_id, cls, core)
@@ -406,7 +415,15 @@ class Host:
             return
         del self._objects[key]
         if core.auto_response is not None or core.event_timeout_ms is not None:
-            self.settings.keep(*key, (core.auto_response, core.event_timeout_ms))
+            try:
+                self.settings.keep(*key, (core.auto_response, core.event_timeout_ms))
+            except sqlite3.Error:  # the temporary directory is full, say: not fatal
+                log.exception(
+                    "could not keep the auto-response and event timeout of %s %s; they "
+                    "are lost (the object must set them again)",
+                    entry.namespace,
+                    entry.object_id,
+                )
 
     def _fail_object(self, entry: ObjectEntry, dropped: list[Event]) -> None:
         """The constructor raised: close every socket with 1011, answer fetches 500 and
@@ -434,20 +451,24 @@ class Host:
             entry.core.release(record)
 
     def _refuse_closing(self, entry: ObjectEntry, event: Event) -> None:
-        """Answer an event that will not run because the host is shutting down.
+        """Answer an event that will not run because the host is shutting down, or (a
+        live code update) its namespace is no longer in the app.
 
         A fetch gets 503, a stub call an error, an alarm's ``on_done`` runs (the alarm
-        stays set in the object's storage). Socket events are dropped: shutdown closes
-        every socket without running handlers.
+        stays set in the object's storage). Socket events are dropped: their sockets are
+        being closed without handlers.
         """
+        if self._closing:
+            server_why, why = "the server is shutting down", "the host is shutting down"
+        else:
+            server_why = why = f"namespace {entry.namespace!r} is no longer in the app"
         if isinstance(event, MessageEvent):
             self.buffers.give(event.size)
         elif isinstance(event, FetchEvent):
-            event.reply(Response(status=503, body="the server is shutting down\n"))
+            event.reply(Response(status=503, body=f"{server_why}\n"))
         elif isinstance(event, CallEvent):
             failure = RuntimeError(
-                f"the host is shutting down: {event.method}() of {entry.namespace} "
-                f"{entry.object_id} was not run"
+                f"{why}: {event.method}() of {entry.namespace} {entry.object_id} was not run"
             )
             event.reply((False, failure))
         elif isinstance(event, AlarmEvent) and event.on_done is not None:

@@ -111,9 +111,10 @@ async def supervise(host: Host, entry: ObjectEntry) -> None:
     """
     core = entry.core
     while True:
-        if host._closing:
+        if host._closing or entry.namespace not in host.app.objects:
             # STARTING -> STOPPING -> HIBERNATED with the mailbox handed back: the
-            # lifecycle's path for an instance that cannot be constructed.
+            # lifecycle's path for an instance that cannot be constructed. (A namespace
+            # a live code update removed has its sockets closed already.)
             for event in core.on_failed():
                 host._refuse_closing(entry, event)
             core.on_stopped()

@@ -473,7 +473,7 @@ class ServerConnection:
 
     def _send_raw_response(self, status: int, message: str) -> None:
         """An error response written without h11 (it refuses to answer a request it
-        could not parse). ``message`` must be ASCII."""
+        could not parse). Non-ASCII characters of ``message`` become ``?``."""
         body = f"{message}\n".encode("ascii", "replace")
         self._pending = None
         self._write(

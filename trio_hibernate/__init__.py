@@ -22,12 +22,7 @@ from ._errors import (
     StorageError as StorageError,
     WebSocketStateError as WebSocketStateError,
 )
-from ._host import (
-    Host as Host,
-    HostStatistics as HostStatistics,
-    ObjectStatistics as ObjectStatistics,
-    open_host as open_host,
-)
+from ._host import Host as Host, open_host as open_host
 from ._http import Request as Request, Response as Response
 from ._ids import ObjectId as ObjectId
 from ._lifecycle import ObjectState as ObjectState
@@ -36,6 +31,7 @@ from ._object import DurableObject as DurableObject
 from ._registry import ReadyState as ReadyState
 from ._server import Server as Server, open_server as open_server, serve_objects as serve_objects
 from ._signals import wait_for_shutdown_signal as wait_for_shutdown_signal
+from ._statistics import HostStatistics as HostStatistics, ObjectStatistics as ObjectStatistics
 from ._storage.alarms import AlarmInfo as AlarmInfo
 from ._storage.api import SqlCursor as SqlCursor, SqlStorage as SqlStorage, Storage as Storage
 from ._stubs import Namespace as Namespace, ObjectStub as ObjectStub

@@ -187,7 +187,7 @@ class ServerConnection:
 
     def _internal_error(self, exc: Exception) -> None:
         """A bug of ours (or of a library) while serving this connection: end it only."""
-        self._host._internal_errors += 1
+        self._host.counters.internal_errors += 1
         log.error(
             "internal error serving %s; closing this connection only", self._peer(), exc_info=exc
         )
@@ -486,7 +486,7 @@ class ServerConnection:
         """The peer sent a request we cannot serve: answer ``status``, then close without
         losing the answer to a reset (a lingering close of ``_LINGER_SECONDS``)."""
         if status < 500:
-            self._host._bad_requests += 1
+            self._host.counters.bad_requests += 1
         log.info("refused a request from %s: %d %s", self._peer(), status, message)
         self._send_raw_response(status, message)
         await self._linger(_LINGER_SECONDS)
@@ -505,6 +505,7 @@ class ServerConnection:
         host = self._host
         deliver = host._deliver
         budget = host.buffers
+        counters = host.counters
         limits = host.limits
         max_queued = limits.max_queued_messages_per_websocket
         max_queued_bytes = limits.max_queued_bytes_per_websocket
@@ -545,7 +546,7 @@ class ServerConnection:
                     if isinstance(message, str) and core.is_auto_response(message):
                         budget.give(size)
                         reply = core.record_auto_response(record, host.wall_clock())
-                        host._auto_responses += 1
+                        counters.auto_responses += 1
                         if reply is not None:
                             self.send_message(reply)
                         continue

@@ -26,6 +26,7 @@ from ._ids import ObjectId
 from ._lifecycle import ObjectCore, ObjectState
 from ._limits import Limits
 from ._operations import operations_response
+from ._statistics import Counters, HostStatistics, ObjectStatistics
 from ._storage.alarms import AlarmIndex, AlarmKey, AlarmScheduler
 from ._storage.backend import StorageBackend
 from ._storage.settings import SettingsIndex
@@ -37,59 +38,13 @@ if TYPE_CHECKING:
     from ._app import App
     from ._object import DurableObject
 
-__all__ = ["Host", "HostStatistics", "ObjectStatistics", "open_host"]
+__all__ = ["Host", "open_host"]
 
 log = logging.getLogger("trio_hibernate.host")
 
 #: Messages up to this size keep their encoded frame for the next send of the same object
 #: (a broadcast loop sends one ``str`` to many sockets: encode once).
 _FRAME_CACHE_MAX_BYTES: Final = 65536
-
-
-@attrs.frozen(kw_only=True)
-class HostStatistics:
-    """A snapshot of a host (see :meth:`Host.statistics`)."""
-
-    live_objects: int
-    """Objects with an instance in memory."""
-    hibernated_objects: int
-    """Objects with connected WebSockets and no instance."""
-    websockets: int
-    """Accepted WebSockets, whether their object is live or hibernated."""
-    connections: int
-    """Open client connections (including ones still in the HTTP phase)."""
-    wakes: int
-    """Instances constructed so far."""
-    hibernations: int
-    """Instances dropped so far (idle, hook, strict mode, timeout, shutdown)."""
-    auto_responses: int
-    """Auto-responses served by the runtime without waking an object."""
-    seconds_in_memory: float
-    """Total (Trio clock) seconds that instances spent in memory, finished activations."""
-    storage_commits: int
-    """Storage commits that succeeded."""
-    buffered_bytes: int
-    """Bytes held for clients now: messages being received or queued, request bodies,
-    outbound buffers (bounded by ``Limits.max_buffered_bytes``)."""
-    bad_requests: int
-    """Requests refused because they were malformed (400, 413, 431)."""
-    internal_errors: int
-    """Connections ended by an error of ours (answered 500 or closed 1011, and logged
-    with a traceback)."""
-
-
-@attrs.frozen(kw_only=True)
-class ObjectStatistics:
-    """A snapshot of one object (see :meth:`Host.object_statistics`)."""
-
-    state: ObjectState
-    """``HIBERNATED``, ``STARTING``, ``LIVE`` or ``STOPPING``."""
-    websockets: int
-    """Accepted WebSockets still listed by ``get_websockets()``."""
-    queued_events: int
-    """Events waiting for the object."""
-    activations: int
-    """Times the object's constructor has completed."""
 
 
 @attrs.define(eq=False)
@@ -197,15 +152,10 @@ class Host:
         self._shutdown_reported = False
         self._last_message: str | bytes | None = None
         self._last_frame = b""
-        self._wakes = 0
-        self._hibernations = 0
-        self._auto_responses = 0
-        self._seconds_in_memory = 0.0
-        self._commits = 0
+        self.counters = Counters()
+        """What happened so far (read through :meth:`statistics`)."""
         self.buffers = MemoryBudget(limits.max_buffered_bytes)
         """Bytes held for clients, host-wide (``Limits.max_buffered_bytes``)."""
-        self._bad_requests = 0
-        self._internal_errors = 0
 
     # -- public --------------------------------------------------------------------------
 
@@ -278,19 +228,20 @@ class Host:
     def statistics(self) -> HostStatistics:
         """Counts of objects, sockets, wakes and hibernations (see the fields)."""
         live = sum(1 for e in self._objects.values() if e.activation is not None)
+        counters = self.counters
         return HostStatistics(
             live_objects=live,
             hibernated_objects=len(self._objects) - live,
             websockets=sum(len(e.core.registry) for e in self._objects.values()),
             connections=len(self._connections),
-            wakes=self._wakes,
-            hibernations=self._hibernations,
-            auto_responses=self._auto_responses,
-            seconds_in_memory=self._seconds_in_memory,
-            storage_commits=self._commits,
+            wakes=counters.wakes,
+            hibernations=counters.hibernations,
+            auto_responses=counters.auto_responses,
+            seconds_in_memory=counters.seconds_in_memory,
+            storage_commits=counters.storage_commits,
             buffered_bytes=self.buffers.used,
-            bad_requests=self._bad_requests,
-            internal_errors=self._internal_errors,
+            bad_requests=counters.bad_requests,
+            internal_errors=counters.internal_errors,
         )
 
     def object_statistics(self, namespace: str, name: str | ObjectId) -> ObjectStatistics:

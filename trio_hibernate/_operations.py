@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from ._http import Request, Response
 
 if TYPE_CHECKING:
-    from ._host import HostStatistics
+    from ._statistics import HostStatistics
 
 __all__ = ["operations_response"]
 

@@ -131,7 +131,7 @@ async def supervise(host: Host, entry: ObjectEntry) -> None:
                 await _activate(host, entry, activation)
         finally:
             entry.activation = None
-            host._seconds_in_memory += trio.current_time() - started_at
+            host.counters.seconds_in_memory += trio.current_time() - started_at
             _release_storage(host, entry, activation)
             activation.stopped.set()
         if not core.on_stopped():
@@ -180,7 +180,7 @@ async def _activate(host: Host, entry: ObjectEntry, activation: Activation) -> N
             host._fail_object(entry, core.on_failed())
             return
         core.on_started()
-        host._wakes += 1
+        host.counters.wakes += 1
         try:
             await _run_turns(host, entry, activation, instance, ctx)
         finally:
@@ -190,7 +190,7 @@ async def _activate(host: Host, entry: ObjectEntry, activation: Activation) -> N
                 while (event := core.pop_event()) is not None:
                     host._refuse_closing(entry, event)
             core.begin_stop()
-            host._hibernations += 1
+            host.counters.hibernations += 1
             nursery.cancel_scope.cancel()
 
 
@@ -249,7 +249,7 @@ async def _commit(host: Host, entry: ObjectEntry, activation: Activation) -> Non
     finally:
         storage.committing = False
     storage.committed()
-    host._commits += 1
+    host.counters.storage_commits += 1
     if change is not ...:
         assert change is None or isinstance(change, float)
         host.alarms.schedule(key, change)

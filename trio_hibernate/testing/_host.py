@@ -11,10 +11,11 @@ import trio
 
 from .._app import App
 from .._events import AlarmEvent
-from .._host import Host, HostStatistics, open_host
+from .._host import Host, open_host
 from .._http import Request, Response
 from .._ids import ObjectId
 from .._limits import Limits
+from .._statistics import HostStatistics
 from ._client import TestWebSocket, handshake
 
 __all__ = ["TestHost", "open_test_host"]

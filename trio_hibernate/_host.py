@@ -348,7 +348,7 @@ class Host:
     def _deliver(self, entry: ObjectEntry, event: Event) -> None:
         """Queue ``event`` for the object, waking it if it is hibernated."""
         if self._closing:
-            self._refuse_closing(entry, event)
+            self._refuse_unrun_event(entry, event)
             return
         if entry.core.enqueue(event):
             self._nursery.start_soon(supervise, self, entry)
@@ -401,7 +401,7 @@ class Host:
             record.transport.begin_shutdown(1011, "internal error")
             entry.core.release(record)
 
-    def _refuse_closing(self, entry: ObjectEntry, event: Event) -> None:
+    def _refuse_unrun_event(self, entry: ObjectEntry, event: Event) -> None:
         """Answer an event that will not run because the host is shutting down, or (a
         live code update) its namespace is no longer in the app.
 

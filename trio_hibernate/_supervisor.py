@@ -116,7 +116,7 @@ async def supervise(host: Host, entry: ObjectEntry) -> None:
             # lifecycle's path for an instance that cannot be constructed. (A namespace
             # a live code update removed has its sockets closed already.)
             for event in core.on_failed():
-                host._refuse_closing(entry, event)
+                host._refuse_unrun_event(entry, event)
             core.on_stopped()
             host._forget_if_unused(entry)
             return
@@ -188,7 +188,7 @@ async def _activate(host: Host, entry: ObjectEntry, activation: Activation) -> N
                 # Shutdown cancelled the activation (here, not in supervise: the host
                 # nursery's cancellation may carry the Cancelled past supervise's loop).
                 while (event := core.pop_event()) is not None:
-                    host._refuse_closing(entry, event)
+                    host._refuse_unrun_event(entry, event)
             core.begin_stop()
             host.counters.hibernations += 1
             nursery.cancel_scope.cancel()

@@ -10,7 +10,6 @@ a :func:`open_host` and hand it sockets.
 
 from ._app import App as App
 from ._autoresponse import WebSocketRequestResponsePair as WebSocketRequestResponsePair
-from ._connection import WebSocketProtocolError as WebSocketProtocolError
 from ._context import ObjectContext as ObjectContext
 from ._errors import (
     DataCloneError as DataCloneError,
@@ -20,6 +19,7 @@ from ._errors import (
     ReentrantCallError as ReentrantCallError,
     StorageCommitError as StorageCommitError,
     StorageError as StorageError,
+    WebSocketProtocolError as WebSocketProtocolError,
     WebSocketStateError as WebSocketStateError,
 )
 from ._host import Host as Host, open_host as open_host

@@ -24,7 +24,7 @@ from typing import Final
 import trio
 
 from ._app import App
-from ._errors import StorageError
+from ._errors import AppLoadError, StorageError
 from ._host import Host
 from ._limits import Limits
 from ._server import open_server
@@ -35,10 +35,6 @@ __all__ = ["load_app", "main"]
 log = logging.getLogger("trio_hibernate.cli")
 
 _RELOAD_POLL_SECONDS: Final = 0.5
-
-
-class AppLoadError(Exception):
-    """The app spec could not be turned into an :class:`App`."""
 
 
 def _module_from_file(path: Path) -> ModuleType:

@@ -31,6 +31,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import generate_accept_token
 
+from ._errors import WebSocketProtocolError
 from ._events import CloseEvent, ErrorEvent, FetchEvent, MessageEvent
 from ._http import Request, Response, split_target
 from ._supervisor import run_app_hook
@@ -66,19 +67,6 @@ class _BadRequest(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-class WebSocketProtocolError(Exception):
-    """Passed to ``websocket_error``: the peer broke the protocol or a limit.
-
-    Attributes:
-        code: The close code the runtime sent (1002, 1007, 1009, or 1011 for a slow peer).
-    """
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(f"WebSocket protocol error ({code}): {reason}")
-        self.code = code
-        self.reason = reason
 
 
 def _join(parts: list[str | bytes]) -> str | bytes:

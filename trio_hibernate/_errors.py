@@ -1,16 +1,21 @@
-"""Exceptions raised by trio-hibernate.
+"""Exceptions raised by trio-hibernate, by whose fault they are.
 
-Every error says whose fault it is: :class:`LimitExceededError`, :class:`DataCloneError`,
-:class:`InvalidCloseCodeError`, :class:`WebSocketStateError` and
-:class:`ReentrantCallError` are raised to the *caller* (application code misused the API
-or passed a value over a limit), and nothing has changed when they are raised. Failures
-caused by the *peer* are never raised into object code; they arrive as
-``websocket_close`` / ``websocket_error`` events instead. :class:`StorageError` is the
-*operator's*: the data directory, or a file in it, cannot be used.
+- The *caller's* (application code misused the API or passed a value over a limit):
+  :class:`LimitExceededError`, :class:`DataCloneError`, :class:`InvalidCloseCodeError`,
+  :class:`WebSocketStateError`, :class:`ReentrantCallError`. Nothing has changed when
+  they are raised.
+- The *peer's*: never raised into object code. :class:`WebSocketProtocolError` arrives
+  as the ``error`` of a ``websocket_error`` event (a closed connection as
+  ``websocket_close``); a malformed HTTP request is answered with a 4xx.
+- The *operator's*: :class:`StorageError` (the data directory, or a file in it, cannot be
+  used), :class:`AppLoadError` (the CLI's app spec names no App).
+- The *runtime's* own (a bug; please report): :class:`InvalidTransition`.
+- The *storage's*: :class:`StorageCommitError` (a turn's writes were lost).
 """
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,13 +23,16 @@ if TYPE_CHECKING:
     from ._ids import ObjectId
 
 __all__ = [
+    "AppLoadError",
     "DataCloneError",
     "HibernateError",
     "InvalidCloseCodeError",
+    "InvalidTransition",
     "LimitExceededError",
     "ReentrantCallError",
     "StorageCommitError",
     "StorageError",
+    "WebSocketProtocolError",
     "WebSocketStateError",
 ]
 
@@ -111,3 +119,37 @@ class ReentrantCallError(HibernateError, RuntimeError):
     def __init__(self, message: str, *, chain: tuple[tuple[str, ObjectId], ...]) -> None:
         super().__init__(message)
         self.chain = chain
+
+
+class WebSocketProtocolError(HibernateError):
+    """Passed to ``websocket_error``: the peer broke the protocol or a limit.
+
+    Attributes:
+        code: The close code the runtime sent (1002, 1007, 1009, 1008 for a stalled
+            message, 1013 past the memory budget, or 1011 for a slow peer).
+        reason: The close reason sent with it.
+    """
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"WebSocket protocol error ({code}): {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class AppLoadError(HibernateError):
+    """The CLI's app spec could not be turned into an :class:`~trio_hibernate.App`."""
+
+
+class InvalidTransition(RuntimeError):
+    """The runtime asked an object's lifecycle for a move its table does not allow (a
+    bug of the runtime, never of application code).
+
+    Attributes:
+        state: The lifecycle state (an ``ObjectState``).
+        what: The input that was refused.
+    """
+
+    def __init__(self, state: Enum, what: str) -> None:
+        super().__init__(f"{what!r} is not allowed in state {state.name}; please report")
+        self.state = state
+        self.what = what

@@ -25,6 +25,7 @@ from enum import Enum
 from typing import Final
 
 from ._autoresponse import WebSocketRequestResponsePair
+from ._errors import InvalidTransition
 from ._events import Event, MessageEvent
 from ._limits import Limits
 from ._registry import SocketRecord, SocketRegistry
@@ -39,15 +40,6 @@ class ObjectState(Enum):
     STARTING = "starting"
     LIVE = "live"
     STOPPING = "stopping"
-
-
-class InvalidTransition(RuntimeError):
-    """The runtime asked the lifecycle for a move its table does not allow (a bug)."""
-
-    def __init__(self, state: ObjectState, what: str) -> None:
-        super().__init__(f"{what!r} is not allowed in state {state.name}; please report")
-        self.state = state
-        self.what = what
 
 
 _H, _S, _L, _T = (

@@ -173,10 +173,6 @@ class _SpareDescriptor:
         self.fd = None
         return True
 
-    def close(self) -> None:
-        """Give the spare back for good."""
-        self.release()
-
 
 class _AcceptErrors:
     """accept() failures: logged at the first one, then at most once per
@@ -252,7 +248,7 @@ class _Acceptor:
                     while await self._accept(nursery):
                         pass
         finally:
-            self.spare.close()
+            self.spare.release()  # for good
 
     async def _accept(self, nursery: trio.Nursery) -> bool:
         """Take one client from the backlog; False when there is none for now."""

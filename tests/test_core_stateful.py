@@ -44,19 +44,19 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from trio_hibernate._autoresponse import WebSocketRequestResponsePair
 from trio_hibernate._context import ObjectContext
+from trio_hibernate._core.events import CloseEvent, ErrorEvent, Event, FetchEvent, MessageEvent
+from trio_hibernate._core.gate import OutputGate
+from trio_hibernate._core.lifecycle import InvalidTransition, ObjectCore, ObjectState
+from trio_hibernate._core.sockets import ReadyState, SocketRecord
 from trio_hibernate._errors import (
     DataCloneError,
     InvalidCloseCodeError,
     LimitExceededError,
     WebSocketStateError,
 )
-from trio_hibernate._events import CloseEvent, ErrorEvent, Event, FetchEvent, MessageEvent
-from trio_hibernate._gate import OutputGate
 from trio_hibernate._http import Request, Response
 from trio_hibernate._ids import ObjectId
-from trio_hibernate._lifecycle import InvalidTransition, ObjectCore, ObjectState
 from trio_hibernate._limits import MAX_CLOSE_REASON_BYTES, MAX_EVENT_TIMEOUT_MS, Limits
-from trio_hibernate._registry import ReadyState, SocketRecord
 from trio_hibernate._websocket import WebSocket
 
 # Small limits, so that every limit is hit often.

@@ -23,8 +23,12 @@ import pytest
 from fakes import FakeTransport
 
 from trio_hibernate._autoresponse import WebSocketRequestResponsePair
-from trio_hibernate._codec import decode_data, encode_data
 from trio_hibernate._context import ObjectContext
+from trio_hibernate._core.codec import decode_data, encode_data
+from trio_hibernate._core.events import CloseEvent, Event, FetchEvent, MessageEvent
+from trio_hibernate._core.gate import OutputGate
+from trio_hibernate._core.lifecycle import TRANSITIONS, InvalidTransition, ObjectCore, ObjectState
+from trio_hibernate._core.sockets import ReadyState, SocketRecord, SocketRegistry, normalize_tags
 from trio_hibernate._errors import (
     DataCloneError,
     HibernateError,
@@ -32,13 +36,9 @@ from trio_hibernate._errors import (
     LimitExceededError,
     WebSocketStateError,
 )
-from trio_hibernate._events import CloseEvent, Event, FetchEvent, MessageEvent
-from trio_hibernate._gate import OutputGate
 from trio_hibernate._http import Request, Response
 from trio_hibernate._ids import ObjectId
-from trio_hibernate._lifecycle import TRANSITIONS, InvalidTransition, ObjectCore, ObjectState
 from trio_hibernate._limits import MAX_CLOSE_REASON_BYTES, MAX_EVENT_TIMEOUT_MS, Limits
-from trio_hibernate._registry import ReadyState, SocketRecord, SocketRegistry, normalize_tags
 from trio_hibernate._websocket import WebSocket, check_close_args
 
 DEFAULTS: Final = Limits()
@@ -551,7 +551,7 @@ def test_a_deeply_nested_attachment_reads_back_or_is_refused_at_once() -> None:
     # Spec 4: data round-trips. Nesting is capped (MAX_NESTING_DEPTH) so that what is
     # stored can always be read back: at the cap it round-trips, past it serializing
     # fails cleanly and the previous attachment stays.
-    from trio_hibernate._codec import MAX_NESTING_DEPTH
+    from trio_hibernate._core.codec import MAX_NESTING_DEPTH
 
     _, ctx = live_object()
     ws, _ = accepted(ctx)

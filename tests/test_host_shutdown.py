@@ -28,7 +28,7 @@ from trio_hibernate import (
     Request,
     Response,
 )
-from trio_hibernate._events import CallEvent
+from trio_hibernate._core.events import CallEvent
 from trio_hibernate._storage.alarms import AlarmIndex
 from trio_hibernate._storage.sqlite import SqliteDatabase
 from trio_hibernate.testing import TestHost, open_test_host

@@ -22,8 +22,8 @@ from helpers import WAIT_SECONDS, RawWebSocket, http_exchange, open_raw_websocke
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from trio_hibernate import App, DurableObject, ObjectContext, Request, Response, WebSocket
-from trio_hibernate._connection import ServerConnection
-from trio_hibernate._lifecycle import ObjectCore
+from trio_hibernate._core.lifecycle import ObjectCore
+from trio_hibernate._net.connection import ServerConnection
 from trio_hibernate._server import Server, open_server
 
 UPGRADE = (
@@ -268,7 +268,7 @@ async def test_an_internal_error_in_the_websocket_phase_closes_1011(
 ) -> None:
     from wsproto.events import CloseConnection, TextMessage
 
-    from trio_hibernate._lifecycle import ObjectCore
+    from trio_hibernate._core.lifecycle import ObjectCore
 
     def broken(self: ObjectCore, text: str) -> bool:
         raise RuntimeError("a bug of ours")

@@ -30,7 +30,7 @@ from crash_child import NAME, NAMESPACE
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from trio_hibernate import ObjectId
-from trio_hibernate._codec import decode_data
+from trio_hibernate._core.codec import decode_data
 from trio_hibernate._storage.sqlite import SqliteBackend
 
 pytestmark = pytest.mark.integration

@@ -32,7 +32,7 @@ from hypothesis.stateful import (
 )
 
 from trio_hibernate import ObjectId
-from trio_hibernate._codec import decode_data, encode_data
+from trio_hibernate._core.codec import decode_data, encode_data
 from trio_hibernate._storage.sqlite import SqliteBackend, SqliteDatabase, prefix_upper_bound
 
 NAMESPACE: Final = "store"

@@ -11,6 +11,8 @@ a :func:`open_host` and hand it sockets.
 from ._app import App as App
 from ._autoresponse import WebSocketRequestResponsePair as WebSocketRequestResponsePair
 from ._context import ObjectContext as ObjectContext
+from ._core.lifecycle import ObjectState as ObjectState
+from ._core.sockets import ReadyState as ReadyState
 from ._errors import (
     DataCloneError as DataCloneError,
     HibernateError as HibernateError,
@@ -25,10 +27,8 @@ from ._errors import (
 from ._host import Host as Host, open_host as open_host
 from ._http import Request as Request, Response as Response
 from ._ids import ObjectId as ObjectId
-from ._lifecycle import ObjectState as ObjectState
 from ._limits import Limits as Limits
 from ._object import DurableObject as DurableObject
-from ._registry import ReadyState as ReadyState
 from ._server import Server as Server, open_server as open_server, serve_objects as serve_objects
 from ._signals import wait_for_shutdown_signal as wait_for_shutdown_signal
 from ._statistics import HostStatistics as HostStatistics, ObjectStatistics as ObjectStatistics

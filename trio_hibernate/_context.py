@@ -9,15 +9,15 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, final
 
 from ._autoresponse import WebSocketRequestResponsePair
+from ._core.sockets import SocketRecord, normalize_tags
 from ._errors import LimitExceededError, WebSocketStateError
 from ._limits import MAX_EVENT_TIMEOUT_MS
-from ._registry import SocketRecord, normalize_tags
 from ._websocket import WebSocket
 
 if TYPE_CHECKING:
-    from ._gate import OutputGate
+    from ._core.gate import OutputGate
+    from ._core.lifecycle import ObjectCore
     from ._ids import ObjectId
-    from ._lifecycle import ObjectCore
     from ._storage.api import Storage
     from ._stubs import Namespace
 

@@ -15,17 +15,17 @@ from typing import TYPE_CHECKING, Any, Final, final
 import attrs
 import trio
 
-from ._budget import MemoryBudget
-from ._codec import encode_data
-from ._connection import ServerConnection
-from ._events import AlarmEvent, CallEvent, Event, FetchEvent, MessageEvent
-from ._frames import encode_message
+from ._core.budget import MemoryBudget
+from ._core.codec import encode_data
+from ._core.events import AlarmEvent, CallEvent, Event, FetchEvent, MessageEvent
+from ._core.frames import encode_message
+from ._core.lifecycle import ObjectCore, ObjectState
 from ._groups import open_owned_nursery
 from ._http import Request, Response
 from ._ids import ObjectId
-from ._lifecycle import ObjectCore, ObjectState
 from ._limits import Limits
-from ._operations import operations_response
+from ._net.connection import ServerConnection
+from ._net.operations import operations_response
 from ._statistics import Counters, HostStatistics, ObjectStatistics
 from ._storage.alarms import AlarmIndex, AlarmKey, AlarmScheduler
 from ._storage.backend import StorageBackend

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import attrs
 
-from ._lifecycle import ObjectState
+from ._core.lifecycle import ObjectState
 
 __all__ = ["Counters", "HostStatistics", "ObjectStatistics"]
 

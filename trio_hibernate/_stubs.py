@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any, Final, final
 
 import trio
 
-from ._codec import decode_data
+from ._core.codec import decode_data
+from ._core.events import CallChain, CallEvent, FetchEvent, Waiting
 from ._errors import ReentrantCallError
-from ._events import CallChain, CallEvent, FetchEvent, Waiting
 from ._http import Request, Response
 from ._ids import ObjectId
 

@@ -22,10 +22,9 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from ._codec import decode_data
 from ._context import ObjectContext
-from ._errors import LimitExceededError, StorageCommitError
-from ._events import (
+from ._core.codec import decode_data
+from ._core.events import (
     AlarmEvent,
     CallEvent,
     CloseEvent,
@@ -34,7 +33,8 @@ from ._events import (
     FetchEvent,
     MessageEvent,
 )
-from ._gate import OutputGate
+from ._core.gate import OutputGate
+from ._errors import LimitExceededError, StorageCommitError
 from ._http import Request, Response
 from ._storage.alarms import AlarmInfo
 from ._storage.api import Storage

@@ -5,13 +5,13 @@ from __future__ import annotations
 from functools import partial
 from typing import TYPE_CHECKING, Final, final
 
-from ._codec import decode_data, encode_data
+from ._core.codec import decode_data, encode_data
+from ._core.sockets import ReadyState, SocketRecord, Transport
 from ._errors import InvalidCloseCodeError, WebSocketStateError
 from ._limits import MAX_CLOSE_REASON_BYTES
-from ._registry import ReadyState, SocketRecord, Transport
 
 if TYPE_CHECKING:
-    from ._gate import OutputGate
+    from ._core.gate import OutputGate
     from ._limits import Limits
 
 __all__ = ["WebSocket", "check_close_args"]

@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, TypeVar, final, overload
 import attrs
 import trio
 
-from .._codec import decode_data, encode_data
+from .._core.codec import decode_data, encode_data
 from .._errors import LimitExceededError
 from .backend import ObjectDatabase, SqlValue
 
 if TYPE_CHECKING:
-    from .._gate import OutputGate
+    from .._core.gate import OutputGate
     from .._limits import Limits
 
 __all__ = ["SqlCursor", "SqlStorage", "Storage"]

@@ -10,7 +10,7 @@ from typing import Any, Final, final
 import trio
 
 from .._app import App
-from .._events import AlarmEvent
+from .._core.events import AlarmEvent
 from .._host import Host, open_host
 from .._http import Request, Response
 from .._ids import ObjectId

@@ -31,15 +31,15 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import generate_accept_token
 
-from ._errors import WebSocketProtocolError
-from ._events import CloseEvent, ErrorEvent, FetchEvent, MessageEvent
-from ._http import Request, Response, split_target
-from ._supervisor import run_app_hook
-from ._websocket import WebSocket
+from .._core.events import CloseEvent, ErrorEvent, FetchEvent, MessageEvent
+from .._errors import WebSocketProtocolError
+from .._http import Request, Response, split_target
+from .._supervisor import run_app_hook
+from .._websocket import WebSocket
 
 if TYPE_CHECKING:
-    from ._host import Host, ObjectEntry
-    from ._registry import SocketRecord
+    from .._core.sockets import SocketRecord
+    from .._host import Host, ObjectEntry
 
 __all__ = ["ServerConnection", "WebSocketProtocolError"]
 
@@ -530,7 +530,7 @@ class ServerConnection:
                         parts.append(chunk)
                         message = _join(parts)
                         parts = []
-                    self._held = 0  # from here the event holds the bytes (see _budget.py)
+                    self._held = 0  # from here the event holds the bytes (see _core/budget.py)
                     if isinstance(message, str) and core.is_auto_response(message):
                         budget.give(size)
                         reply = core.record_auto_response(record, host.wall_clock())
@@ -640,7 +640,7 @@ class ServerConnection:
     # -- Transport (called synchronously by object code) ----------------------------------
 
     def send_message(self, data: str | bytes) -> None:
-        """Queue one data message (see :class:`~trio_hibernate._registry.Transport`)."""
+        """Queue one data message (see :class:`~trio_hibernate._core.sockets.Transport`)."""
         if not (self._dead or self._terminal):  # nothing may follow a Close frame
             self._write(self._host._encode(data))
 

@@ -14,7 +14,7 @@ from typing import Final
 
 import cbor2
 
-from ._errors import DataCloneError, LimitExceededError
+from .._errors import DataCloneError, LimitExceededError
 
 __all__ = ["decode_data", "encode_data"]
 

@@ -19,8 +19,8 @@ from typing import Protocol
 
 import attrs
 
-from ._errors import LimitExceededError
-from ._limits import Limits
+from .._errors import LimitExceededError
+from .._limits import Limits
 
 __all__ = ["ReadyState", "SocketRecord", "SocketRegistry", "Transport", "normalize_tags"]
 

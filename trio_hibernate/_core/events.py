@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ._ids import ObjectId
+from .._ids import ObjectId
 
 if TYPE_CHECKING:
-    from ._http import Request, Response
-    from ._registry import SocketRecord
+    from .._http import Request, Response
+    from .sockets import SocketRecord
 
 __all__ = [
     "AlarmEvent",

@@ -24,11 +24,11 @@ from collections import deque
 from enum import Enum
 from typing import Final
 
-from ._autoresponse import WebSocketRequestResponsePair
-from ._errors import InvalidTransition
-from ._events import Event, MessageEvent
-from ._limits import Limits
-from ._registry import SocketRecord, SocketRegistry
+from .._autoresponse import WebSocketRequestResponsePair
+from .._errors import InvalidTransition
+from .._limits import Limits
+from .events import Event, MessageEvent
+from .sockets import SocketRecord, SocketRegistry
 
 __all__ = ["InvalidTransition", "ObjectCore", "ObjectState"]
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ._http import Request, Response
+from .._http import Request, Response
 
 if TYPE_CHECKING:
-    from ._statistics import HostStatistics
+    from .._statistics import HostStatistics
 
 __all__ = ["operations_response"]
 

@@ -1,0 +1,7 @@
+"""Bytes on sockets: HTTP/1.1, the WebSocket upgrade and frames, writing, listening.
+
+Rule: this package knows the runtime only through the ``ConnectionOwner`` Protocol it
+defines; it never imports ``_host``, ``_runtime`` or ``_supervisor``. It may import the
+sans-IO ``_core`` and the object-facing value types (``_http``, ``_websocket``,
+``_errors``, ``_limits``). ``tests/test_layers.py`` enforces it.
+"""

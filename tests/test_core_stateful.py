@@ -44,7 +44,14 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from trio_hibernate._autoresponse import WebSocketRequestResponsePair
 from trio_hibernate._context import ObjectContext
-from trio_hibernate._core.events import CloseEvent, ErrorEvent, Event, FetchEvent, MessageEvent
+from trio_hibernate._core.events import (
+    CloseEvent,
+    ErrorEvent,
+    Event,
+    FetchEvent,
+    MessageEvent,
+    Reply,
+)
 from trio_hibernate._core.gate import OutputGate
 from trio_hibernate._core.lifecycle import InvalidTransition, ObjectCore, ObjectState
 from trio_hibernate._core.sockets import ReadyState, SocketRecord
@@ -412,8 +419,8 @@ class HibernationMachine(RuleBasedStateMachine):
         else:
             assert self.core.state is before
 
-    def _reply(self, response: Response) -> None:
-        self.replies.append(response)
+    def _new_reply(self) -> Reply[Response]:
+        return Reply(lambda result: self.replies.append(result.unwrap()))
 
     def _gate_closed(self) -> bool:
         return self.gate is not None and self.gate.closed
@@ -573,7 +580,7 @@ class HibernationMachine(RuleBasedStateMachine):
         if isinstance(event, FetchEvent):
             self.deliveries.append((generation, "fetch", None))
             before = len(self.replies)
-            event.reply(self._fetch(event.request))
+            event.reply.send(self._fetch(event.request))
             assert len(self.replies) == before + 1
             return
         assert isinstance(event, MessageEvent | CloseEvent | ErrorEvent)
@@ -791,7 +798,7 @@ class HibernationMachine(RuleBasedStateMachine):
     def upgrade_request(self, tags: object, pre_attachment: AttachmentArg | None) -> None:
         """An HTTP upgrade: a ``fetch`` event that accepts the socket when dispatched."""
         self.fetches_queued += 1
-        self._enqueue(FetchEvent(self._new_upgrade(tags, pre_attachment), self._reply))
+        self._enqueue(FetchEvent(self._new_upgrade(tags, pre_attachment), self._new_reply()))
 
     # -- rules: the supervisor --------------------------------------------------------------------
 
@@ -872,7 +879,7 @@ class HibernationMachine(RuleBasedStateMachine):
     def wake(self) -> None:
         """A plain HTTP request wakes a hibernated object."""
         self.fetches_queued += 1
-        self._enqueue(FetchEvent(Request(method="GET", url="/room/lobby"), self._reply))
+        self._enqueue(FetchEvent(Request(method="GET", url="/room/lobby"), self._new_reply()))
         assert self._live()
 
     # -- invariants -------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from fakes import FakeTransport
 from trio_hibernate._autoresponse import WebSocketRequestResponsePair
 from trio_hibernate._context import ObjectContext
 from trio_hibernate._core.codec import decode_data, encode_data
-from trio_hibernate._core.events import CloseEvent, Event, FetchEvent, MessageEvent
+from trio_hibernate._core.events import CloseEvent, Event, FetchEvent, MessageEvent, Reply
 from trio_hibernate._core.gate import OutputGate
 from trio_hibernate._core.lifecycle import TRANSITIONS, InvalidTransition, ObjectCore, ObjectState
 from trio_hibernate._core.sockets import ReadyState, SocketRecord, SocketRegistry, normalize_tags
@@ -36,7 +36,7 @@ from trio_hibernate._errors import (
     LimitExceededError,
     WebSocketStateError,
 )
-from trio_hibernate._http import Request, Response
+from trio_hibernate._http import Request
 from trio_hibernate._ids import ObjectId
 from trio_hibernate._limits import MAX_CLOSE_REASON_BYTES, MAX_EVENT_TIMEOUT_MS, Limits
 from trio_hibernate._websocket import WebSocket, check_close_args
@@ -48,13 +48,9 @@ class Unclonable:
     """An arbitrary class instance: not data."""
 
 
-def _ignore_reply(response: Response) -> None:
-    del response
-
-
 def fetch() -> FetchEvent:
     """A plain HTTP request for the object (it wakes a hibernated object)."""
-    return FetchEvent(Request(method="GET", url="/room/lobby"), _ignore_reply)
+    return FetchEvent(Request(method="GET", url="/room/lobby"), Reply(lambda result: None))
 
 
 def state_of(thing: WebSocket | ObjectCore) -> ReadyState | ObjectState:

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any, Final
 
+import outcome
 import pytest
 import trio
 from helpers import RawWebSocket, settle
@@ -28,7 +29,8 @@ from trio_hibernate import (
     Request,
     Response,
 )
-from trio_hibernate._core.events import CallEvent
+from trio_hibernate._core.events import CallEvent, Reply
+from trio_hibernate._host import runtime_of
 from trio_hibernate._storage.alarms import AlarmIndex
 from trio_hibernate._storage.sqlite import SqliteDatabase
 from trio_hibernate.testing import TestHost, open_test_host
@@ -162,17 +164,16 @@ async def test_an_object_woken_just_before_shutdown_is_not_constructed(
     """A call queued for a hibernated object right before shutdown: its supervisor first
     runs once the host is closing, constructs nothing, and answers the call."""
     app = alarmed_app()
-    replies: list[tuple[bool, object]] = []
+    replies: list[outcome.Outcome[object]] = []
     with trio.fail_after(WAIT):
         async with open_test_host(app) as th:
-            entry = th.host._entry_for("a", ObjectId.from_name("a", "x"))
-            th.host._deliver(entry, CallEvent("ping", (), {}, replies.append))
+            entry = runtime_of(th.host).entry_for("a", ObjectId.from_name("a", "x"))
+            entry.deliver(CallEvent("ping", (), {}, Reply(replies.append)))
             # No checkpoint before the block ends: shutdown begins before the supervisor.
     assert app.env["built"] == 0
-    [(ok, error)] = replies
-    assert not ok
-    assert isinstance(error, RuntimeError)
-    assert "host is shutting down" in str(error)
+    [result] = replies
+    with pytest.raises(RuntimeError, match="host is shutting down"):
+        result.unwrap()
     assert th.statistics().live_objects == th.statistics().hibernated_objects == 0
 
 

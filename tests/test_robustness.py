@@ -23,6 +23,7 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 
 from trio_hibernate import App, DurableObject, ObjectContext, Request, Response, WebSocket
 from trio_hibernate._core.lifecycle import ObjectCore
+from trio_hibernate._host import runtime_of
 from trio_hibernate._net.connection import ServerConnection
 from trio_hibernate._server import Server, open_server
 
@@ -623,7 +624,7 @@ async def test_settings_of_a_forgotten_object_come_back_with_it() -> None:
         assert await host.hibernate("echo", "cfg")
         stats = host.statistics()
         assert (stats.live_objects, stats.hibernated_objects) == (0, 0)  # forgotten
-        assert len(host.settings) == 1
+        assert len(runtime_of(host).settings) == 1
         async with open_raw_websocket(server.port, "/echo/cfg") as ws:
             await ws.send(TextMessage(data="hi"))  # answered by the runtime
             event = await ws.next_event()
@@ -633,7 +634,7 @@ async def test_settings_of_a_forgotten_object_come_back_with_it() -> None:
             event = await ws.next_event()
             assert isinstance(event, TextMessage)
             assert event.data == "('hi', 'yo') 4000"
-        assert len(host.settings) == 0  # taken back by the awake object
+        assert len(runtime_of(host).settings) == 0  # taken back by the awake object
 
 
 def test_the_settings_index() -> None:

@@ -17,7 +17,7 @@ import trio
 from ._app import App
 from ._descriptors import default_max_connections, descriptor_limit, fd_reserve
 from ._groups import open_owned_nursery
-from ._host import Host, open_host
+from ._host import Host, open_host, runtime_of
 from ._http import Request, split_target
 from ._storage.backend import StorageBackend
 
@@ -98,7 +98,7 @@ def _answer_at_limit(host: Host, head: bytes) -> bytes:
     url = target.decode("latin-1")
     if split_target(url)[0] not in _OPERATIONS_PATHS:
         return _FULL_RESPONSE
-    response = host._operations(Request(method="GET", url=url))
+    response = runtime_of(host).operations(Request(method="GET", url=url))
     reason = HTTPStatus(response.status).phrase.encode()
     lines = [b"HTTP/1.1 %d %s" % (response.status, reason)]
     lines += [f"{name}: {value}".encode("latin-1") for name, value in response.headers]
@@ -264,7 +264,7 @@ class _Acceptor:
             return await self._out_of_resources(exc)
         self.errors.recovered()
         sock.setblocking(False)
-        if len(self.host._connections) < self.max_connections:
+        if runtime_of(self.host).connection_count < self.max_connections:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.host.serve_socket(sock)
             return True
@@ -366,7 +366,7 @@ async def serve_objects(
     # The host first: if its storage cannot be used, nothing has listened (a port that
     # accepts connections and never answers them is worse than no port).
     async with open_host(app, **host_options) as host:
-        max_connections = _connection_budget(host.storage_backend, max_connections)
+        max_connections = _connection_budget(runtime_of(host).storage_backend, max_connections)
         listener = _listen(address, port, backlog)
         try:
             task_status.started(Server(host, listener))

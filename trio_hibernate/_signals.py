@@ -9,7 +9,7 @@ from typing import Final
 import trio
 
 from ._groups import open_owned_nursery
-from ._host import Host
+from ._host import Host, runtime_of
 from ._server import Server
 
 __all__ = ["wait_for_shutdown_signal"]
@@ -57,6 +57,7 @@ async def wait_for_shutdown_signal(server: Server | Host) -> signal.Signals:
         ``async with`` block waits for what remains of ``close_timeout``.
     """
     host = server.host if isinstance(server, Server) else server
+    runtime = runtime_of(host)
     with trio.open_signal_receiver(*_SHUTDOWN_SIGNALS) as received:
         signum = signal.Signals(await anext(received))
         if signum is signal.SIGUSR1:
@@ -64,19 +65,19 @@ async def wait_for_shutdown_signal(server: Server | Host) -> signal.Signals:
         log.info(
             "%s: shutting down (closing %d connection(s) with %d)",
             signum.name,
-            len(host._connections),
+            runtime.connection_count,
             host.shutdown_close_code,
         )
         forced: list[signal.Signals] = []
 
         async def stop_at_a_second_signal() -> None:
             forced.append(signal.Signals(await anext(received)))
-            dropped = host._stop_waiting()
+            dropped = runtime.stop_waiting()
             log.warning("%s again: exiting now, dropping %d connection(s)", forced[0].name, dropped)
 
         async with open_owned_nursery() as nursery:
             nursery.start_soon(stop_at_a_second_signal)
-            await host._shutdown(host.close_timeout)
+            await runtime.shutdown(host.close_timeout)
             nursery.cancel_scope.cancel()
     if forced:
         raise KeyboardInterrupt

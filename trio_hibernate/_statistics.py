@@ -32,6 +32,34 @@ class Counters:
     internal_errors: int = 0
     """Connections ended by an error of ours."""
 
+    def woke(self) -> None:
+        """An instance was constructed."""
+        self.wakes += 1
+
+    def hibernated(self) -> None:
+        """An instance began to be dropped."""
+        self.hibernations += 1
+
+    def spent_in_memory(self, seconds: float) -> None:
+        """An activation ended after ``seconds`` (Trio clock) in memory."""
+        self.seconds_in_memory += seconds
+
+    def auto_responded(self) -> None:
+        """An auto-response was served without waking its object."""
+        self.auto_responses += 1
+
+    def committed(self) -> None:
+        """A storage commit succeeded."""
+        self.storage_commits += 1
+
+    def bad_request(self) -> None:
+        """A request was refused as malformed (4xx)."""
+        self.bad_requests += 1
+
+    def internal_error(self) -> None:
+        """A connection was ended by an error of ours."""
+        self.internal_errors += 1
+
 
 @attrs.frozen(kw_only=True)
 class HostStatistics:

@@ -5,20 +5,46 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final, final
+from typing import Any, Final, Protocol, TypeVar, final
 
+import outcome
 import trio
 
 from ._core.codec import decode_data
-from ._core.events import CallChain, CallEvent, FetchEvent, Waiting
+from ._core.events import CallChain, CallEvent, Event, FetchEvent, Waiting
 from ._errors import ReentrantCallError
 from ._http import Request, Response
 from ._ids import ObjectId
+from ._oneshot import OneShot
 
-if TYPE_CHECKING:
-    from ._host import Host
+T = TypeVar("T")
 
-__all__ = ["Namespace", "ObjectStub", "waiting_turns"]
+__all__ = ["Deliverer", "Mailbox", "Namespace", "ObjectStub", "waiting_turns"]
+
+
+class Mailbox(Protocol):
+    """Where a stub's events for one object go."""
+
+    def deliver(self, event: Event) -> None:
+        """Queue ``event`` for the object, waking it if it is hibernated."""
+
+
+class Deliverer(Protocol):
+    """What stubs need from the runtime."""
+
+    @property
+    def call_timeout(self) -> float:
+        """Seconds a call waits for its answer."""
+        ...
+
+    def entry_for(self, namespace: str, object_id: ObjectId) -> Mailbox:
+        """The mailbox of an object. Raises LookupError for a namespace that is gone."""
+        ...
+
+    def encode_call(self, value: object) -> bytes:
+        """A call's argument or result as data (checked against the size limit)."""
+        ...
+
 
 #: Methods a stub may not call: the runtime's handlers and the constructor.
 RESERVED_METHODS: Final = frozenset(
@@ -64,7 +90,7 @@ class Namespace:
 
     __slots__ = ("_host", "name")
 
-    def __init__(self, host: Host, name: str) -> None:
+    def __init__(self, host: Deliverer, name: str) -> None:
         # Made by Host.namespace(), which checks the name.
         self._host = host
         self.name = name
@@ -116,7 +142,7 @@ class ObjectStub:
 
     __slots__ = ("_host", "id", "namespace")
 
-    def __init__(self, host: Host, namespace: str, object_id: ObjectId) -> None:
+    def __init__(self, host: Deliverer, namespace: str, object_id: ObjectId) -> None:
         self._host = host
         self.namespace = namespace
         """The namespace of the object."""
@@ -144,25 +170,14 @@ class ObjectStub:
         waiting = Waiting()
         chain = _check_reentry(self.namespace, self.id, f"{method}()", waiting)
         host = self._host
-        copied_args = decode_data(host._encode_call(args))
-        copied_kwargs = decode_data(host._encode_call(kwargs))
+        copied_args = decode_data(host.encode_call(args))
+        copied_kwargs = decode_data(host.encode_call(kwargs))
         assert isinstance(copied_args, list)
         assert isinstance(copied_kwargs, dict)
-        done = trio.Event()
-        box: list[tuple[bool, object]] = []
-
-        def reply(outcome: tuple[bool, object]) -> None:
-            box.append(outcome)
-            done.set()
-
-        entry = host._entry_for(self.namespace, self.id)
-        host._deliver(entry, CallEvent(method, tuple(copied_args), copied_kwargs, reply, chain))
-        await self._answer(done, f"{method}()", waiting)
-        ok, value = box[0]
-        if ok:
-            return value
-        assert isinstance(value, BaseException)
-        raise value
+        answer: OneShot[object] = OneShot()
+        entry = host.entry_for(self.namespace, self.id)
+        entry.deliver(CallEvent(method, tuple(copied_args), copied_kwargs, answer.reply, chain))
+        return (await self._answer(answer, f"{method}()", waiting)).unwrap()
 
     def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
         if name.startswith("_"):
@@ -192,29 +207,24 @@ class ObjectStub:
             request = Request(method=method, url=request, headers=headers, body=body)
         elif request.websocket is not None:
             raise ValueError("a stub cannot carry a WebSocket upgrade")
-        done = trio.Event()
-        box: list[Response] = []
+        answer: OneShot[Response] = OneShot()
+        entry = self._host.entry_for(self.namespace, self.id)
+        entry.deliver(FetchEvent(request, answer.reply, chain))
+        return (await self._answer(answer, "fetch()", waiting)).unwrap()
 
-        def reply(response: Response) -> None:
-            box.append(response)
-            done.set()
-
-        entry = self._host._entry_for(self.namespace, self.id)
-        self._host._deliver(entry, FetchEvent(request, reply, chain))
-        await self._answer(done, "fetch()", waiting)
-        return box[0]
-
-    async def _answer(self, done: trio.Event, what: str, waiting: Waiting) -> None:
-        """Wait for ``done`` at most the host's ``call_timeout``; from then on (answered,
+    async def _answer(self, answer: OneShot[T], what: str, waiting: Waiting) -> outcome.Outcome[T]:
+        """Wait for ``answer`` at most the host's ``call_timeout``; from then on (answered,
         timed out or cancelled) the caller's turns no longer wait for the call."""
         timeout = self._host.call_timeout
+        result: outcome.Outcome[T] | None = None
         try:
             with trio.move_on_after(timeout):
-                await done.wait()
+                result = await answer.wait()
         finally:
             waiting.active = False
-        if not done.is_set():
+        if result is None:
             raise trio.TooSlowError(
                 f"{what} of {_label(self.namespace, self.id)} got no answer within "
                 f"call_timeout={timeout:g} s; it stays queued and will still run"
             )
+        return result

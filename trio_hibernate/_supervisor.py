@@ -18,8 +18,9 @@ import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
+import outcome
 import trio
 
 from ._context import ObjectContext
@@ -41,17 +42,25 @@ from ._storage.api import Storage
 from ._stubs import waiting_turns
 
 if TYPE_CHECKING:
-    from ._host import Host, ObjectEntry
+    from ._app import App
+    from ._core.budget import MemoryBudget
+    from ._core.lifecycle import ObjectCore
+    from ._ids import ObjectId
+    from ._limits import Limits
     from ._object import DurableObject
+    from ._statistics import Counters
+    from ._storage.alarms import AlarmIndex, AlarmKey, AlarmScheduler
+    from ._storage.backend import StorageBackend
+    from ._stubs import Namespace
 
-__all__ = ["Activation", "run_app_hook", "supervise"]
+__all__ = ["Activation", "SupervisedEntry", "SupervisorServices", "run_app_hook", "supervise"]
 
 log = logging.getLogger("trio_hibernate.object")
 
 _TURNS_PER_CHECKPOINT: Final = 16
 
 
-def _olog(entry: ObjectEntry) -> logging.LoggerAdapter[logging.Logger]:
+def _olog(entry: SupervisedEntry) -> logging.LoggerAdapter[logging.Logger]:
     """The object logger, with ``namespace`` and ``object_id`` on every record."""
     return logging.LoggerAdapter(
         log, {"namespace": entry.namespace, "object_id": entry.object_id.hex}
@@ -60,6 +69,71 @@ def _olog(entry: ObjectEntry) -> logging.LoggerAdapter[logging.Logger]:
 
 _LOST_TEXT = "the storage commit of this turn failed; its writes were rolled back"
 _LOST = Response(status=500, body=f"Internal Server Error: {_LOST_TEXT}\n")
+
+
+class SupervisedEntry(Protocol):
+    """The object a supervisor runs, as the runtime keeps it."""
+
+    namespace: str
+    object_id: ObjectId
+    cls: type[DurableObject]
+    core: ObjectCore
+    activation: Activation | None
+
+    @property
+    def alarm_key(self) -> AlarmKey:
+        """How the alarm index names this object."""
+        ...
+
+    def forget_if_unused(self) -> None:
+        """Drop the object from memory if it has nothing left to do."""
+
+    def fail(self, dropped: list[Event]) -> None:
+        """The constructor raised: answer ``dropped``, close the sockets with 1011."""
+
+    def refuse_unrun_event(self, event: Event) -> None:
+        """Answer an event that will not run (shutdown, or its namespace was removed)."""
+
+
+class SupervisorServices(Protocol):
+    """What a supervisor needs from the runtime that runs it."""
+
+    @property
+    def app(self) -> App: ...
+    @property
+    def env(self) -> object: ...
+    @property
+    def limits(self) -> Limits: ...
+    @property
+    def counters(self) -> Counters: ...
+    @property
+    def buffers(self) -> MemoryBudget: ...
+    @property
+    def closing(self) -> bool: ...
+    @property
+    def hibernate_after_every_event(self) -> bool: ...
+    @property
+    def wall_clock(self) -> Callable[[], float]: ...
+    @property
+    def storage_backend(self) -> StorageBackend: ...
+    @property
+    def alarm_index(self) -> AlarmIndex: ...
+    @property
+    def alarms(self) -> AlarmScheduler: ...
+
+    def get_namespace(self, name: str) -> Namespace:
+        """The namespace ``name`` of the app (``ctx.get_namespace``)."""
+        ...
+
+    def encode_call(self, value: object) -> bytes:
+        """A stub call's result as data (checked against the size limit)."""
+        ...
+
+    def idle_from(self, activation: Activation) -> None:
+        """The activation is idle from now (the idle reaper may stop it)."""
+
+    def busy_again(self, activation: Activation) -> None:
+        """The activation is no longer idle."""
 
 
 class Activation:
@@ -102,7 +176,7 @@ class Activation:
         self.lot.unpark_all()
 
 
-async def supervise(host: Host, entry: ObjectEntry) -> None:
+async def supervise(host: SupervisorServices, entry: SupervisedEntry) -> None:
     """Run activations of ``entry`` until it has nothing left to do.
 
     Once the host is closing no instance is constructed: the queued events are answered
@@ -111,14 +185,14 @@ async def supervise(host: Host, entry: ObjectEntry) -> None:
     """
     core = entry.core
     while True:
-        if host._closing or entry.namespace not in host.app.objects:
+        if host.closing or entry.namespace not in host.app.objects:
             # STARTING -> STOPPING -> HIBERNATED with the mailbox handed back: the
             # lifecycle's path for an instance that cannot be constructed. (A namespace
             # a live code update removed has its sockets closed already.)
             for event in core.on_failed():
-                host._refuse_unrun_event(entry, event)
+                entry.refuse_unrun_event(event)
             core.on_stopped()
-            host._forget_if_unused(entry)
+            entry.forget_if_unused()
             return
         activation = Activation()
         entry.activation = activation
@@ -131,15 +205,17 @@ async def supervise(host: Host, entry: ObjectEntry) -> None:
                 await _activate(host, entry, activation)
         finally:
             entry.activation = None
-            host.counters.seconds_in_memory += trio.current_time() - started_at
+            host.counters.spent_in_memory(trio.current_time() - started_at)
             _release_storage(host, entry, activation)
             activation.stopped.set()
         if not core.on_stopped():
-            host._forget_if_unused(entry)
+            entry.forget_if_unused()
             return
 
 
-async def _activate(host: Host, entry: ObjectEntry, activation: Activation) -> None:
+async def _activate(
+    host: SupervisorServices, entry: SupervisedEntry, activation: Activation
+) -> None:
     core = entry.core
 
     def spawn(async_fn: Callable[[], Awaitable[object]]) -> None:
@@ -177,24 +253,26 @@ async def _activate(host: Host, entry: ObjectEntry, activation: Activation) -> N
                 entry.namespace,
                 entry.object_id,
             )
-            host._fail_object(entry, core.on_failed())
+            entry.fail(core.on_failed())
             return
         core.on_started()
-        host.counters.wakes += 1
+        host.counters.woke()
         try:
             await _run_turns(host, entry, activation, instance, ctx)
         finally:
-            if host._closing:
+            if host.closing:
                 # Shutdown cancelled the activation (here, not in supervise: the host
                 # nursery's cancellation may carry the Cancelled past supervise's loop).
                 while (event := core.pop_event()) is not None:
-                    host._refuse_unrun_event(entry, event)
+                    entry.refuse_unrun_event(event)
             core.begin_stop()
-            host.counters.hibernations += 1
+            host.counters.hibernated()
             nursery.cancel_scope.cancel()
 
 
-def _release_storage(host: Host, entry: ObjectEntry, activation: Activation) -> None:
+def _release_storage(
+    host: SupervisorServices, entry: SupervisedEntry, activation: Activation
+) -> None:
     storage = activation.storage
     if storage is None:
         return
@@ -207,7 +285,7 @@ def _release_storage(host: Host, entry: ObjectEntry, activation: Activation) -> 
         host.storage_backend.release(entry.namespace, entry.object_id, db)
 
 
-async def _commit(host: Host, entry: ObjectEntry, activation: Activation) -> None:
+async def _commit(host: SupervisorServices, entry: SupervisedEntry, activation: Activation) -> None:
     """Make the activation's pending writes durable (caller holds the turn lock).
 
     Raises the storage error after dropping the held messages and asking for a reset.
@@ -249,14 +327,16 @@ async def _commit(host: Host, entry: ObjectEntry, activation: Activation) -> Non
     finally:
         storage.committing = False
     storage.committed()
-    host.counters.storage_commits += 1
+    host.counters.committed()
     if change is not ...:
         assert change is None or isinstance(change, float)
         host.alarms.schedule(key, change)
 
 
 @asynccontextmanager
-async def _exclusive(host: Host, entry: ObjectEntry, activation: Activation) -> AsyncIterator[None]:
+async def _exclusive(
+    host: SupervisorServices, entry: SupervisedEntry, activation: Activation
+) -> AsyncIterator[None]:
     """A background task's transaction: a turn of its own, committed at the end."""
     async with activation.turn_lock:
         activation.owner = trio.lowlevel.current_task()
@@ -270,12 +350,16 @@ async def _exclusive(host: Host, entry: ObjectEntry, activation: Activation) -> 
             await _commit(host, entry, activation)
 
 
-async def _commit_outside_turn(host: Host, entry: ObjectEntry, activation: Activation) -> None:
+async def _commit_outside_turn(
+    host: SupervisorServices, entry: SupervisedEntry, activation: Activation
+) -> None:
     async with activation.turn_lock:
         await _commit(host, entry, activation)
 
 
-async def _end_turn(host: Host, entry: ObjectEntry, activation: Activation) -> None:
+async def _end_turn(
+    host: SupervisorServices, entry: SupervisedEntry, activation: Activation
+) -> None:
     storage = activation.storage
     if storage is None:
         return
@@ -287,8 +371,8 @@ async def _end_turn(host: Host, entry: ObjectEntry, activation: Activation) -> N
 
 
 async def _run_turns(
-    host: Host,
-    entry: ObjectEntry,
+    host: SupervisorServices,
+    entry: SupervisedEntry,
     activation: Activation,
     instance: DurableObject,
     ctx: ObjectContext,
@@ -301,12 +385,12 @@ async def _run_turns(
                 return
             activation.idle = True
             if not activation.background:
-                host._idle_from(activation)  # the host's reaper stops it when it expires
+                host.idle_from(activation)  # the host's reaper stops it when it expires
             try:
                 await activation.lot.park()
             finally:
                 activation.idle = False
-                host._busy_again(activation)
+                host.busy_again(activation)
             continue
         lock = activation.turn_lock
         if lock.locked():  # a background transaction or commit holds the object
@@ -337,8 +421,8 @@ async def _run_turns(
 
 
 async def _dispatch(
-    host: Host,
-    entry: ObjectEntry,
+    host: SupervisorServices,
+    entry: SupervisedEntry,
     activation: Activation,
     instance: DurableObject,
     ctx: ObjectContext,
@@ -418,7 +502,7 @@ async def _dispatch(
 
 
 async def _dispatch_fetch(
-    entry: ObjectEntry, activation: Activation, instance: DurableObject, event: FetchEvent
+    entry: SupervisedEntry, activation: Activation, instance: DurableObject, event: FetchEvent
 ) -> None:
     response: Response | None = None
     try:
@@ -445,39 +529,40 @@ async def _dispatch_fetch(
             response = Response(status=500, body="Internal Server Error\n")
         # Output gate: the response waits for the turn's writes; if they fail, the
         # client gets a 500 instead of a reply whose effects were lost.
-        activation.gate.hold(partial(event.reply, response), partial(event.reply, _LOST))
+        activation.gate.hold(partial(event.reply.send, response), partial(event.reply.send, _LOST))
 
 
 async def _dispatch_call(
-    host: Host,
-    entry: ObjectEntry,
+    host: SupervisorServices,
+    entry: SupervisedEntry,
     activation: Activation,
     instance: DurableObject,
     event: CallEvent,
 ) -> None:
-    outcome: tuple[bool, object] | None = None
+    result: outcome.Outcome[object] | None = None
     try:
         method = getattr(instance, event.method, None)
         if method is None or not callable(method):
             raise AttributeError(
                 f"{entry.cls.__name__} has no public method {event.method!r} to call"
             )
-        result = method(*event.args, **event.kwargs)
-        if inspect.isawaitable(result):
-            result = await result
-        outcome = (True, decode_data(host._encode_call(result)))
+        value = method(*event.args, **event.kwargs)
+        if inspect.isawaitable(value):
+            value = await value
+        result = outcome.Value(decode_data(host.encode_call(value)))
     except Exception as exc:
         # Not contained: the caller's ``await stub.call(...)`` raises it.
-        outcome = (False, exc)
+        result = outcome.Error(exc)
     finally:
-        if outcome is None:  # cancelled: only shutdown cancels a turn
-            failure = RuntimeError(
-                f"the host shut down while {event.method}() of {entry.namespace} "
-                f"{entry.object_id} ran"
+        if result is None:  # cancelled: only shutdown cancels a turn
+            result = outcome.Error(
+                RuntimeError(
+                    f"the host shut down while {event.method}() of {entry.namespace} "
+                    f"{entry.object_id} ran"
+                )
             )
-            outcome = (False, failure)
-        lost = (False, StorageCommitError(f"{entry.namespace} {entry.object_id}: {_LOST_TEXT}"))
-        activation.gate.hold(partial(event.reply, outcome), partial(event.reply, lost))
+        lost = StorageCommitError(f"{entry.namespace} {entry.object_id}: {_LOST_TEXT}")
+        activation.gate.hold(partial(event.reply.settle, result), partial(event.reply.fail, lost))
 
 
 async def run_app_hook(
@@ -496,7 +581,11 @@ async def run_app_hook(
 
 
 async def _dispatch_alarm(
-    host: Host, entry: ObjectEntry, instance: DurableObject, ctx: ObjectContext, event: AlarmEvent
+    host: SupervisorServices,
+    entry: SupervisedEntry,
+    instance: DurableObject,
+    ctx: ObjectContext,
+    event: AlarmEvent,
 ) -> None:
     storage = ctx.storage
     current: float | None = None
@@ -510,7 +599,7 @@ async def _dispatch_alarm(
         if storage._database().get_alarm() == current:
             await storage.delete_alarm()  # done; unless the handler set a new one
     except Exception:  # contained here (house rule 5): logged, retried with backoff
-        delay = host.alarms.retry_delay(event.retry_count)
+        delay = host.alarms.retry(entry.alarm_key, event.retry_count)
         if delay is not None:
             _olog(entry).exception(
                 "alarm() of %s %s failed; retry %d in %g s",
@@ -519,8 +608,6 @@ async def _dispatch_alarm(
                 event.retry_count + 1,
                 delay,
             )
-            retry_at = host.wall_clock() + delay
-            host.alarms.schedule(entry.alarm_key, retry_at, event.retry_count + 1)
             return
         _olog(entry).exception(
             "alarm() of %s %s failed on its last retry (%d); giving up",
@@ -540,7 +627,7 @@ async def _dispatch_alarm(
 
 
 async def _background(
-    entry: ObjectEntry, activation: Activation, async_fn: Callable[[], Awaitable[object]]
+    entry: SupervisedEntry, activation: Activation, async_fn: Callable[[], Awaitable[object]]
 ) -> None:
     waiting_turns.set(())  # no turn waits for this task (its context is its own copy)
     try:

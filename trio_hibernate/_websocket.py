@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from ._core.gate import OutputGate
     from ._limits import Limits
 
-__all__ = ["WebSocket", "check_close_args"]
+__all__ = ["WebSocket", "check_close_args", "record_of"]
 
 _RESERVED_CLOSE_CODES: Final = frozenset({1004, 1005, 1006, 1015})
 
@@ -187,3 +187,8 @@ class WebSocket:
         record = self._record
         encoded = self._pending_attachment if record is None else record.attachment
         return None if encoded is None else decode_data(encoded)
+
+
+def record_of(ws: WebSocket) -> SocketRecord | None:
+    """The runtime's record of ``ws``: None until an object accepts it."""
+    return ws._record

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+import outcome
 
 from .._ids import ObjectId
 
@@ -20,8 +22,42 @@ __all__ = [
     "Event",
     "FetchEvent",
     "MessageEvent",
+    "Reply",
     "Waiting",
 ]
+
+T = TypeVar("T")
+
+
+class Reply(Generic[T]):
+    """The one answer to a :class:`FetchEvent` or :class:`CallEvent`.
+
+    Settled exactly once, with a value (:meth:`send`) or an exception (:meth:`fail`);
+    the outcome goes to ``deliver``, which the asking side provides (it usually wakes a
+    waiting task). A second answer is a bug of ours and raises ``RuntimeError``.
+    """
+
+    __slots__ = ("_deliver", "settled")
+
+    def __init__(self, deliver: Callable[[outcome.Outcome[T]], None]) -> None:
+        self._deliver = deliver
+        #: True once answered.
+        self.settled = False
+
+    def send(self, value: T) -> None:
+        """Answer with ``value``."""
+        self.settle(outcome.Value(value))
+
+    def fail(self, error: BaseException) -> None:
+        """Answer with ``error`` (the asking side raises it)."""
+        self.settle(outcome.Error(error))
+
+    def settle(self, result: outcome.Outcome[T]) -> None:
+        """Answer with ``result``."""
+        if self.settled:
+            raise RuntimeError("an event was answered twice; please report")
+        self.settled = True
+        self._deliver(result)
 
 
 class Waiting:
@@ -80,15 +116,13 @@ class ErrorEvent:
 class FetchEvent:
     """An HTTP request (maybe a WebSocket upgrade) for the object's ``fetch`` handler.
 
-    ``reply`` is called exactly once, with the response or the exception to report.
+    ``reply`` is answered exactly once, with the response.
     ``chain``: the objects whose turns wait for it (empty unless it came from a stub).
     """
 
     __slots__ = ("chain", "reply", "request")
 
-    def __init__(
-        self, request: Request, reply: Callable[[Response], None], chain: CallChain = ()
-    ) -> None:
+    def __init__(self, request: Request, reply: Reply[Response], chain: CallChain = ()) -> None:
         self.request = request
         self.reply = reply
         self.chain = chain
@@ -111,7 +145,7 @@ class AlarmEvent:
 class CallEvent:
     """A stub called one of the object's public async methods.
 
-    ``reply`` is called exactly once, with ``(True, result)`` or ``(False, exception)``.
+    ``reply`` is answered exactly once, with the result or the exception to raise.
     ``chain``: the objects whose turns wait for it (empty from outside any turn).
     """
 
@@ -122,7 +156,7 @@ class CallEvent:
         method: str,
         args: tuple[object, ...],
         kwargs: dict[str, object],
-        reply: Callable[[tuple[bool, object]], None],
+        reply: Reply[object],
         chain: CallChain = (),
     ) -> None:
         self.method = method

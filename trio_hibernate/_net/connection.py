@@ -2,7 +2,7 @@
 
 The connection task drives a non-blocking socket directly with ``h11`` (the request) and
 ``wsproto`` (frames). It holds no object state: it turns bytes into events for the object
-(``Host._deliver``) and answers what needs no object itself: protocol pings, the
+(``ObjectLink.deliver``) and answers what needs no object itself: protocol pings, the
 auto-response, and the reply to a peer's Close. That is why it keeps running while the
 object hibernates.
 
@@ -20,8 +20,9 @@ import binascii
 import contextlib
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 from urllib.parse import unquote
 
 import h11
@@ -31,17 +32,24 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import generate_accept_token
 
-from .._core.events import CloseEvent, ErrorEvent, FetchEvent, MessageEvent
+from .._core.events import CloseEvent, ErrorEvent, Event, FetchEvent, MessageEvent
 from .._errors import WebSocketProtocolError
 from .._http import Request, Response, split_target
+from .._oneshot import OneShot
 from .._supervisor import run_app_hook
-from .._websocket import WebSocket
+from .._websocket import WebSocket, record_of
 
 if TYPE_CHECKING:
-    from .._core.sockets import SocketRecord
-    from .._host import Host, ObjectEntry
+    import outcome
 
-__all__ = ["ServerConnection", "WebSocketProtocolError"]
+    from .._app import App
+    from .._core.budget import MemoryBudget
+    from .._core.lifecycle import ObjectCore
+    from .._core.sockets import SocketRecord
+    from .._limits import Limits
+    from .._statistics import Counters
+
+__all__ = ["ConnectionOwner", "ObjectLink", "ServerConnection", "parse_target"]
 
 log = logging.getLogger("trio_hibernate.connection")
 
@@ -86,6 +94,66 @@ def _simple_response(status: int, body: str, extra: tuple[tuple[str, str], ...] 
     return Response(status=status, body=body + "\n", headers=extra)
 
 
+class ObjectLink(Protocol):
+    """The object a request was routed to, as a connection sees it."""
+
+    @property
+    def core(self) -> ObjectCore:
+        """The object's sans-IO core (its sockets, auto-response, mailbox)."""
+        ...
+
+    def deliver(self, event: Event) -> None:
+        """Queue ``event`` for the object, waking it if it is hibernated."""
+
+    def forget_if_unused(self) -> None:
+        """Drop the object from memory if it has nothing left to do."""
+
+
+class ConnectionOwner(Protocol):
+    """What a connection needs from the runtime that runs it. Nothing here blocks."""
+
+    @property
+    def app(self) -> App: ...
+    @property
+    def limits(self) -> Limits: ...
+    @property
+    def counters(self) -> Counters: ...
+    @property
+    def buffers(self) -> MemoryBudget: ...
+    @property
+    def handshake_timeout(self) -> float: ...
+    @property
+    def request_timeout(self) -> float: ...
+    @property
+    def partial_message_timeout(self) -> float: ...
+    @property
+    def close_timeout(self) -> float: ...
+    @property
+    def wall_clock(self) -> Callable[[], float]: ...
+
+    def operations(self, request: Request) -> Response:
+        """The answer for the server's own paths (``/_health``, ``/_metrics``)."""
+        ...
+
+    def check_origin(self, request: Request) -> Response | None:
+        """A refusal for a browser upgrade from a foreign origin, or None."""
+        ...
+
+    def route(self, path: str) -> ObjectLink | Response | None:
+        """The object ``path`` names, a refusal, or None when no namespace matches."""
+        ...
+
+    def encode_frame(self, message: str | bytes) -> bytes:
+        """The WebSocket frame of a data message."""
+        ...
+
+    def spawn(self, async_fn: Callable[[], Awaitable[Any]]) -> None:
+        """Run a helper task of the connection (a flusher, a watchdog)."""
+
+    def connection_ended(self, conn: ServerConnection) -> None:
+        """The connection has ended and closed its socket."""
+
+
 class ServerConnection:
     """A client connection and, after the upgrade, the transport of its WebSocket."""
 
@@ -107,11 +175,11 @@ class ServerConnection:
         "_ws",
     )
 
-    def __init__(self, host: Host, sock: socket.socket) -> None:
+    def __init__(self, host: ConnectionOwner, sock: socket.socket) -> None:
         self._host = host
         self._sock = sock
         self._ws: WSConnection | None = None
-        self._entry: ObjectEntry | None = None
+        self._entry: ObjectLink | None = None
         self._record: SocketRecord | None = None
         # Frames sent by the object before the 101 response went out; None afterwards.
         self._pending: list[bytes] | None = []
@@ -155,7 +223,7 @@ class ServerConnection:
         finally:
             if self._watchdog is not None:
                 self._watchdog.cancel()
-            host._connection_ended(self)
+            host.connection_ended(self)
             host.buffers.give(self._held)
             self._held = 0
             if not self._terminal and self._record is not None:
@@ -175,7 +243,7 @@ class ServerConnection:
 
     def _internal_error(self, exc: Exception) -> None:
         """A bug of ours (or of a library) while serving this connection: end it only."""
-        self._host.counters.internal_errors += 1
+        self._host.counters.internal_error()
         log.error(
             "internal error serving %s; closing this connection only", self._peer(), exc_info=exc
         )
@@ -186,7 +254,7 @@ class ServerConnection:
                 # Accepted, but the upgrade could not be completed: undo the accept.
                 self._record = None
                 entry.core.release(record)
-                self._host._forget_if_unused(entry)
+                entry.forget_if_unused()
         elif record is not None and self._ws is not None:
             self._fail(1011, "internal error")
         else:
@@ -256,13 +324,13 @@ class ServerConnection:
         ws = request.websocket
         self._entry = entry = routed
         response = await self._fetch(entry, request)
-        record = ws._record if ws is not None else None
+        record = record_of(ws) if ws is not None else None
         if ws is not None and response.status == 101 and response.websocket is ws and record:
             self._record = record
             return response
         if record is not None:
             entry.core.release(record)  # accepted, then refused: undo without any event
-            self._host._forget_if_unused(entry)
+            entry.forget_if_unused()
         if response.status == 101:
             log.error(
                 "fetch() for %s returned 101 with a WebSocket it did not accept for this "
@@ -272,14 +340,14 @@ class ServerConnection:
             response = _simple_response(500, "Internal Server Error")
         return response
 
-    async def _gatekeep(self, request: Request) -> ObjectEntry | Response:
+    async def _gatekeep(self, request: Request) -> ObjectLink | Response:
         """Everything decided before an object wakes: the server's own paths, the
         handshake headers, the origin check, ``App.authorize``, routing."""
         host = self._host
         if request.path.startswith("/_"):
-            return host._operations(request)
+            return host.operations(request)
         if request.websocket is not None:
-            refused = self._check_websocket_headers(request) or host._check_origin(request)
+            refused = self._check_websocket_headers(request) or host.check_origin(request)
             if refused is not None:
                 log.info(
                     "refused a WebSocket upgrade for %s from %s: %d",
@@ -293,7 +361,7 @@ class ServerConnection:
             refused = await run_app_hook("App.authorize", app.authorize, request)
             if refused is not None:
                 return refused
-        routed = host._route(request.path)
+        routed = host.route(request.path)
         if routed is not None:
             return routed
         if app.fetch is not None:
@@ -371,30 +439,22 @@ class ServerConnection:
             and b"upgrade" in (token.strip() for token in connection.split(b","))
         )
 
-    async def _fetch(self, entry: ObjectEntry, request: Request) -> Response:
+    async def _fetch(self, entry: ObjectLink, request: Request) -> Response:
         """The object's answer. If cancelled first (the request timeout), a socket the
         object accepts later is let go at once."""
-        done = trio.Event()
-        box: list[Response] = []
-        host = self._host
 
-        def reply(response: Response) -> None:
-            if done.is_set():
-                # We gave up waiting (504 sent): a socket accepted since is let go.
-                ws = request.websocket
-                if ws is not None and ws._record is not None and not ws._record.released:
-                    entry.core.release(ws._record)
-                    host._forget_if_unused(entry)
-                return
-            box.append(response)
-            done.set()
+        def late(_answer: outcome.Outcome[Response]) -> None:
+            # We gave up waiting (504 sent): a socket accepted since is let go.
+            ws = request.websocket
+            record = record_of(ws) if ws is not None else None
+            if record is not None and not record.released:
+                entry.core.release(record)
+                entry.forget_if_unused()
 
-        host._deliver(entry, FetchEvent(request, reply))
-        try:
-            await done.wait()
-        finally:
-            done.set()  # from now on a reply is late (see reply above)
-        return box[0]
+        answer: OneShot[Response] = OneShot(on_late=late)
+        entry.deliver(FetchEvent(request, answer.reply))
+        response: Response = (await answer.wait()).unwrap()
+        return response
 
     @staticmethod
     def _check_websocket_headers(request: Request) -> Response | None:
@@ -474,7 +534,7 @@ class ServerConnection:
         """The peer sent a request we cannot serve: answer ``status``, then close without
         losing the answer to a reset (a lingering close of ``_LINGER_SECONDS``)."""
         if status < 500:
-            self._host.counters.bad_requests += 1
+            self._host.counters.bad_request()
         log.info("refused a request from %s: %d %s", self._peer(), status, message)
         self._send_raw_response(status, message)
         await self._linger(_LINGER_SECONDS)
@@ -491,7 +551,7 @@ class ServerConnection:
         assert entry is not None
         core = entry.core
         host = self._host
-        deliver = host._deliver
+        deliver = entry.deliver
         budget = host.buffers
         counters = host.counters
         limits = host.limits
@@ -534,11 +594,11 @@ class ServerConnection:
                     if isinstance(message, str) and core.is_auto_response(message):
                         budget.give(size)
                         reply = core.record_auto_response(record, host.wall_clock())
-                        counters.auto_responses += 1
+                        counters.auto_responded()
                         if reply is not None:
                             self.send_message(reply)
                         continue
-                    deliver(entry, MessageEvent(record, message, size))
+                    deliver(MessageEvent(record, message, size))
                 elif kind is Ping:
                     assert isinstance(event, Ping)
                     if ws.state is ConnectionState.OPEN:
@@ -633,16 +693,15 @@ class ServerConnection:
         event.record.peer_closed = True
         if self._watchdog is not None:
             self._watchdog.cancel()
-        host = self._host
         assert self._entry is not None
-        host._deliver(self._entry, event)
+        self._entry.deliver(event)
 
     # -- Transport (called synchronously by object code) ----------------------------------
 
     def send_message(self, data: str | bytes) -> None:
         """Queue one data message (see :class:`~trio_hibernate._core.sockets.Transport`)."""
         if not (self._dead or self._terminal):  # nothing may follow a Close frame
-            self._write(self._host._encode(data))
+            self._write(self._host.encode_frame(data))
 
     def start_close(self, code: int | None, reason: str) -> None:
         """Send our Close frame; the peer's answer ends the socket (or the watchdog does)."""
@@ -656,7 +715,7 @@ class ServerConnection:
         close_code = CloseReason.NO_STATUS_RCVD if code is None else code
         self._write(ws.send(CloseConnection(code=close_code, reason=reason)))
         if not self._terminal:
-            self._host._spawn(self._close_watchdog)
+            self._host.spawn(self._close_watchdog)
 
     def resume_reading(self) -> None:
         """The object caught up with this socket's queued messages: read again."""
@@ -731,7 +790,7 @@ class ServerConnection:
             # the cap applies to what piles up on top while the peer does not read.
             if self._host.buffers.take(len(data) - sent):
                 self._backlog = bytearray(memoryview(data)[sent:])
-                self._host._spawn(self._flush)
+                self._host.spawn(self._flush)
             else:
                 self._drop_slow_reader(self._budget_text())
 
@@ -813,15 +872,15 @@ class ServerConnection:
         with contextlib.suppress(OSError):  # already reset by the peer
             self._sock.shutdown(socket.SHUT_WR)
 
-    @staticmethod
-    def parse_target(path: str) -> tuple[str, str] | str:
-        """``/<namespace>/<name>[/...]`` -> (namespace, name), or an error message."""
-        parts = path.split("/", 3)
-        if len(parts) < 3 or parts[0] != "" or not parts[1] or not parts[2]:
-            return "expected a path of the form /<namespace>/<object name>[/...]"
-        name = unquote(parts[2])
-        if len(name) > _MAX_NAME_CHARS:
-            return f"object names are at most {_MAX_NAME_CHARS} characters (got {len(name)})"
-        if not name.isprintable():
-            return "object names cannot contain control characters"
-        return parts[1], name
+
+def parse_target(path: str) -> tuple[str, str] | str:
+    """``/<namespace>/<name>[/...]`` -> (namespace, name), or an error message."""
+    parts = path.split("/", 3)
+    if len(parts) < 3 or parts[0] != "" or not parts[1] or not parts[2]:
+        return "expected a path of the form /<namespace>/<object name>[/...]"
+    name = unquote(parts[2])
+    if len(name) > _MAX_NAME_CHARS:
+        return f"object names are at most {_MAX_NAME_CHARS} characters (got {len(name)})"
+    if not name.isprintable():
+        return "object names cannot contain control characters"
+    return parts[1], name

@@ -175,6 +175,15 @@ class AlarmScheduler:
             return None
         return FIRST_RETRY_SECONDS * (1 << retry_count)
 
+    def retry(self, key: AlarmKey, retry_count: int) -> float | None:
+        """A run of ``key``'s alarm number ``retry_count`` failed: schedule the next
+        retry (see :meth:`retry_delay`). Returns its delay in seconds, or None when that
+        was the last retry (nothing is scheduled then)."""
+        delay = self.retry_delay(retry_count)
+        if delay is not None:
+            self.schedule(key, self._wall_clock() + delay, retry_count + 1)
+        return delay
+
     async def run(self) -> NoReturn:
         """Fire alarms as they come due, forever."""
         while True:

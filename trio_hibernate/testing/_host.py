@@ -11,7 +11,7 @@ import trio
 
 from .._app import App
 from .._core.events import AlarmEvent
-from .._host import Host, open_host
+from .._host import Host, open_host, runtime_of
 from .._http import Request, Response
 from .._ids import ObjectId
 from .._limits import Limits
@@ -54,7 +54,7 @@ class TestHost:
 
     def now(self) -> float:
         """The virtual wall clock (epoch seconds) objects see through ``ctx.now()``."""
-        return self.host.wall_clock()
+        return runtime_of(self.host).wall_clock()
 
     async def connect(
         self,
@@ -107,13 +107,13 @@ class TestHost:
         """
         object_id = name if isinstance(name, ObjectId) else ObjectId.from_name(namespace, name)
         key = (namespace, object_id.hex, object_id.name)
-        if self.host.alarms.pending(key) is None:
+        runtime = runtime_of(self.host)
+        if runtime.alarms.pending(key) is None:
             raise LookupError(f"{namespace}/{object_id.name or object_id.hex} has no alarm set")
-        self.host.alarms.schedule(key, None)
+        runtime.alarms.schedule(key, None)
         done = trio.Event()
-        entry = self.host._entry_for(namespace, object_id)
         # Fire as if it were due now: the object checks its stored alarm is not later.
-        self.host._deliver(entry, AlarmEvent(float("inf"), 0, done.set))
+        runtime.entry_for(namespace, object_id).deliver(AlarmEvent(float("inf"), 0, done.set))
         await done.wait()
 
     @contextmanager

@@ -1,0 +1,536 @@
+"""The runtime of one host: the object table, delivery, the idle reaper, shutdown.
+
+Internal, not exported. :class:`~trio_hibernate.Host` is its public facade. Connections
+(``_net``), supervisors and stubs each depend only on a small Protocol they define
+themselves (``ConnectionOwner``, ``SupervisorServices``, ``Deliverer``); the runtime
+meets them structurally, with public methods, so no module reaches into another's
+private names.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import sqlite3
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+import attrs
+import trio
+
+from ._core.budget import MemoryBudget
+from ._core.codec import encode_data
+from ._core.events import AlarmEvent, CallEvent, Event, FetchEvent, MessageEvent
+from ._core.frames import encode_message
+from ._core.lifecycle import ObjectCore, ObjectState
+from ._http import Request, Response
+from ._ids import ObjectId
+from ._limits import Limits
+from ._net.connection import ServerConnection, parse_target
+from ._net.operations import operations_response
+from ._statistics import Counters, HostStatistics, ObjectStatistics
+from ._storage.alarms import AlarmIndex, AlarmKey, AlarmScheduler
+from ._storage.backend import StorageBackend
+from ._storage.settings import SettingsIndex
+from ._stubs import Namespace
+from ._supervisor import Activation, supervise
+
+if TYPE_CHECKING:
+    from ._app import App
+    from ._object import DurableObject
+
+__all__ = ["ObjectEntry", "Runtime", "is_same_origin"]
+
+log = logging.getLogger("trio_hibernate.host")
+
+#: Messages up to this size keep their encoded frame for the next send of the same object
+#: (a broadcast loop sends one ``str`` to many sockets: encode once).
+_FRAME_CACHE_MAX_BYTES: Final = 65536
+
+
+@attrs.define(eq=False)
+class ObjectEntry:
+    """What the runtime keeps for an object it knows (live, or hibernated with sockets).
+
+    It is also the object's address for connections and stubs: :meth:`deliver` queues
+    an event for it.
+    """
+
+    runtime: Runtime
+    namespace: str
+    object_id: ObjectId
+    cls: type[DurableObject]
+    """The class to construct on the next wake (replaced by live code updates)."""
+    core: ObjectCore
+    activation: Activation | None = None
+
+    @property
+    def alarm_key(self) -> AlarmKey:
+        """How the alarm index names this object."""
+        return (self.namespace, self.object_id.hex, self.object_id.name)
+
+    def deliver(self, event: Event) -> None:
+        """Queue ``event`` for the object, waking it if it is hibernated."""
+        self.runtime.deliver(self, event)
+
+    def forget_if_unused(self) -> None:
+        """Drop the object from memory if it has nothing left to do."""
+        self.runtime.forget_if_unused(self)
+
+    def fail(self, dropped: list[Event]) -> None:
+        """The constructor raised (see :meth:`Runtime.fail_object`)."""
+        self.runtime.fail_object(self, dropped)
+
+    def refuse_unrun_event(self, event: Event) -> None:
+        """Answer an event that will not run (see :meth:`Runtime.refuse_unrun_event`)."""
+        self.runtime.refuse_unrun_event(self, event)
+
+
+_DEFAULT_PORTS: Final = {"http": "80", "ws": "80", "https": "443", "wss": "443"}
+
+
+def is_same_origin(origin: str, host_header: str | None) -> bool:
+    """Whether ``origin`` (``scheme://host[:port]``) names the server that ``Host`` names.
+
+    Compared case-insensitively, with the scheme's default port made explicit; the
+    ``null`` origin and anything unparsable are never the same origin.
+    """
+    if host_header is None:
+        return False
+    scheme, sep, authority = origin.partition("://")
+    default = _DEFAULT_PORTS.get(scheme.lower())
+    if not sep or default is None or not authority or "/" in authority:
+        return False
+
+    def normal(value: str) -> str:
+        value = value.strip().lower()
+        if value.endswith("]") or ":" not in value.rpartition("]")[2]:
+            value = f"{value}:{default}"
+        return value
+
+    return normal(authority) == normal(host_header)
+
+
+class Runtime:
+    """Everything a host does between its public API and its parts (see the module)."""
+
+    def __init__(
+        self,
+        app: App,
+        nursery: trio.Nursery,
+        *,
+        limits: Limits,
+        idle_timeout: float,
+        hibernate_after_every_event: bool,
+        handshake_timeout: float,
+        request_timeout: float,
+        partial_message_timeout: float,
+        close_timeout: float,
+        wall_clock: Callable[[], float],
+        storage_backend: StorageBackend,
+        allowed_origins: frozenset[str] | None,
+        call_timeout: float,
+        shutdown_close_code: int,
+    ) -> None:
+        self.app = app
+        self.env = app.env
+        self.limits = limits
+        self.idle_timeout = idle_timeout
+        self.hibernate_after_every_event = hibernate_after_every_event
+        self.handshake_timeout = handshake_timeout
+        self.request_timeout = request_timeout
+        self.partial_message_timeout = partial_message_timeout
+        self.close_timeout = close_timeout
+        self.wall_clock = wall_clock
+        self.storage_backend = storage_backend
+        self.allowed_origins = allowed_origins
+        self.call_timeout = call_timeout
+        self.shutdown_close_code = shutdown_close_code
+        self.alarm_index = AlarmIndex(storage_backend.alarm_index_path)
+        self.alarms = AlarmScheduler(wall_clock=wall_clock, fire=self.fire_alarm)
+        for key, when in self.alarm_index.load():
+            self.alarms.schedule(key, when)
+        self.settings = SettingsIndex()
+        """Auto-response pairs and event timeouts of objects the runtime forgot."""
+        self.counters = Counters()
+        """What happened so far (read through :meth:`statistics`)."""
+        self.buffers = MemoryBudget(limits.max_buffered_bytes)
+        """Bytes held for clients, host-wide (``Limits.max_buffered_bytes``)."""
+        self.closing = False
+        """The host is shutting down: no instance is constructed any more."""
+        self._nursery = nursery
+        self._objects: dict[tuple[str, str], ObjectEntry] = {}
+        self._connections: set[ServerConnection] = set()
+        # Idle activations in the order they became idle: with one idle_timeout for the
+        # whole host that is also the order they expire in (see run_reaper).
+        self._idle: dict[Activation, float] = {}
+        self._idle_arrived = trio.Event()
+        self._all_done: trio.Event | None = None
+        self._shutdown_deadline: float | None = None  # trio time; set by shutdown
+        self._shutdown_wait: trio.CancelScope | None = None
+        self._shutdown_reported = False
+        self._last_message: str | bytes | None = None
+        self._last_frame = b""
+
+    # -- for the facade ------------------------------------------------------------------
+
+    def serve_socket(self, sock: socket.socket) -> None:
+        """Serve an accepted client socket (see :meth:`Host.serve_socket`)."""
+        if self.closing:
+            sock.close()
+            return
+        sock.setblocking(False)
+        conn = ServerConnection(self, sock)
+        self._connections.add(conn)
+        self._nursery.start_soon(conn.run)
+
+    @property
+    def connection_count(self) -> int:
+        """Open client connections."""
+        return len(self._connections)
+
+    def known(self, namespace: str, object_id: ObjectId) -> ObjectEntry | None:
+        """The entry of an object the runtime knows, or None."""
+        return self._objects.get((namespace, object_id.hex))
+
+    def object_id(self, namespace: str, name: str | ObjectId) -> ObjectId:
+        """The id of ``name`` in ``namespace``. Raises KeyError for an unknown namespace."""
+        if namespace not in self.app.objects:
+            raise KeyError(
+                f"unknown namespace {namespace!r}; the app has {sorted(self.app.objects)}"
+            )
+        return name if isinstance(name, ObjectId) else ObjectId.from_name(namespace, name)
+
+    def get_namespace(self, name: str) -> Namespace:
+        """The namespace ``name`` (see :meth:`Host.get_namespace`)."""
+        if name not in self.app.objects:
+            raise KeyError(f"unknown namespace {name!r}; the app has {sorted(self.app.objects)}")
+        return Namespace(self, name)
+
+    async def replace_app(self, app: App) -> None:
+        """Switch to new code without disconnecting anyone (see :meth:`Host.replace_app`)."""
+        self.app = app
+        self.env = app.env
+        waits = []
+        for entry in list(self._objects.values()):
+            cls = app.objects.get(entry.namespace)
+            if entry.activation is not None:
+                entry.activation.request_stop()
+                waits.append(entry.activation.stopped)
+            if cls is None:
+                for record in entry.core.registry.sockets():
+                    record.transport.begin_shutdown(1012, "service restart")
+                    entry.core.release(record)
+            else:
+                entry.cls = cls
+        for stopped in waits:
+            await stopped.wait()
+        await trio.lowlevel.checkpoint()
+
+    def statistics(self) -> HostStatistics:
+        """Counts of objects, sockets, wakes and hibernations."""
+        live = sum(1 for e in self._objects.values() if e.activation is not None)
+        counters = self.counters
+        return HostStatistics(
+            live_objects=live,
+            hibernated_objects=len(self._objects) - live,
+            websockets=sum(len(e.core.registry) for e in self._objects.values()),
+            connections=len(self._connections),
+            wakes=counters.wakes,
+            hibernations=counters.hibernations,
+            auto_responses=counters.auto_responses,
+            seconds_in_memory=counters.seconds_in_memory,
+            storage_commits=counters.storage_commits,
+            buffered_bytes=self.buffers.used,
+            bad_requests=counters.bad_requests,
+            internal_errors=counters.internal_errors,
+        )
+
+    def object_statistics(self, namespace: str, object_id: ObjectId) -> ObjectStatistics:
+        """State and counts of one object (``HIBERNATED`` with zeros if unknown)."""
+        entry = self.known(namespace, object_id)
+        if entry is None:
+            return ObjectStatistics(
+                state=ObjectState.HIBERNATED, websockets=0, queued_events=0, activations=0
+            )
+        core = entry.core
+        return ObjectStatistics(
+            state=core.state,
+            websockets=len(core.registry),
+            queued_events=core.queued,
+            activations=core.generation,
+        )
+
+    # -- for connections (_net.connection.ConnectionOwner) --------------------------------
+
+    def route(self, path: str) -> ObjectEntry | Response | None:
+        """The object a path names; a Response for a bad path; None for no namespace."""
+        segments = path.split("/", 2)
+        cls = self.app.objects.get(segments[1]) if len(segments) > 1 else None
+        if cls is None:
+            return None
+        target = parse_target(path)
+        if isinstance(target, str):
+            return Response(status=400, body=f"Bad Request: {target}\n")
+        if self.closing:
+            return Response(status=503, body="the server is shutting down\n")
+        namespace, name = target
+        return self._entry(namespace, ObjectId.from_name(namespace, name), cls)
+
+    def operations(self, request: Request) -> Response:
+        """The answer to a request for the server's own paths (``/_health``...)."""
+        return operations_response(request, self.statistics(), self.closing)
+
+    def check_origin(self, request: Request) -> Response | None:
+        """Refuse cross-site WebSocket hijacking: a browser upgrade (it carries
+        ``Origin``) from another site than the ``Host`` it connects to, unless allowed."""
+        origin = request.header("origin")
+        if origin is None:
+            return None  # not a browser: Origin protects browser users only
+        allowed = self.allowed_origins
+        if allowed is not None and ("*" in allowed or origin in allowed):
+            return None
+        if allowed is None and is_same_origin(origin, request.header("host")):
+            return None
+        return Response(
+            status=403,
+            body=f"Forbidden: origin {origin!r} is not allowed to open a WebSocket here "
+            "(allowed_origins / --allowed-origin)\n",
+        )
+
+    def encode_frame(self, message: str | bytes) -> bytes:
+        """The WebSocket frame of ``message`` (the last one is cached for broadcasts)."""
+        if message is self._last_message:
+            return self._last_frame
+        frame = encode_message(message)
+        if len(frame) <= _FRAME_CACHE_MAX_BYTES:
+            self._last_message = message
+            self._last_frame = frame
+        return frame
+
+    def spawn(self, async_fn: Callable[[], Any]) -> None:
+        """Run ``async_fn`` in the host nursery (a connection's helper task)."""
+        self._nursery.start_soon(async_fn)
+
+    def connection_ended(self, conn: ServerConnection) -> None:
+        """``conn`` has ended and closed its socket."""
+        self._connections.discard(conn)
+        if self._all_done is not None and not self._connections:
+            self._all_done.set()
+
+    # -- for stubs (_stubs.Deliverer) ------------------------------------------------------
+
+    def entry_for(self, namespace: str, object_id: ObjectId) -> ObjectEntry:
+        """The entry of an object, made if the runtime does not know it yet.
+
+        Raises:
+            LookupError: the namespace is no longer in the app.
+        """
+        cls = self.app.objects.get(namespace)
+        if cls is None:
+            raise LookupError(f"namespace {namespace!r} is no longer in the app")
+        return self._entry(namespace, object_id, cls)
+
+    def encode_call(self, value: object) -> bytes:
+        """A stub call's argument or result as data (checked against the size limit)."""
+        return encode_data(
+            value,
+            what="A stub call's argument or result",
+            limit_name="max_message_bytes",
+            limit_bytes=self.limits.max_message_bytes,
+        )
+
+    # -- delivery --------------------------------------------------------------------------
+
+    def deliver(self, entry: ObjectEntry, event: Event) -> None:
+        """Queue ``event`` for the object, waking it if it is hibernated."""
+        if self.closing:
+            self.refuse_unrun_event(entry, event)
+            return
+        if entry.core.enqueue(event):
+            self._nursery.start_soon(supervise, self, entry)
+            return
+        activation = entry.activation
+        if activation is not None and activation.idle:
+            activation.lot.unpark()
+
+    def fire_alarm(self, key: AlarmKey, when: float, retry_count: int) -> None:
+        """The alarm scheduler's callback: deliver the alarm to its object."""
+        namespace, hex_id, name = key
+        cls = self.app.objects.get(namespace)
+        if cls is None:
+            log.error("an alarm for unknown namespace %r was dropped", namespace)
+            return
+        entry = self._entry(namespace, ObjectId(hex_id, name), cls)
+        self.deliver(entry, AlarmEvent(when, retry_count))
+
+    def _entry(self, namespace: str, object_id: ObjectId, cls: type[DurableObject]) -> ObjectEntry:
+        key = (namespace, object_id.hex)
+        entry = self._objects.get(key)
+        if entry is None:
+            core = ObjectCore(self.limits)
+            try:
+                kept = self.settings.take(*key)
+            except sqlite3.Error:
+                log.exception(
+                    "could not read the kept settings of %s %s; they are lost",
+                    namespace,
+                    object_id,
+                )
+                kept = None
+            if kept is not None:
+                core.auto_response, core.event_timeout_ms = kept
+            entry = ObjectEntry(self, namespace, object_id, cls, core)
+            self._objects[key] = entry
+        return entry
+
+    # -- for supervisors (_supervisor.SupervisorServices) -----------------------------------
+
+    def forget_if_unused(self, entry: ObjectEntry) -> None:
+        """Drop an object with nothing left to do from memory; settings that must
+        outlive it (spec 1) go to the settings index."""
+        core = entry.core
+        key = (entry.namespace, entry.object_id.hex)
+        if core.has_work or self._objects.get(key) is not entry:
+            return
+        del self._objects[key]
+        if core.auto_response is not None or core.event_timeout_ms is not None:
+            try:
+                self.settings.keep(*key, (core.auto_response, core.event_timeout_ms))
+            except sqlite3.Error:  # the temporary directory is full, say: not fatal
+                log.exception(
+                    "could not keep the auto-response and event timeout of %s %s; they "
+                    "are lost (the object must set them again)",
+                    entry.namespace,
+                    entry.object_id,
+                )
+
+    def fail_object(self, entry: ObjectEntry, dropped: list[Event]) -> None:
+        """The constructor raised: close every socket with 1011, answer fetches 500 and
+        stub calls with an error, retry a due alarm later.
+
+        No handler can run (there is no instance), so the sockets are released at once.
+        """
+        for event in dropped:
+            if isinstance(event, MessageEvent):
+                self.buffers.give(event.size)
+            elif isinstance(event, FetchEvent):
+                event.reply.send(Response(status=500, body="Internal Server Error\n"))
+            elif isinstance(event, CallEvent):
+                event.reply.fail(RuntimeError(f"the constructor of {entry.cls.__name__} raised"))
+            elif isinstance(event, AlarmEvent):
+                self.alarms.retry(entry.alarm_key, event.retry_count)
+                if event.on_done is not None:
+                    event.on_done()
+        for record in entry.core.registry.sockets():
+            record.transport.begin_shutdown(1011, "internal error")
+            entry.core.release(record)
+
+    def refuse_unrun_event(self, entry: ObjectEntry, event: Event) -> None:
+        """Answer an event that will not run because the host is shutting down, or (a
+        live code update) its namespace is no longer in the app.
+
+        A fetch gets 503, a stub call an error, an alarm's ``on_done`` runs (the alarm
+        stays set in the object's storage). Socket events are dropped: their sockets are
+        being closed without handlers.
+        """
+        if self.closing:
+            server_why, why = "the server is shutting down", "the host is shutting down"
+        else:
+            server_why = why = f"namespace {entry.namespace!r} is no longer in the app"
+        if isinstance(event, MessageEvent):
+            self.buffers.give(event.size)
+        elif isinstance(event, FetchEvent):
+            event.reply.send(Response(status=503, body=f"{server_why}\n"))
+        elif isinstance(event, CallEvent):
+            event.reply.fail(
+                RuntimeError(
+                    f"{why}: {event.method}() of {entry.namespace} {entry.object_id} was not run"
+                )
+            )
+        elif isinstance(event, AlarmEvent) and event.on_done is not None:
+            event.on_done()
+
+    def idle_from(self, activation: Activation) -> None:
+        """``activation`` is idle from now: the reaper stops it after ``idle_timeout``."""
+        self._idle[activation] = trio.current_time()
+        if len(self._idle) == 1:
+            self._idle_arrived.set()
+
+    def busy_again(self, activation: Activation) -> None:
+        """``activation`` is no longer idle."""
+        self._idle.pop(activation, None)
+
+    async def run_reaper(self) -> None:
+        """Hibernate objects idle for ``idle_timeout``: one task for the whole host, so a
+        message costs the object no timer (a cancel scope per idle period was measurable
+        on the echo path)."""
+        idle = self._idle
+        while True:
+            if not idle:
+                self._idle_arrived = trio.Event()
+                await self._idle_arrived.wait()
+                continue
+            activation, since = next(iter(idle.items()))
+            deadline = since + self.idle_timeout
+            if trio.current_time() >= deadline:
+                del idle[activation]
+                activation.request_stop()
+            else:
+                await trio.sleep_until(deadline)
+
+    # -- shutdown ----------------------------------------------------------------------------
+
+    async def shutdown(self, grace: float) -> None:
+        """Close every connection with :attr:`shutdown_close_code` and wait until each
+        has ended, at most ``grace`` seconds after the first call, logging how many
+        remain once a second.
+
+        Called again (the signal helper starts the shutdown, leaving ``open_host`` ends
+        it), it only waits for what remains of the first call's grace period.
+        """
+        if not self.closing:
+            self.closing = True
+            if self._shutdown_deadline is None:  # else stop_waiting came first
+                self._shutdown_deadline = trio.current_time() + grace
+            for entry in list(self._objects.values()):
+                if entry.activation is not None:
+                    entry.activation.scope.cancel()
+            code = self.shutdown_close_code
+            reason = "service restart" if code == 1012 else "going away"
+            for conn in list(self._connections):
+                conn.begin_shutdown(code, reason)
+        with trio.CancelScope() as self._shutdown_wait:
+            while self._connections and trio.current_time() < self._deadline():
+                self._all_done = trio.Event()
+                with trio.move_on_at(min(self._deadline(), trio.current_time() + 1)):
+                    await self._all_done.wait()
+                if self._connections and trio.current_time() < self._deadline():
+                    log.info("shutdown: %d connection(s) still closing", len(self._connections))
+        if self._connections and not self._shutdown_reported:
+            self._shutdown_reported = True
+            log.warning(
+                "shutdown: %d connection(s) did not close within %g s (close_timeout); "
+                "dropping them",
+                len(self._connections),
+                grace,
+            )
+
+    def _deadline(self) -> float:
+        assert self._shutdown_deadline is not None
+        return self._shutdown_deadline
+
+    def stop_waiting(self) -> int:
+        """Forced exit: the shutdown stops waiting for connections (now and if called
+        again); they are dropped when the host exits. Returns how many there are."""
+        self._shutdown_deadline = -math.inf
+        self._shutdown_reported = True
+        if self._shutdown_wait is not None:
+            self._shutdown_wait.cancel()
+        return len(self._connections)
+
+    def close(self) -> None:
+        """Close the runtime's own files (once every task has finished)."""
+        self.alarm_index.close()
+        self.settings.close()

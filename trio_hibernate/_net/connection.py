@@ -32,11 +32,11 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import generate_accept_token
 
+from .._containment import run_app_hook
 from .._core.events import CloseEvent, ErrorEvent, Event, FetchEvent, MessageEvent
 from .._errors import WebSocketProtocolError
 from .._http import Request, Response, split_target
 from .._oneshot import OneShot
-from .._supervisor import run_app_hook
 from .._websocket import WebSocket, record_of
 
 if TYPE_CHECKING:

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .._core.gate import OutputGate
     from .._limits import Limits
 
-__all__ = ["SqlCursor", "SqlStorage", "Storage"]
+__all__ = ["SqlCursor", "SqlStorage", "Storage", "stored_alarm"]
 
 T = TypeVar("T")
 
@@ -445,3 +445,17 @@ class Storage:
         self._alarm_set = None
         self._wrote()
         await self._after_write()
+
+
+def stored_alarm(storage: Storage) -> float | None:
+    """For the runtime: the alarm in the object's database (epoch seconds), or None.
+
+    Synchronous (no checkpoint): the supervisor checks an alarm against it before running
+    the handler (a stale index entry) and after (delete it unless the handler set a new
+    one).
+
+    Raises:
+        RuntimeError: a commit is in flight.
+        sqlite3.Error, OSError: the database cannot be opened or read.
+    """
+    return storage._database().get_alarm()

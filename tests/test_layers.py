@@ -397,7 +397,6 @@ NET: Final = f"{PACKAGE}._net"
 RUNTIME: Final = frozenset({f"{PACKAGE}._host", f"{PACKAGE}._runtime", f"{PACKAGE}._supervisor"})
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: _net.connection still imports _host")
 def test_net_does_not_import_the_runtime() -> None:
     edges = graph()
     starts = [name for name in modules() if name == NET or name.startswith(NET + ".")]
@@ -536,15 +535,6 @@ ALLOWED_PRIVATE_ACCESS: Final[dict[tuple[str, str], str]] = {
     ("_stubs", "_deliver"): "a stub call queues an event for its object",
     ("_stubs", "_encode_call"): "a stub encodes its arguments with the host's codec",
     ("_stubs", "_entry_for"): "a stub finds or creates its object's entry",
-    ("_supervisor", "_busy_again"): "the supervisor tells the idle reaper it has work",
-    ("_supervisor", "_closing"): "the supervisor checks whether the host shuts down",
-    ("_supervisor", "_database"): "the supervisor commits a turn through Storage's database",
-    ("_supervisor", "_encode_call"): "the supervisor decodes stub calls with the host's codec",
-    ("_supervisor", "_fail_object"): "the supervisor applies the constructor-failure policy",
-    ("_supervisor", "_forget_if_unused"): "the supervisor lets the host drop an entry",
-    ("_supervisor", "_handle"): "the supervisor calls the context's event handler",
-    ("_supervisor", "_idle_from"): "the supervisor tells the idle reaper it is idle",
-    ("_supervisor", "_refuse_unrun_event"): "the supervisor answers events it will not run",
     ("testing._host", "_deliver"): "TestHost queues events like a connection",
     ("testing._host", "_entry_for"): "TestHost finds an object's entry like a stub",
 }

@@ -416,7 +416,42 @@ class _Dispatcher:
         """Run ``event`` (the caller holds the turn lock and commits after)."""
         entry = self._entry
         kind = type(event)
-        if kind is FetchEvent or kind is CallEvent:
+        call: Awaitable[None]
+        if kind is MessageEvent:  # the hot path first
+            assert isinstance(event, MessageEvent)
+            record = event.record
+            ws = self._handle(record)
+            services = self._services
+            services.buffers.give(event.size)
+            if record.reading_paused:
+                limits = services.limits
+                if (
+                    record.queued < limits.max_queued_messages_per_websocket
+                    and record.queued_bytes < limits.max_queued_bytes_per_websocket
+                ):
+                    record.transport.resume_reading()
+            call = self._instance.websocket_message(ws, event.data)
+            contained = self._on_message
+        elif kind is CloseEvent or kind is ErrorEvent:
+            assert isinstance(event, CloseEvent | ErrorEvent)
+            record = event.record
+            ws = self._handle(record)
+            if isinstance(event, CloseEvent):
+                call = self._instance.websocket_close(ws, event.code, event.reason, event.was_clean)
+            else:
+                call = self._instance.websocket_error(ws, event.error)
+            contained = Containment(
+                self._log, _HANDLER_RAISED, kind.__name__, entry.namespace, entry.object_id
+            )
+        elif kind is AlarmEvent:
+            assert isinstance(event, AlarmEvent)
+            try:
+                await self._alarm(event)
+            finally:
+                if event.on_done is not None:
+                    event.on_done()
+            return
+        else:
             assert isinstance(event, FetchEvent | CallEvent)
             token = None
             if event.chain:  # made in a turn of another object, which waits for this one
@@ -430,42 +465,6 @@ class _Dispatcher:
                 if token is not None:
                     waiting_turns.reset(token)
             return
-        if kind is AlarmEvent:
-            assert isinstance(event, AlarmEvent)
-            try:
-                await self._alarm(event)
-            finally:
-                if event.on_done is not None:
-                    event.on_done()
-            return
-        assert isinstance(event, MessageEvent | CloseEvent | ErrorEvent)
-        record = event.record
-        ws = self._handle(record)
-        instance = self._instance
-        call: Awaitable[None]
-        if kind is MessageEvent:
-            assert isinstance(event, MessageEvent)
-            services = self._services
-            services.buffers.give(event.size)
-            if record.reading_paused:
-                limits = services.limits
-                if (
-                    record.queued < limits.max_queued_messages_per_websocket
-                    and record.queued_bytes < limits.max_queued_bytes_per_websocket
-                ):
-                    record.transport.resume_reading()
-            call = instance.websocket_message(ws, event.data)
-            contained = self._on_message
-        else:
-            if kind is CloseEvent:
-                assert isinstance(event, CloseEvent)
-                call = instance.websocket_close(ws, event.code, event.reason, event.was_clean)
-            else:
-                assert isinstance(event, ErrorEvent)
-                call = instance.websocket_error(ws, event.error)
-            contained = Containment(
-                self._log, _HANDLER_RAISED, kind.__name__, entry.namespace, entry.object_id
-            )
         timeout_ms = entry.core.event_timeout_ms
         try:
             with contained:  # the socket stays open

@@ -137,7 +137,6 @@ class Runtime:
         self.app = app
         self.env = app.env
         self.limits = limits
-        self.idle_timeout = idle_timeout
         self.hibernate_after_every_event = hibernate_after_every_event
         self.handshake_timeout = handshake_timeout
         self.request_timeout = request_timeout

@@ -272,11 +272,6 @@ async def test_test_websocket_send_receive_ping_are_checkpoints(
         await ws.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TestWebSocket.receive() takes a buffered message without a checkpoint, although "
-    "its class docstring says every method is one",
-)
 async def test_test_websocket_receive_of_a_buffered_message_is_a_checkpoint(
     autojump_clock: MockClock,
 ) -> None:

@@ -20,13 +20,47 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .._ids import ObjectId
 
-__all__ = ["ObjectDatabase", "StorageBackend"]
+if TYPE_CHECKING:
+    from .._limits import Limits
+
+__all__ = ["ObjectDatabase", "StorageBackend", "UserCursor"]
 
 SqlValue = None | int | float | str | bytes
+
+
+class UserCursor(Protocol):
+    """The rows of the object's SQL (:meth:`ObjectDatabase.execute_user`).
+
+    Statements that may write have run to completion when it is returned; a read may
+    still be stepping, until :meth:`close` or its last row.
+    """
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        """Column names of the result (empty when the statement returns no rows)."""
+        ...
+
+    @property
+    def rows_written(self) -> int:
+        """Rows the last statement inserted, updated or deleted."""
+        ...
+
+    @property
+    def wrote(self) -> bool:
+        """Whether the call may have written anything (the turn must then commit)."""
+        ...
+
+    def fetchone(self) -> tuple[SqlValue, ...] | None:
+        """The next row, or None after the last one or :meth:`close`."""
+        ...
+
+    def close(self) -> None:
+        """Drop the rows not read yet (idempotent)."""
+        ...
 
 
 class ObjectDatabase(Protocol):
@@ -34,8 +68,6 @@ class ObjectDatabase(Protocol):
 
     @property
     def in_transaction(self) -> bool: ...
-    @property
-    def total_changes(self) -> int: ...
     def begin(self) -> None: ...
     def commit(self) -> None: ...
     def rollback(self) -> None: ...
@@ -57,7 +89,10 @@ class ObjectDatabase(Protocol):
     def delete_all(self) -> None: ...
     def get_alarm(self) -> float | None: ...
     def set_alarm(self, when: float | None) -> None: ...
-    def execute_user(self, query: str, bindings: Sequence[SqlValue]) -> Any: ...
+    def execute_user(
+        self, query: str, bindings: Sequence[SqlValue], limits: Limits
+    ) -> UserCursor: ...
+    def database_size(self) -> int: ...
     def close(self) -> None: ...
 
 

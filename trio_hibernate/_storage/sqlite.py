@@ -8,6 +8,12 @@ only ``COMMIT`` flushes, and the runtime runs it in a worker thread.
 Every method here is synchronous and not thread-safe; the runtime never uses one
 database from two threads at once.
 
+The object's own SQL (``sql.exec``, :meth:`SqliteDatabase.execute_user`) runs under
+rules the runtime's statements do not: SQLite's limits are set to the ``Limits.max_sql_*``
+ones (Cloudflare's by default) and the authorizer refuses the ``_th_*`` names and
+transaction control, only while it is prepared or stepped. A query of several statements
+is split as ``statements.py`` says and runs in a savepoint (all or nothing).
+
 Descriptors: a file database in WAL mode holds 3 (the database, ``-wal``, ``-shm``). The
 backend keeps at most ``max_open_databases`` connections open, least recently used
 first: opening one more closes the connection of the least recently used database that
@@ -23,15 +29,21 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final, final
 
 from .._descriptors import default_max_open_databases
 from .._errors import LimitExceededError, StorageError
 from .._ids import ObjectId
+from .._limits import Limits
 from .backend import ObjectDatabase
+from .statements import split_statements
 
-__all__ = ["DESCRIPTORS_PER_DATABASE", "SqliteBackend", "SqliteDatabase"]
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+__all__ = ["DESCRIPTORS_PER_DATABASE", "SqliteBackend", "SqliteDatabase", "SqliteUserCursor"]
 
 #: Descriptors held by one open file database in WAL mode: the database, -wal and -shm.
 DESCRIPTORS_PER_DATABASE: Final = 3
@@ -41,7 +53,9 @@ CREATE TABLE IF NOT EXISTS _th_kv (key TEXT PRIMARY KEY, value BLOB NOT NULL) WI
 CREATE TABLE IF NOT EXISTS _th_meta (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
 """
 _SURROGATES: Final = range(0xD800, 0xE000)
-#: Authorizer actions whose first argument (or second, for indexes) names a table.
+#: Authorizer actions whose first or second argument names a table, an index, a view or
+#: a trigger (as in workerd's ``getAuthorizorTableName``, TEMP ones included: a TEMP
+#: trigger on a reserved table would run the object's SQL inside the runtime's writes).
 _TABLE_ARG_ACTIONS: Final = frozenset(
     {
         sqlite3.SQLITE_READ,
@@ -49,13 +63,32 @@ _TABLE_ARG_ACTIONS: Final = frozenset(
         sqlite3.SQLITE_INSERT,
         sqlite3.SQLITE_DELETE,
         sqlite3.SQLITE_CREATE_TABLE,
+        sqlite3.SQLITE_CREATE_TEMP_TABLE,
         sqlite3.SQLITE_DROP_TABLE,
+        sqlite3.SQLITE_DROP_TEMP_TABLE,
         sqlite3.SQLITE_ALTER_TABLE,
         sqlite3.SQLITE_CREATE_INDEX,
+        sqlite3.SQLITE_CREATE_TEMP_INDEX,
         sqlite3.SQLITE_DROP_INDEX,
+        sqlite3.SQLITE_DROP_TEMP_INDEX,
         sqlite3.SQLITE_CREATE_TRIGGER,
+        sqlite3.SQLITE_CREATE_TEMP_TRIGGER,
+        sqlite3.SQLITE_DROP_TRIGGER,
+        sqlite3.SQLITE_DROP_TEMP_TRIGGER,
+        sqlite3.SQLITE_CREATE_VIEW,
+        sqlite3.SQLITE_CREATE_TEMP_VIEW,
+        sqlite3.SQLITE_DROP_VIEW,
+        sqlite3.SQLITE_DROP_TEMP_VIEW,
+        sqlite3.SQLITE_CREATE_VTABLE,
+        sqlite3.SQLITE_DROP_VTABLE,
+        sqlite3.SQLITE_ANALYZE,
+        sqlite3.SQLITE_REINDEX,
     }
 )
+#: Authorizer actions that would end, or nest in, the turn's transaction.
+_TRANSACTION_ACTIONS: Final = frozenset({sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_SAVEPOINT})
+#: The savepoint that makes a multi-statement ``execute_user`` all or nothing.
+_EXEC_SAVEPOINT: Final = "th_exec"
 
 SqlValue = None | int | float | str | bytes
 
@@ -296,37 +329,78 @@ class SqliteDatabase:
 
     # -- SQL -----------------------------------------------------------------------------
 
-    def execute_user(self, query: str, bindings: Sequence[SqlValue]) -> sqlite3.Cursor:
-        """Run one statement of the object's inside the turn's transaction.
+    def execute_user(
+        self, query: str, bindings: Sequence[SqlValue] = (), limits: Limits | None = None
+    ) -> SqliteUserCursor:
+        """Run the object's SQL (``sql.exec``) inside the turn's transaction.
 
-        Tables named ``_th_*`` are the runtime's: SQLite's authorizer refuses the
-        statement if it would read or change one (raised as ValueError).
+        The query may hold several statements (see ``statements.py``); the bindings go
+        to the last one, whose rows the returned cursor reads. A ``SELECT`` (or
+        ``VALUES``, ``EXPLAIN``) last statement is read lazily, as the cursor is read;
+        any other statement runs to completion here (its ``RETURNING`` rows are kept),
+        so that no writing statement is ever left half-run. Several statements run all
+        or nothing (in a savepoint).
+
+        While the object's SQL runs (and while its cursor is read), SQLite's own limits
+        are the ``Limits.max_sql_*`` ones; the authorizer refuses tables, indexes, views
+        and triggers named ``_th_*`` (the runtime's) and transaction control.
+
+        Raises:
+            ValueError: a statement touches a ``_th_*`` name, or is ``BEGIN``,
+                ``COMMIT``, ``ROLLBACK``, ``SAVEPOINT`` or ``RELEASE``.
+            LimitExceededError: a table or result with more than
+                ``Limits.max_sql_columns`` columns, or a string, BLOB or row over
+                ``Limits.max_sql_row_bytes``.
+            sqlite3.Error: the query is malformed (no statement, parameters before
+                the last statement) or a statement failed.
+            Nothing the call did is kept when it raises.
         """
+        if limits is None:
+            limits = Limits()
+        statements = split_statements(query)
         self.begin()
-        touched: list[str] = []
-
-        def authorize(
-            action: int, arg1: str | None, arg2: str | None, db: str | None, source: str | None
-        ) -> int:
-            for name in (arg1, arg2) if action in _TABLE_ARG_ACTIONS else ():
-                if name is not None and name.lower().startswith("_th_"):
-                    touched.append(name)
-                    return sqlite3.SQLITE_DENY
-            return sqlite3.SQLITE_OK
-
         conn = self._connection()
-        conn.set_authorizer(authorize)
+        several = len(statements) > 1
+        if several:
+            conn.execute(f"SAVEPOINT {_EXEC_SAVEPOINT}")
         try:
-            return conn.execute(query, bindings)
-        except sqlite3.DatabaseError:
-            if touched:
-                raise ValueError(
-                    f"table {touched[0]!r} is reserved for trio-hibernate (names starting "
-                    "with _th_ hold the key-value data and the alarm)"
-                ) from None
+            with _as_user(conn, limits, preparing=True):
+                changes_before = conn.total_changes
+                for statement in statements[:-1]:
+                    # As workerd does: one step (a SELECT's first row is dropped).
+                    conn.execute(statement.text).close()
+                last = statements[-1]
+                before = conn.total_changes
+                cursor = conn.execute(last.text, bindings)
+                rows = None if last.read_only else cursor.fetchall()
+                written = conn.total_changes - before
+                wrote = conn.total_changes != changes_before or any(
+                    not statement.read_only for statement in statements
+                )
+        except BaseException:
+            if several:
+                conn.execute(f"ROLLBACK TO {_EXEC_SAVEPOINT}")
+                conn.execute(f"RELEASE {_EXEC_SAVEPOINT}")
             raise
-        finally:
-            conn.set_authorizer(None)
+        if several:
+            conn.execute(f"RELEASE {_EXEC_SAVEPOINT}")
+        return SqliteUserCursor(cursor, rows, limits=limits, rows_written=written, wrote=wrote)
+
+    def database_size(self) -> int:
+        """Bytes the database uses: pages in use (not on the free list) times page size.
+
+        As workerd's ``databaseSize``; it counts the runtime's ``_th_*`` tables too.
+        """
+        ((pages, page_size),) = (
+            self._connection()
+            .execute(
+                "SELECT (SELECT page_count FROM pragma_page_count)"
+                " - (SELECT freelist_count FROM pragma_freelist_count),"
+                " (SELECT page_size FROM pragma_page_size)"
+            )
+            .fetchall()
+        )
+        return int(pages) * int(page_size)
 
     def close(self) -> None:
         """Roll back anything uncommitted and close for good."""
@@ -338,6 +412,178 @@ class SqliteDatabase:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             conn.close()
+
+
+@final
+class SqliteUserCursor:
+    """The rows of an :meth:`SqliteDatabase.execute_user` call (its last statement).
+
+    A ``SELECT`` is stepped as rows are fetched, under the object's SQL limits; other
+    statements ran to completion and their rows (``RETURNING``) are handed out from
+    memory. Not thread-safe, like the database.
+    """
+
+    __slots__ = ("_cursor", "_limits", "_rows", "column_names", "rows_written", "wrote")
+
+    def __init__(
+        self,
+        cursor: sqlite3.Cursor,
+        rows: list[tuple[SqlValue, ...]] | None,
+        *,
+        limits: Limits,
+        rows_written: int,
+        wrote: bool,
+    ) -> None:
+        self._cursor: sqlite3.Cursor | None = cursor
+        self._rows = None if rows is None else iter(rows)
+        self._limits = limits
+        self.column_names: tuple[str, ...] = tuple(d[0] for d in cursor.description or ())
+        """Column names of the result (empty for a statement that returns no rows)."""
+        self.rows_written = rows_written
+        """Rows inserted, updated or deleted by the statement (triggers included)."""
+        self.wrote = wrote
+        """True if any statement of the call may have written (the turn must commit)."""
+        if rows is not None or not self.column_names:
+            cursor.close()  # ran to completion: nothing is left to step
+
+    def fetchone(self) -> tuple[SqlValue, ...] | None:
+        """The next row, or None when there are no more (or after :meth:`close`).
+
+        Raises:
+            LimitExceededError: the row holds a string or BLOB over
+                ``Limits.max_sql_row_bytes``.
+            sqlite3.Error: SQLite failed computing the row.
+        """
+        if self._rows is not None:
+            return next(self._rows, None)
+        cursor = self._cursor
+        if cursor is None:
+            return None
+        with _as_user(cursor.connection, self._limits, preparing=False):
+            row: tuple[SqlValue, ...] | None = cursor.fetchone()
+        if row is None:
+            self.close()
+        return row
+
+    def fetchall(self) -> list[tuple[SqlValue, ...]]:
+        """Every remaining row."""
+        rows = []
+        while (row := self.fetchone()) is not None:
+            rows.append(row)
+        return rows
+
+    def close(self) -> None:
+        """Stop reading: the statement is reset and the remaining rows are dropped."""
+        cursor, self._cursor, self._rows = self._cursor, None, None
+        if cursor is not None:
+            cursor.close()
+
+
+#: The SQLite limits the object's SQL is prepared under, and the ``Limits`` fields they
+#: come from. Only the first (a string, BLOB or row) is checked while a statement steps.
+_SQL_LIMITS: Final = (
+    (sqlite3.SQLITE_LIMIT_LENGTH, "max_sql_row_bytes"),
+    (sqlite3.SQLITE_LIMIT_COLUMN, "max_sql_columns"),
+    (sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, "max_sql_bound_parameters"),
+    (sqlite3.SQLITE_LIMIT_SQL_LENGTH, "max_sql_statement_bytes"),
+)
+#: SQLite's messages for the limits it checks that are not SQLITE_TOOBIG, by field.
+_LIMIT_MESSAGES: Final = (
+    (("too many columns",), "max_sql_columns", "columns"),
+    (
+        ("too many SQL variables", "variable number must be between"),
+        "max_sql_bound_parameters",
+        "parameters",
+    ),
+)
+
+
+def _refusal(action: int, arg1: str | None, arg2: str | None) -> str | None:
+    """Why the object's SQL may not do ``action`` (None: it may)."""
+    if action in _TRANSACTION_ACTIONS:
+        return (
+            "SQL transaction control (BEGIN, COMMIT, ROLLBACK, SAVEPOINT, RELEASE) is not "
+            "allowed: each turn already runs in one transaction, committed when it ends; "
+            "use `await ctx.storage.transaction(fn)` for an all-or-nothing group of "
+            "writes (Cloudflare refuses these statements too)"
+        )
+    if action in _TABLE_ARG_ACTIONS:
+        for name in (arg1, arg2):
+            if name is not None and name.lower().startswith("_th_"):
+                return (
+                    f"table {name!r} is reserved for trio-hibernate (names starting with "
+                    "_th_ hold the key-value data and the alarm)"
+                )
+    return None
+
+
+@contextmanager
+def _as_user(conn: sqlite3.Connection, limits: Limits, *, preparing: bool) -> Iterator[None]:
+    """Run the object's SQL: under its SQLite limits and authorizer, with its errors.
+
+    ``preparing``: statements are prepared (all the limits, and the authorizer); else a
+    statement only steps (the length limit: the others apply when preparing, and a
+    statement that already stepped is never prepared again). The runtime's own
+    statements run without any of this (a batch ``get`` binds up to 128 parameters, and
+    the ``_th_*`` tables are the runtime's).
+    """
+    refusals: list[str] = []
+
+    def authorizer(
+        action: int, arg1: str | None, arg2: str | None, db: str | None, source: str | None
+    ) -> int:
+        refusal = _refusal(action, arg1, arg2)
+        if refusal is None:
+            return sqlite3.SQLITE_OK
+        refusals.append(refusal)
+        return sqlite3.SQLITE_DENY
+
+    categories = _SQL_LIMITS if preparing else _SQL_LIMITS[:1]
+    saved = [
+        (category, conn.setlimit(category, getattr(limits, field)))
+        for category, field in categories
+    ]
+    if preparing:
+        conn.set_authorizer(authorizer)
+    try:
+        yield
+    except sqlite3.Error as exc:
+        if refusals:
+            raise ValueError(refusals[0]) from None
+        error = _limit_error(exc, limits)
+        if error is None:
+            raise
+        raise error from exc
+    finally:
+        if preparing:
+            conn.set_authorizer(None)
+        for category, value in saved:
+            conn.setlimit(category, value)
+
+
+def _limit_error(exc: sqlite3.Error, limits: Limits) -> LimitExceededError | None:
+    """The :class:`LimitExceededError` for SQLite refusing ``exc`` over a limit, if it did.
+
+    SQLite does not say by how much, so the value given is the limit plus one.
+    """
+    message = str(exc)
+    if message == "statement too long":
+        name, unit = "max_sql_statement_bytes", "bytes"
+    elif getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_TOOBIG:
+        name, unit = "max_sql_row_bytes", "bytes in a string, BLOB or row"
+    else:
+        found = next((m for m in _LIMIT_MESSAGES if message.startswith(m[0])), None)
+        if found is None:
+            return None
+        _, name, unit = found
+    limit: int = getattr(limits, name)
+    return LimitExceededError(
+        f"SQLite refused the statement ({message}): more than {limit} {unit} "
+        f"(Limits.{name}, as on Cloudflare)",
+        limit_name=name,
+        limit=limit,
+        value=limit + 1,
+    )
 
 
 class _ConnectionPool:

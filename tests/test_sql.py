@@ -12,6 +12,7 @@ the Cloudflare documentation it comes from.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -518,37 +519,68 @@ async def test_limits_are_configurable_and_the_runtime_is_not_bound_by_them(
 # -- a cursor's lifetime ---------------------------------------------------------------------
 
 
-def test_a_cursor_left_unread_is_closed_when_the_transaction_ends(storage: Storage) -> None:
+COMMITTED: Final = (
+    "closed with rows left unread: its transaction was committed (at the end of the turn "
+    "that made it, or for a write made outside a turn)"
+)
+
+
+def test_a_cursor_left_unread_is_closed_when_the_transaction_commits(storage: Storage) -> None:
     ten_rows(storage)
     unread = storage.sql.exec("SELECT n FROM t ORDER BY n")
     assert next(unread) == {"n": 1}
     finished = storage.sql.exec("SELECT n FROM t WHERE n = 1")
     assert finished.to_list() == [{"n": 1}]
-    storage.end_read_only_turn()
-    with pytest.raises(RuntimeError, match="closed with rows left unread: its turn ended"):
+    returning = storage.sql.exec("UPDATE t SET s = 'x' WHERE n < 3 RETURNING n")
+    storage.commit_sync()  # what the runtime runs when the turn ends
+    with pytest.raises(RuntimeError, match=re.escape(COMMITTED)):
         next(unread)
-    with pytest.raises(RuntimeError, match="read a cursor within the turn"):
+    with pytest.raises(RuntimeError, match="read a cursor within the turn that made it"):
         unread.to_list()
+    with pytest.raises(RuntimeError, match="closed with rows left unread"):
+        returning.one()
     # What it knew stays; a cursor read to its end is just empty.
     assert (unread.column_names, unread.rows_read, unread.rows_written) == (["n"], 2, 0)
     assert finished.to_list() == []
 
 
-def test_a_commit_and_delete_all_close_cursors_too(storage: Storage) -> None:
+def test_a_read_only_turn_ends_its_cursors_too(storage: Storage) -> None:
     ten_rows(storage)
+    storage.commit_sync()
+    storage.committed()
     cursor = storage.sql.exec("SELECT n FROM t")
-    storage.committing = True  # what the runtime does before a commit
-    storage.committing = False
-    with pytest.raises(RuntimeError, match="its transaction was committed"):
+    assert not storage.dirty
+    storage.end_read_only_turn()
+    with pytest.raises(RuntimeError, match=re.escape(COMMITTED)):
         cursor.one()
 
 
-async def test_delete_all_closes_cursors(storage: Storage) -> None:
+def test_a_cursor_is_not_stepped_while_its_transaction_commits(
+    storage: Storage, db: SqliteDatabase
+) -> None:
+    # A ctx.start_soon task may read a cursor while the turn's commit runs in a worker
+    # thread, which holds this lock (as in test_descriptors) and ends the cursors.
+    ten_rows(storage)
+    cursor = storage.sql.exec("SELECT n FROM t ORDER BY n")
+    with db._commit_lock, pytest.raises(RuntimeError, match="being committed"):
+        next(cursor)
+
+
+def test_a_rollback_ends_cursors(storage: Storage) -> None:
+    ten_rows(storage)
+    cursor = storage.sql.exec("SELECT n FROM t")
+    storage.failed()  # a failed commit, or an activation cancelled mid-turn
+    with pytest.raises(RuntimeError, match="its transaction was rolled back"):
+        list(cursor)
+
+
+async def test_delete_all_ends_cursors(storage: Storage) -> None:
     ten_rows(storage)
     cursor = storage.sql.exec("SELECT n FROM t")
     await storage.delete_all()  # a pending read would keep its table from being dropped
     with pytest.raises(RuntimeError, match=r"storage\.delete_all\(\) ran"):
         list(cursor)
+    assert storage.sql.exec("SELECT name FROM sqlite_master WHERE name = 't'").rows == []
 
 
 # -- through a host: turns, commits, hibernation --------------------------------------------
@@ -657,9 +689,8 @@ async def test_a_background_write_commits_and_closes_the_tasks_cursor(
             await done.wait()
     assert outcome == [
         "{'artistid': 123}",
-        "this SQL cursor was closed with rows left unread: its transaction was committed "
-        "(at the end of a turn, or for a write made outside a turn); read a cursor within "
-        "the turn that made it (to_list() keeps its rows)",
+        f"this SQL cursor was {COMMITTED}; read a cursor within the turn that made it "
+        "(to_list() keeps its rows)",
     ]
 
 

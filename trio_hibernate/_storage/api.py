@@ -16,17 +16,15 @@ Writes made outside a turn (by a ``ctx.start_soon`` task) are committed before t
 returns.
 
 SQL (``storage.sql``) is Cloudflare's ``SqlStorage``: several statements per ``exec``, a
-lazy cursor that lasts as long as the transaction (the runtime's end of a transaction,
-through :attr:`Storage.committing`, :meth:`Storage.end_read_only_turn`,
-:meth:`Storage.failed` and :meth:`Storage.detach`, closes the cursors left unread),
-``database_size``, and Cloudflare's SQL limits. ``docs/sql.md`` has the details.
+lazy cursor that lasts as long as the object's transaction (the database closes the
+cursors left unread when it commits or rolls back), ``database_size``, and Cloudflare's
+SQL limits. ``docs/sql.md`` has the details.
 """
 
 from __future__ import annotations
 
 import math
 import sqlite3
-import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
@@ -74,15 +72,7 @@ class SqlCursor:
     Made by :meth:`SqlStorage.exec` only.
     """
 
-    __slots__ = (
-        "__weakref__",
-        "_closed_by",
-        "_columns",
-        "_error",
-        "_next",
-        "_rows_read",
-        "_source",
-    )
+    __slots__ = ("_closed_by", "_columns", "_error", "_next", "_rows_read", "_source")
 
     def __init__(self, source: UserCursor) -> None:
         self._source = source
@@ -110,27 +100,20 @@ class SqlCursor:
             if self._next is not None:
                 self._rows_read += 1
 
-    def _done(self) -> bool:
-        """True when no row is left to read (or the cursor was closed)."""
-        return self._next is None
-
-    def _close(self, because: str) -> None:
-        """The transaction ended (``because``): drop the rows not read yet."""
-        if self._next is not None:
-            self._closed_by = because
-            self._next = None
-        self._source.close()
-
     def _take(self) -> tuple[SqlValue, ...] | None:
-        if self._closed_by is not None:
-            raise RuntimeError(
-                f"this SQL cursor was closed with rows left unread: {self._closed_by}; "
-                "read a cursor within the turn that made it (to_list() keeps its rows)"
-            )
+        """The next row (None at the end), keeping the one after it ready."""
         if self._error is not None:
             error, self._error = self._error, None
             raise error
         row = self._next
+        if row is not None and self._closed_by is None:
+            self._closed_by = self._source.closed_because
+        if self._closed_by is not None:
+            self._next = None
+            raise RuntimeError(
+                f"this SQL cursor was closed with rows left unread: {self._closed_by}; "
+                "read a cursor within the turn that made it (to_list() keeps its rows)"
+            )
         if row is not None:
             self._advance()
         return row
@@ -211,7 +194,7 @@ class SqlCursor:
         row = self._take()
         if row is None:
             raise ValueError("expected exactly one row, got 0")
-        if not self._done():
+        if self._next is not None:
             extra = sum(1 for _ in self.raw())
             raise ValueError(f"expected exactly one row, got {1 + extra}")
         return self._as_dict(row)
@@ -222,12 +205,10 @@ class SqlStorage:
     """``ctx.storage.sql``: SQL on the object's own SQLite database (Cloudflare's
     ``SqlStorage``)."""
 
-    __slots__ = ("_cursors", "_storage")
+    __slots__ = ("_storage",)
 
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
-        # Cursors that may have rows left, closed when the transaction ends.
-        self._cursors: weakref.WeakSet[SqlCursor] = weakref.WeakSet()
 
     def exec(self, query: str, *bindings: SqlValue) -> SqlCursor:
         """Run the SQL statements of ``query`` inside the turn's transaction.
@@ -272,10 +253,7 @@ class SqlStorage:
         source = storage._database().execute_user(query, bindings, limits)
         if source.wrote:
             storage._wrote()
-        cursor = SqlCursor(source)
-        if not cursor._done():
-            self._cursors.add(cursor)
-        return cursor
+        return SqlCursor(source)
 
     @property
     def database_size(self) -> int:
@@ -287,13 +265,6 @@ class SqlStorage:
             RuntimeError: a commit is in flight (from a ``ctx.start_soon`` task).
         """
         return self._storage._database().database_size()
-
-    def _close_cursors(self, because: str) -> None:
-        """The transaction ends: cursors with rows left lose them."""
-        cursors = list(self._cursors)
-        self._cursors.clear()
-        for cursor in cursors:
-            cursor._close(because)
 
 
 def _value_bytes(value: object, limit: int) -> int:
@@ -404,10 +375,6 @@ class Storage:
     @committing.setter
     def committing(self, value: bool) -> None:
         if value:
-            self.sql._close_cursors(
-                "its transaction was committed (at the end of a turn, or for a write made "
-                "outside a turn)"
-            )
             self._commit_done = trio.Event()
         elif self._commit_done is not None:
             self._commit_done.set()
@@ -437,20 +404,17 @@ class Storage:
         """The commit failed: roll back, drop held messages. Returns how many."""
         self._dirty = False
         self._alarm_set = ...
-        self.sql._close_cursors("its transaction was rolled back")
         if self._db is not None:
             self._db.rollback()
         return self._gate.drop()
 
     def end_read_only_turn(self) -> None:
         """Close a transaction that only read (no disk flush needed)."""
-        self.sql._close_cursors("its turn ended")
         if self._db is not None and not self._dirty and self._db.in_transaction:
             self._db.commit()
 
     def detach(self) -> ObjectDatabase | None:
         """The activation ends: hand back the database to release."""
-        self.sql._close_cursors("the object's activation ended")
         db, self._db = self._db, None
         return db
 
@@ -588,9 +552,8 @@ class Storage:
         return {k: decode_data(v) for k, v in rows}
 
     async def delete_all(self) -> None:
-        """Delete every key, every SQL table and the alarm (and close open SQL cursors)."""
+        """Delete every key, every SQL table and the alarm."""
         await self._settled()
-        self.sql._close_cursors("storage.delete_all() ran")
         self._database().delete_all()
         self._alarm_set = None
         self._wrote()

@@ -1,12 +1,13 @@
 """The storage backend interface: what the runtime needs from a place to keep data.
 
 SQLite (``sqlite.py``) is the implementation; a second one (PostgreSQL, to run hosts on
-several machines) implements these two protocols and is passed to ``open_host`` as
+several machines) implements these protocols and is passed to ``open_host`` as
 ``storage_backend``. Objects never see a backend: they use ``ctx.storage``.
 
 Threading contract: the runtime calls every method of an :class:`ObjectDatabase` from the
 event loop thread except :meth:`ObjectDatabase.commit`, which it runs in a worker thread
-when the backend is :attr:`StorageBackend.durable`; never two calls at once. A backend
+when the backend is :attr:`StorageBackend.durable`; never two calls at once, except that
+a :class:`UserCursor` may be read during a commit (see there). A backend
 may do work of its own on a database between the runtime's calls (the SQLite one closes
 idle connections to stay within its descriptor budget), as long as the database object
 the runtime holds keeps working.
@@ -36,8 +37,17 @@ class UserCursor(Protocol):
     """The rows of the object's SQL (:meth:`ObjectDatabase.execute_user`).
 
     Statements that may write have run to completion when it is returned; a read may
-    still be stepping, until :meth:`close` or its last row.
+    still be stepping, until :meth:`close` or its last row. When the database's
+    transaction ends (commit, rollback, close, ``delete_all``) a cursor with rows left
+    is closed and says why in :attr:`closed_because`. :meth:`fetchone` is called from
+    the event loop thread, possibly while :meth:`ObjectDatabase.commit` runs in a worker
+    thread (a ``ctx.start_soon`` task reading a cursor): the backend keeps the two apart.
     """
+
+    @property
+    def closed_because(self) -> str | None:
+        """Why the transaction's end closed the cursor with rows left, or None."""
+        ...
 
     @property
     def column_names(self) -> tuple[str, ...]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,7 +39,7 @@ from .._errors import LimitExceededError, StorageError
 from .._ids import ObjectId
 from .._limits import Limits
 from .backend import ObjectDatabase
-from .statements import split_statements
+from .statements import SqlStatement, split_statements
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -89,6 +90,16 @@ _TABLE_ARG_ACTIONS: Final = frozenset(
 _TRANSACTION_ACTIONS: Final = frozenset({sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_SAVEPOINT})
 #: The savepoint that makes a multi-statement ``execute_user`` all or nothing.
 _EXEC_SAVEPOINT: Final = "th_exec"
+#: Why a cursor with rows left was closed at a commit.
+_COMMITTED: Final = (
+    "its transaction was committed (at the end of the turn that made it, or for a write "
+    "made outside a turn)"
+)
+_DATABASE_SIZE: Final = (
+    "SELECT ((SELECT page_count FROM pragma_page_count)"
+    " - (SELECT freelist_count FROM pragma_freelist_count))"
+    " * (SELECT page_size FROM pragma_page_size)"
+)
 
 SqlValue = None | int | float | str | bytes
 
@@ -118,7 +129,7 @@ class SqliteDatabase:
     call opens a new one. A memory database (no ``reconnect``) is never closed by the pool.
     """
 
-    __slots__ = ("_commit_lock", "_conn", "_pool", "_reconnect")
+    __slots__ = ("_commit_lock", "_conn", "_pool", "_reconnect", "_user_cursors")
 
     def __init__(
         self,
@@ -135,6 +146,8 @@ class SqliteDatabase:
         # Held by a commit (in its worker thread): the pool never closes a connection
         # whose commit is still returning.
         self._commit_lock = threading.Lock()
+        # The object's cursors with rows left: the transaction's end closes them.
+        self._user_cursors: weakref.WeakSet[SqliteUserCursor] = weakref.WeakSet()
         if conn is not None:
             conn.executescript(_SCHEMA)
 
@@ -174,12 +187,6 @@ class SqliteDatabase:
         finally:
             self._commit_lock.release()
 
-    @property
-    def total_changes(self) -> int:
-        """Rows changed through this connection so far (it restarts at 0 when the pool
-        reconnects, which happens only between transactions)."""
-        return self._connection().total_changes
-
     # -- transactions --------------------------------------------------------------------
 
     @property
@@ -201,12 +208,14 @@ class SqliteDatabase:
         a closed connection had no transaction to commit.
         """
         with self._commit_lock:
+            self._end_user_cursors(_COMMITTED)
             conn = self._conn
             if conn is not None and conn.in_transaction:
                 conn.execute("COMMIT")
 
     def rollback(self) -> None:
         """Forget the turn's writes."""
+        self._end_user_cursors("its transaction was rolled back")
         conn = self._conn
         if conn is not None and conn.in_transaction:
             conn.execute("ROLLBACK")
@@ -294,6 +303,7 @@ class SqliteDatabase:
 
     def delete_all(self) -> None:
         """Delete every key, the alarm and every table the object made with SQL."""
+        self._end_user_cursors("storage.delete_all() ran")  # they would lock their tables
         self.begin()
         conn = self._connection()
         tables = conn.execute(
@@ -334,76 +344,46 @@ class SqliteDatabase:
     ) -> SqliteUserCursor:
         """Run the object's SQL (``sql.exec``) inside the turn's transaction.
 
-        The query may hold several statements (see ``statements.py``); the bindings go
-        to the last one, whose rows the returned cursor reads. A ``SELECT`` (or
-        ``VALUES``, ``EXPLAIN``) last statement is read lazily, as the cursor is read;
-        any other statement runs to completion here (its ``RETURNING`` rows are kept),
-        so that no writing statement is ever left half-run. Several statements run all
-        or nothing (in a savepoint).
-
-        While the object's SQL runs (and while its cursor is read), SQLite's own limits
-        are the ``Limits.max_sql_*`` ones; the authorizer refuses tables, indexes, views
-        and triggers named ``_th_*`` (the runtime's) and transaction control.
+        The query may hold several statements (``statements.py``), run all or nothing;
+        the bindings go to the last one, whose rows the cursor reads: a ``SELECT`` (or
+        ``VALUES``, ``EXPLAIN``) lazily, as they are fetched; any other statement ran to
+        completion (no writing statement is left half-run). The transaction's end
+        (:meth:`commit`, :meth:`rollback`, :meth:`close`, :meth:`delete_all`) closes the
+        cursor if rows are left. Limits and refusals: see :func:`_as_user`.
 
         Raises:
             ValueError: a statement touches a ``_th_*`` name, or is ``BEGIN``,
                 ``COMMIT``, ``ROLLBACK``, ``SAVEPOINT`` or ``RELEASE``.
-            LimitExceededError: a table or result with more than
-                ``Limits.max_sql_columns`` columns, or a string, BLOB or row over
-                ``Limits.max_sql_row_bytes``.
+            LimitExceededError: SQLite refused a ``Limits.max_sql_*`` limit.
             sqlite3.Error: the query is malformed (no statement, parameters before
                 the last statement) or a statement failed.
             Nothing the call did is kept when it raises.
         """
-        if limits is None:
-            limits = Limits()
         statements = split_statements(query)
         self.begin()
-        conn = self._connection()
-        several = len(statements) > 1
-        if several:
-            conn.execute(f"SAVEPOINT {_EXEC_SAVEPOINT}")
-        try:
-            with _as_user(conn, limits, preparing=True):
-                changes_before = conn.total_changes
-                for statement in statements[:-1]:
-                    # As workerd does: one step (a SELECT's first row is dropped).
-                    conn.execute(statement.text).close()
-                last = statements[-1]
-                before = conn.total_changes
-                cursor = conn.execute(last.text, bindings)
-                rows = None if last.read_only else cursor.fetchall()
-                written = conn.total_changes - before
-                wrote = conn.total_changes != changes_before or any(
-                    not statement.read_only for statement in statements
-                )
-        except BaseException:
-            if several:
-                conn.execute(f"ROLLBACK TO {_EXEC_SAVEPOINT}")
-                conn.execute(f"RELEASE {_EXEC_SAVEPOINT}")
-            raise
-        if several:
-            conn.execute(f"RELEASE {_EXEC_SAVEPOINT}")
-        return SqliteUserCursor(cursor, rows, limits=limits, rows_written=written, wrote=wrote)
+        cursor = _run_user_sql(
+            self._connection(), statements, bindings, limits or Limits(), self._commit_lock
+        )
+        if cursor.column_names:  # it has rows to read
+            self._user_cursors.add(cursor)
+        return cursor
 
     def database_size(self) -> int:
-        """Bytes the database uses: pages in use (not on the free list) times page size.
+        """Bytes in use: pages not on the free list, times the page size (as workerd's
+        ``databaseSize``; the runtime's ``_th_*`` tables count too)."""
+        ((size,),) = self._connection().execute(_DATABASE_SIZE).fetchall()
+        return int(size)
 
-        As workerd's ``databaseSize``; it counts the runtime's ``_th_*`` tables too.
-        """
-        ((pages, page_size),) = (
-            self._connection()
-            .execute(
-                "SELECT (SELECT page_count FROM pragma_page_count)"
-                " - (SELECT freelist_count FROM pragma_freelist_count),"
-                " (SELECT page_size FROM pragma_page_size)"
-            )
-            .fetchall()
-        )
-        return int(pages) * int(page_size)
+    def _end_user_cursors(self, because: str) -> None:
+        """The transaction ends (``because``): the object's cursors lose unread rows."""
+        cursors = list(self._user_cursors)
+        self._user_cursors.clear()
+        for cursor in cursors:
+            cursor.end(because)
 
     def close(self) -> None:
         """Roll back anything uncommitted and close for good."""
+        self._end_user_cursors("the object's database was closed (it hibernated or was reset)")
         self._reconnect = None
         if self._pool is not None:
             self._pool.forget(self)
@@ -414,16 +394,68 @@ class SqliteDatabase:
             conn.close()
 
 
+def _run_user_sql(
+    conn: sqlite3.Connection,
+    statements: list[SqlStatement],
+    bindings: Sequence[SqlValue],
+    limits: Limits,
+    commit_lock: threading.Lock,
+) -> SqliteUserCursor:
+    """Run the statements, the last with the bindings, in a savepoint if several."""
+    several = len(statements) > 1
+    if several:
+        conn.execute(f"SAVEPOINT {_EXEC_SAVEPOINT}")
+    try:
+        with _as_user(conn, limits, preparing=True):
+            changes_before = conn.total_changes
+            for statement in statements[:-1]:
+                # As workerd does: one step (a SELECT's first row is dropped).
+                conn.execute(statement.text).close()
+            last = statements[-1]
+            before = conn.total_changes
+            cursor = conn.execute(last.text, bindings)
+            rows = None if last.read_only else cursor.fetchall()
+            written = conn.total_changes - before
+            wrote = conn.total_changes != changes_before or any(
+                not statement.read_only for statement in statements
+            )
+    except BaseException:
+        if several:
+            conn.execute(f"ROLLBACK TO {_EXEC_SAVEPOINT}")
+            conn.execute(f"RELEASE {_EXEC_SAVEPOINT}")
+        raise
+    if several:
+        conn.execute(f"RELEASE {_EXEC_SAVEPOINT}")
+    return SqliteUserCursor(
+        cursor, rows, limits=limits, commit_lock=commit_lock, rows_written=written, wrote=wrote
+    )
+
+
 @final
 class SqliteUserCursor:
     """The rows of an :meth:`SqliteDatabase.execute_user` call (its last statement).
 
     A ``SELECT`` is stepped as rows are fetched, under the object's SQL limits; other
     statements ran to completion and their rows (``RETURNING``) are handed out from
-    memory. Not thread-safe, like the database.
+    memory. The database ends the cursor when its transaction ends (:meth:`end`).
+
+    Threading: :meth:`fetchone` runs in the event loop thread while a commit may run
+    in a worker thread (a ``ctx.start_soon`` task reading a cursor): it steps only
+    while holding the database's commit lock, which the commit holds while it ends the
+    cursors, so the two never touch the connection at once.
     """
 
-    __slots__ = ("_cursor", "_limits", "_rows", "column_names", "rows_written", "wrote")
+    __slots__ = (
+        "__weakref__",
+        "_commit_lock",
+        "_cursor",
+        "_limits",
+        "_rows",
+        "closed_because",
+        "column_names",
+        "rows_written",
+        "wrote",
+    )
 
     def __init__(
         self,
@@ -431,36 +463,53 @@ class SqliteUserCursor:
         rows: list[tuple[SqlValue, ...]] | None,
         *,
         limits: Limits,
+        commit_lock: threading.Lock,
         rows_written: int,
         wrote: bool,
     ) -> None:
         self._cursor: sqlite3.Cursor | None = cursor
         self._rows = None if rows is None else iter(rows)
         self._limits = limits
+        self._commit_lock = commit_lock
         self.column_names: tuple[str, ...] = tuple(d[0] for d in cursor.description or ())
         """Column names of the result (empty for a statement that returns no rows)."""
         self.rows_written = rows_written
         """Rows inserted, updated or deleted by the statement (triggers included)."""
         self.wrote = wrote
         """True if any statement of the call may have written (the turn must commit)."""
+        self.closed_because: str | None = None
+        """Why the cursor was closed with rows left (its transaction ended), or None."""
         if rows is not None or not self.column_names:
             cursor.close()  # ran to completion: nothing is left to step
+            self._cursor = None
+        if not self.column_names:
+            self._rows = None
 
     def fetchone(self) -> tuple[SqlValue, ...] | None:
-        """The next row, or None when there are no more (or after :meth:`close`).
+        """The next row, or None after the last one, :meth:`close` or :meth:`end`.
 
         Raises:
             LimitExceededError: the row holds a string or BLOB over
                 ``Limits.max_sql_row_bytes``.
             sqlite3.Error: SQLite failed computing the row.
+            RuntimeError: a commit of the cursor's transaction is in flight.
         """
         if self._rows is not None:
-            return next(self._rows, None)
-        cursor = self._cursor
-        if cursor is None:
+            row = next(self._rows, None)
+        elif (cursor := self._cursor) is None:
             return None
-        with _as_user(cursor.connection, self._limits, preparing=False):
-            row: tuple[SqlValue, ...] | None = cursor.fetchone()
+        elif not self._commit_lock.acquire(blocking=False):
+            raise RuntimeError(
+                "SQL cursor read while its transaction is being committed (from a "
+                "ctx.start_soon task?): read it before the write, or await "
+                "ctx.storage.sync() and run the query again"
+            )
+        else:
+            try:
+                with _as_user(cursor.connection, self._limits, preparing=False):
+                    row = cursor.fetchone()
+            finally:
+                self._commit_lock.release()
         if row is None:
             self.close()
         return row
@@ -477,6 +526,12 @@ class SqliteUserCursor:
         cursor, self._cursor, self._rows = self._cursor, None, None
         if cursor is not None:
             cursor.close()
+
+    def end(self, because: str) -> None:
+        """The transaction ended: close, noting ``because`` if rows were left."""
+        if self._cursor is not None or self._rows is not None:
+            self.closed_because = because
+            self.close()
 
 
 #: The SQLite limits the object's SQL is prepared under, and the ``Limits`` fields they

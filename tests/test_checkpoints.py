@@ -217,7 +217,7 @@ async def test_every_storage_method_is_a_checkpoint_in_a_background_task(
 ) -> None:
     async with checked_host(tmp_path if durable else None) as th:
         await th.host.get_namespace("checked").get_by_name("a").storage_in_a_task()
-        env = th.host.env
+        env = th.host.app.env
         with trio.fail_after(WAIT_SECONDS):
             await env["task_done"].wait()
         assert env["task_failure"] == []
@@ -247,7 +247,7 @@ async def test_test_host_helpers_are_checkpoints(autojump_clock: MockClock) -> N
         await th.host.get_namespace("checked").get_by_name("a").arm()
         with assert_checkpoints():
             await th.run_alarm("checked", "a")
-        assert th.host.env["alarms"] == 1
+        assert th.host.app.env["alarms"] == 1
         await ws.aclose()
 
 
@@ -272,11 +272,6 @@ async def test_test_websocket_send_receive_ping_are_checkpoints(
         await ws.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TestWebSocket.receive() takes a buffered message without a checkpoint, although "
-    "its class docstring says every method is one",
-)
 async def test_test_websocket_receive_of_a_buffered_message_is_a_checkpoint(
     autojump_clock: MockClock,
 ) -> None:

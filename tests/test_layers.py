@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Final
 
 import attrs
-import pytest
 
 PACKAGE: Final = "trio_hibernate"
 ROOT: Final = Path(__file__).resolve().parent.parent

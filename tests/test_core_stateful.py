@@ -619,7 +619,7 @@ class HibernationMachine(RuleBasedStateMachine):
         """What ``ServerConnection._end`` does: decide the end once, then queue it."""
         assert not sock.terminal_queued
         sock.terminal_queued = True
-        sock.record.peer_closed = True
+        sock.record.decide_end()
         self._enqueue(event)
 
     @initialize(wake=st.booleans(), request=st.none() | st.sampled_from(_SHORT_AUTO_STRINGS))
@@ -921,7 +921,9 @@ class HibernationMachine(RuleBasedStateMachine):
             # Closing: exactly one terminal event, then out of the registry.
             assert sock.terminal_delivered <= 1
             assert record.server_closed is sock.server_closed
-            assert record.peer_closed is sock.terminal_queued
+            assert (record.ready_state is ReadyState.CLOSED) is (
+                sock.terminal_queued or sock.released
+            )
             assert record.released is sock.released
             assert (record in self.core.registry) is not sock.released
             if sock.released:

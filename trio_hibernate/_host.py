@@ -216,9 +216,7 @@ class Host:
                 entry.activation.request_stop()
                 waits.append(entry.activation.stopped)
             if cls is None:
-                for record in entry.core.registry.sockets():
-                    record.transport.begin_shutdown(1012, "service restart")
-                    entry.core.release(record)
+                entry.core.shut_down_sockets(1012, "service restart")
             else:
                 entry.cls = cls
         for stopped in waits:
@@ -331,7 +329,8 @@ class Host:
                 )
                 kept = None
             if kept is not None:
-                core.auto_response, core.event_timeout_ms = kept
+                core.set_auto_response(kept[0])
+                core.set_event_timeout_ms(kept[1])
             entry = ObjectEntry(namespace, object_id, cls, core)
             self._objects[key] = entry
         return entry
@@ -397,9 +396,7 @@ class Host:
                     self.alarms.schedule(entry.alarm_key, retry_at, event.retry_count + 1)
                 if event.on_done is not None:
                     event.on_done()
-        for record in entry.core.registry.sockets():
-            record.transport.begin_shutdown(1011, "internal error")
-            entry.core.release(record)
+        entry.core.shut_down_sockets(1011, "internal error")
 
     def _refuse_unrun_event(self, entry: ObjectEntry, event: Event) -> None:
         """Answer an event that will not run because the host is shutting down, or (a

@@ -373,14 +373,7 @@ async def _dispatch(
     call: Awaitable[None]
     if kind is MessageEvent:
         assert isinstance(event, MessageEvent)
-        host.buffers.give(event.size)
-        if record.reading_paused:
-            limits = host.limits
-            if (
-                record.queued < limits.max_queued_messages_per_websocket
-                and record.queued_bytes < limits.max_queued_bytes_per_websocket
-            ):
-                record.transport.resume_reading()
+        host.buffers.give(event.size)  # (pop_event resumed its socket's reading if due)
         call = instance.websocket_message(ws, event.data)
     elif kind is CloseEvent:
         assert isinstance(event, CloseEvent)

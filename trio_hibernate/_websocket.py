@@ -6,7 +6,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Final, final
 
 from ._core.codec import decode_data, encode_data
-from ._core.sockets import ReadyState, SocketRecord, Transport
+from ._core.sockets import ReadyState, SocketRecord, SocketState, Transport
 from ._errors import InvalidCloseCodeError, WebSocketStateError
 from ._limits import MAX_CLOSE_REASON_BYTES
 
@@ -119,8 +119,8 @@ class WebSocket:
             data = bytes(value)
         else:
             raise TypeError(f"send() takes str or bytes, not {type(value).__name__}")
-        if record.peer_closed:
-            return
+        if record.state is not SocketState.OPEN:
+            return  # the end is decided (or the socket let go): the close event is on its way
         gate = self._gate
         if gate is not None and gate.closed:
             # Spec 10, output gate: this message waits until the object's writes are durable.
@@ -134,7 +134,7 @@ class WebSocket:
         The peer receives the Close frame (after any pending write is durable);
         ``websocket_close`` runs when it answers (with the peer's code). Without a code
         the Close frame is empty and the peer sees 1005. Closing twice, or closing a
-        socket the peer already closed, does nothing.
+        socket the peer already closed (or the runtime let go), does nothing.
 
         Raises:
             InvalidCloseCodeError: ``code`` outside 1000-4999 or reserved (1004, 1005,
@@ -147,16 +147,12 @@ class WebSocket:
             raise WebSocketStateError(
                 "You must call ctx.accept_websocket() on this WebSocket before closing it."
             )
-        if record.server_closed or record.peer_closed:
-            return
-        record.server_closed = True
+        if not record.close_by_object():
+            return  # closed already, or ended by the peer: nothing to send
         gate = self._gate
         if gate is not None and gate.closed:
             # If the write fails, the close never happened: the socket is open again.
-            gate.hold(
-                partial(record.transport.start_close, code, reason or ""),
-                partial(setattr, record, "server_closed", False),
-            )
+            gate.hold(partial(record.transport.start_close, code, reason or ""), record.undo_close)
         else:
             record.transport.start_close(code, reason or "")
 

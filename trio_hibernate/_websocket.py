@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 __all__ = ["WebSocket", "check_close_args"]
 
 _RESERVED_CLOSE_CODES: Final = frozenset({1004, 1005, 1006, 1015})
+_OPEN: Final = SocketState.OPEN  # a module constant: Enum class attributes are slow to read
 
 
 def check_close_args(code: int | None, reason: str | None) -> None:
@@ -109,7 +110,8 @@ class WebSocket:
             raise WebSocketStateError(
                 "You must call ctx.accept_websocket() on this WebSocket before sending messages."
             )
-        if record.server_closed:
+        state = record.state
+        if state is not _OPEN and record.server_closed:
             raise WebSocketStateError("Can't call WebSocket send() after close().")
         value: object = message
         data: str | bytes
@@ -119,7 +121,7 @@ class WebSocket:
             data = bytes(value)
         else:
             raise TypeError(f"send() takes str or bytes, not {type(value).__name__}")
-        if record.state is not SocketState.OPEN:
+        if state is not _OPEN:
             return  # the end is decided (or the socket let go): the close event is on its way
         gate = self._gate
         if gate is not None and gate.closed:

@@ -30,7 +30,7 @@ from .._autoresponse import WebSocketRequestResponsePair
 from .._errors import InvalidTransition
 from .._limits import Limits
 from .events import Event, MessageEvent
-from .sockets import SocketRecord, SocketRegistry, should_resume_reading
+from .sockets import SocketRecord, SocketRegistry
 
 __all__ = ["TRANSITIONS", "Input", "InvalidTransition", "ObjectCore", "ObjectState"]
 
@@ -63,6 +63,10 @@ class Input(Enum):
     #: The instance is gone (:meth:`ObjectCore.on_stopped`).
     STOPPED = "stopped"
 
+
+# Module constants for the hot paths: reading an Enum member off its class is slow.
+_HIBERNATED: Final = ObjectState.HIBERNATED
+_LIVE: Final = ObjectState.LIVE
 
 #: (state, input) -> next state; a missing pair raises :class:`InvalidTransition`.
 TRANSITIONS: Final[dict[tuple[ObjectState, Input], ObjectState]] = {
@@ -166,10 +170,10 @@ class ObjectCore:
             event.record.add_queued(event.size)
         self._mailbox.append(event)
         before = self._state
-        if before is ObjectState.LIVE:
+        if before is _LIVE:
             return False  # the hot path: the cell (LIVE, EVENT) -> LIVE, without a lookup
         self._move(Input.EVENT)
-        return before is ObjectState.HIBERNATED
+        return before is _HIBERNATED
 
     # -- inputs from the supervisor -------------------------------------------------------
 
@@ -209,20 +213,16 @@ class ObjectCore:
         """The next event for the live instance, or None when the mailbox is empty.
 
         Taking a message off the mailbox may let its socket be read again: when the
-        connection paused it and the socket is now below both queue limits, this calls
-        its ``transport.resume_reading()`` (the backpressure rule, ``sockets.py``).
+        connection paused it and the socket is now below both queue limits
+        (:meth:`SocketRecord.take_queued`), this calls its ``transport.resume_reading()``.
         """
-        if self._state is not ObjectState.LIVE:
+        if self._state is not _LIVE:
             raise InvalidTransition(self._state, "pop_event")
         if not self._mailbox:
             return None
         event = self._mailbox.popleft()
-        if isinstance(event, MessageEvent):
-            record = event.record
-            record.remove_queued(event.size)
-            if should_resume_reading(record, self.limits):
-                record.set_reading_paused(False)
-                record.transport.resume_reading()
+        if isinstance(event, MessageEvent) and event.record.take_queued(event.size, self.limits):
+            event.record.transport.resume_reading()
         return event
 
     def release(self, record: SocketRecord) -> None:
@@ -253,6 +253,4 @@ class ObjectCore:
         whole, so an object visited once costs nothing afterwards (workerd drops an
         actor's hibernation manager likewise once its last socket is gone).
         """
-        return (
-            bool(self.registry) or bool(self._mailbox) or self._state is not ObjectState.HIBERNATED
-        )
+        return bool(self.registry) or bool(self._mailbox) or self._state is not _HIBERNATED

@@ -162,8 +162,6 @@ SOCKET_REFUSALS: Final[dict[tuple[SocketState, SocketInput], str]] = {
     (_ENDED_AFTER_CLOSE, SocketInput.END_DECIDED): "the end is decided once per connection",
 }
 
-_CLOSED_BY_OBJECT: Final = frozenset({_CLOSING, _ENDED_AFTER_CLOSE, _RELEASED_AFTER_CLOSE})
-_RELEASED_STATES: Final = frozenset({_RELEASED, _RELEASED_AFTER_CLOSE})
 _READY_STATES: Final = {
     _OPEN: ReadyState.OPEN,
     _CLOSING: ReadyState.CLOSING,
@@ -229,12 +227,14 @@ class SocketRecord:
     def server_closed(self) -> bool:
         """The object called ``close()`` (and no failed commit dropped it): ``send()``
         raises from now on (workerd keeps this flag too)."""
-        return self._state in _CLOSED_BY_OBJECT
+        state = self._state  # identity tests: an Enum's hash is Python code (hot path)
+        return state is _CLOSING or state is _ENDED_AFTER_CLOSE or state is _RELEASED_AFTER_CLOSE
 
     @property
     def released(self) -> bool:
         """The socket is out of the registry for good."""
-        return self._state in _RELEASED_STATES
+        state = self._state
+        return state is _RELEASED or state is _RELEASED_AFTER_CLOSE
 
     @property
     def queued(self) -> int:
@@ -294,9 +294,21 @@ class SocketRecord:
         self._queued_bytes += size
 
     def remove_queued(self, size: int) -> None:
-        """A message of ``size`` bytes from this socket left the object's mailbox."""
+        """A message of ``size`` bytes from this socket left the object's mailbox
+        unread (handed back): reading is not resumed."""
         self._queued -= 1
         self._queued_bytes -= size
+
+    def take_queued(self, size: int, limits: Limits) -> bool:
+        """A message of ``size`` bytes from this socket was taken off the mailbox for the
+        object. Returns True when the connection must read again (Rule 4): its reading
+        was paused and both counts are now below ``limits``; it is marked reading."""
+        self._queued -= 1
+        self._queued_bytes -= size
+        if self._reading_paused and should_resume_reading(self, limits):
+            self._reading_paused = False
+            return True
+        return False
 
     def set_reading_paused(self, paused: bool) -> None:
         """The connection stopped reading this socket (True) or reads it again (False)."""

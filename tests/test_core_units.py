@@ -28,8 +28,25 @@ from trio_hibernate._context import ObjectContext
 from trio_hibernate._core.codec import decode_data, encode_data
 from trio_hibernate._core.events import CloseEvent, Event, FetchEvent, MessageEvent, Reply
 from trio_hibernate._core.gate import OutputGate
-from trio_hibernate._core.lifecycle import TRANSITIONS, InvalidTransition, ObjectCore, ObjectState
-from trio_hibernate._core.sockets import ReadyState, SocketRecord, SocketRegistry, normalize_tags
+from trio_hibernate._core.lifecycle import (
+    TRANSITIONS,
+    Input,
+    InvalidTransition,
+    ObjectCore,
+    ObjectState,
+)
+from trio_hibernate._core.sockets import (
+    SOCKET_REFUSALS,
+    SOCKET_TRANSITIONS,
+    ReadyState,
+    SocketInput,
+    SocketRecord,
+    SocketRegistry,
+    SocketState,
+    normalize_tags,
+    should_pause_reading,
+    should_resume_reading,
+)
 from trio_hibernate._errors import (
     DataCloneError,
     HibernateError,
@@ -54,7 +71,9 @@ def fetch() -> FetchEvent:
     return FetchEvent(Request(method="GET", url="/room/lobby"), Reply(lambda result: None))
 
 
-def state_of(thing: WebSocket | ObjectCore) -> ReadyState | ObjectState:
+def state_of(
+    thing: WebSocket | ObjectCore | SocketRecord,
+) -> ReadyState | ObjectState | SocketState:
     """Read a state afresh (so that type checkers do not narrow it across calls)."""
     return thing.ready_state if isinstance(thing, WebSocket) else thing.state
 
@@ -343,7 +362,7 @@ def test_get_tags_inside_the_close_handler_and_after_release() -> None:
     core, ctx = live_object()
     ws, _ = accepted(ctx, ["a", "b"])
     record = record_of(core, ws)
-    record.peer_closed = True  # what the connection does before queueing the close
+    record.decide_end()  # what the connection does before queueing the close
     assert ws.ready_state is ReadyState.CLOSED
     assert ctx.get_tags(ws) == ["a", "b"]
     assert ctx.get_websockets() == [ws]
@@ -806,7 +825,7 @@ def test_closing_twice_or_after_the_peer_does_nothing() -> None:
     ws.close(1000, "second")
     assert transport.closes == [(4000, "first")]
     other, other_transport = accepted(ctx)
-    record_of(core, other).peer_closed = True
+    record_of(core, other).decide_end()
     other.close(1000)
     assert other_transport.closes == []
     assert other.ready_state is ReadyState.CLOSED
@@ -852,7 +871,7 @@ def test_send_types() -> None:
 def test_send_after_the_peer_left_is_dropped_silently() -> None:
     core, ctx = live_object()
     ws, transport = accepted(ctx)
-    record_of(core, ws).peer_closed = True
+    record_of(core, ws).decide_end()
     ws.send("into the void")
     assert transport.sent == []
 
@@ -865,7 +884,7 @@ def test_ready_states() -> None:
     assert state_of(ws) is ReadyState.OPEN
     ws.close(1000)
     assert state_of(ws) is ReadyState.CLOSING
-    record_of(core, ws).peer_closed = True
+    record_of(core, ws).decide_end()
     assert ws.ready_state is ReadyState.CLOSED
     assert [s.value for s in ReadyState] == [0, 1, 2, 3]
 
@@ -990,42 +1009,60 @@ def test_unique_ids_are_random_and_valid() -> None:
 
 # -- the lifecycle table -----------------------------------------------------------------------
 
-_INPUTS: Final = ("event", "started", "failed", "stop", "stopped")
+#: How a fresh core reaches each state, through its real inputs.
+_LIFECYCLE_PATHS: Final[dict[ObjectState, tuple[Input, ...]]] = {
+    ObjectState.HIBERNATED: (),
+    ObjectState.STARTING: (Input.EVENT,),
+    ObjectState.LIVE: (Input.EVENT, Input.STARTED),
+    ObjectState.STOPPING: (Input.EVENT, Input.STARTED, Input.STOP),
+}
 
 
-def _apply(core: ObjectCore, what: str) -> None:
+def _apply(core: ObjectCore, what: Input) -> None:
     """Feed ``what`` to the core through its public method for that input."""
-    if what == "event":
+    if what is Input.EVENT:
         core.enqueue(fetch())
-    elif what == "started":
+    elif what is Input.STARTED:
         core.on_started()
-    elif what == "failed":
+    elif what is Input.FAILED:
         core.on_failed()
-    elif what == "stop":
+    elif what is Input.STOP:
         core.begin_stop()
     else:
         core.on_stopped()
+
+
+def core_in(state: ObjectState) -> ObjectCore:
+    """A core in ``state`` with an empty mailbox (the waking event was taken)."""
+    core = ObjectCore(DEFAULTS)
+    for what in _LIFECYCLE_PATHS[state]:
+        _apply(core, what)
+        if what is Input.STARTED:
+            assert isinstance(core.pop_event(), FetchEvent)
+    assert core.state is state
+    return core
 
 
 def test_transition_table_only_uses_known_states_and_inputs() -> None:
     for (state, what), target in TRANSITIONS.items():
         assert isinstance(state, ObjectState)
         assert isinstance(target, ObjectState)
-        assert what in _INPUTS
+        assert isinstance(what, Input)
 
 
-@pytest.mark.parametrize(("state", "what"), list(itertools.product(ObjectState, _INPUTS)), ids=str)
-def test_transition_table_is_total(state: ObjectState, what: str) -> None:
-    core = ObjectCore(DEFAULTS)
-    core.state = state
+@pytest.mark.parametrize(("state", "what"), list(itertools.product(ObjectState, Input)), ids=str)
+def test_transition_table_is_total(state: ObjectState, what: Input) -> None:
+    core = core_in(state)
     generation = core.generation
     target = TRANSITIONS.get((state, what))
     if target is None:
         with pytest.raises(InvalidTransition) as info:
             _apply(core, what)
         assert info.value.state is state
-        assert info.value.what == what
-        assert str(info.value) == f"{what!r} is not allowed in state {state.name}; please report"
+        assert info.value.what is what
+        assert str(info.value) == (
+            f"Input.{what.name} is not allowed in state ObjectState.{state.name}; please report"
+        )
         assert core.state is state
         assert core.generation == generation
     else:
@@ -1033,22 +1070,34 @@ def test_transition_table_is_total(state: ObjectState, what: str) -> None:
         assert core.state is target
 
 
-def test_unknown_input_is_an_invalid_transition() -> None:
-    core = ObjectCore(DEFAULTS)
-    with pytest.raises(InvalidTransition):
-        core._move("teleport")
-    assert core.state is ObjectState.HIBERNATED
+def test_the_hot_path_agrees_with_the_table() -> None:
+    # enqueue() skips the lookup while LIVE; the table must say the same.
+    assert TRANSITIONS[ObjectState.LIVE, Input.EVENT] is ObjectState.LIVE
+    core = core_in(ObjectState.LIVE)
+    assert core.enqueue(fetch()) is False
+    assert core.state is ObjectState.LIVE
 
 
 @pytest.mark.parametrize(
     "state", [ObjectState.HIBERNATED, ObjectState.STARTING, ObjectState.STOPPING]
 )
 def test_only_a_live_object_gets_events(state: ObjectState) -> None:
-    core = ObjectCore(DEFAULTS)
-    core.state = state
+    core = core_in(state)
     with pytest.raises(InvalidTransition) as info:
         core.pop_event()
     assert info.value.what == "pop_event"
+    assert str(info.value).startswith("'pop_event' is not allowed in state ObjectState.")
+
+
+def test_settings_are_read_only_and_set_through_methods() -> None:
+    core = ObjectCore(DEFAULTS)
+    pair = WebSocketRequestResponsePair("ping", "pong")
+    core.set_auto_response(pair)
+    core.set_event_timeout_ms(250)
+    assert (core.auto_response, core.event_timeout_ms) == (pair, 250)
+    for name in ("auto_response", "event_timeout_ms", "state"):
+        with pytest.raises(AttributeError):
+            setattr(core, name, None)
 
 
 def test_a_wake_is_asked_for_exactly_once() -> None:
@@ -1268,6 +1317,219 @@ def test_registry_indexes_and_cleans_up() -> None:
     assert registry.sockets("y") == [b]
     assert a not in registry
     assert len(registry) == 1
+
+
+# -- the socket close-state table --------------------------------------------------------------
+
+#: How a fresh record reaches each state, through its real inputs (the usual paths).
+_SOCKET_PATHS: Final[dict[SocketState, tuple[SocketInput, ...]]] = {
+    SocketState.OPEN: (),
+    SocketState.CLOSING: (SocketInput.CLOSE,),
+    SocketState.ENDED: (SocketInput.END_DECIDED,),
+    SocketState.ENDED_AFTER_CLOSE: (SocketInput.CLOSE, SocketInput.END_DECIDED),
+    SocketState.RELEASED: (SocketInput.END_DECIDED, SocketInput.RELEASE),
+    SocketState.RELEASED_AFTER_CLOSE: (
+        SocketInput.CLOSE,
+        SocketInput.END_DECIDED,
+        SocketInput.RELEASE,
+    ),
+}
+
+
+def _feed(record: SocketRecord, what: SocketInput) -> None:
+    """Feed ``what`` to the record through its public method for that input."""
+    if what is SocketInput.CLOSE:
+        record.close_by_object()
+    elif what is SocketInput.CLOSE_DROPPED:
+        record.undo_close()
+    elif what is SocketInput.END_DECIDED:
+        record.decide_end()
+    else:
+        record.release()
+
+
+def record_in(state: SocketState) -> SocketRecord:
+    record = SocketRecord(transport=FakeTransport(), tags=(), url="/room/lobby")
+    for what in _SOCKET_PATHS[state]:
+        _feed(record, what)
+    assert record.state is state
+    return record
+
+
+def test_every_socket_state_and_input_is_a_cell_or_a_documented_refusal() -> None:
+    pairs = set(itertools.product(SocketState, SocketInput))
+    assert set(SOCKET_TRANSITIONS) | set(SOCKET_REFUSALS) == pairs
+    assert not set(SOCKET_TRANSITIONS) & set(SOCKET_REFUSALS)
+    assert all(isinstance(target, SocketState) for target in SOCKET_TRANSITIONS.values())
+    assert all(reason for reason in SOCKET_REFUSALS.values())
+
+
+@pytest.mark.parametrize(
+    ("state", "what"), list(itertools.product(SocketState, SocketInput)), ids=str
+)
+def test_socket_transition_table_is_total(state: SocketState, what: SocketInput) -> None:
+    record = record_in(state)
+    target = SOCKET_TRANSITIONS.get((state, what))
+    if target is None:
+        assert (state, what) in SOCKET_REFUSALS
+        with pytest.raises(InvalidTransition) as info:
+            _feed(record, what)
+        assert (info.value.state, info.value.what) == (state, what)
+        assert str(info.value) == (
+            f"SocketInput.{what.name} is not allowed in state SocketState.{state.name}; "
+            "please report"
+        )
+        assert record.state is state
+    else:
+        _feed(record, what)
+        assert record.state is target
+    record.check_valid(DEFAULTS)
+
+
+@pytest.mark.parametrize("state", list(SocketState), ids=str)
+def test_close_by_object_asks_for_a_close_frame_only_when_open(state: SocketState) -> None:
+    assert record_in(state).close_by_object() is (state is SocketState.OPEN)
+
+
+_DERIVED: Final = {
+    # state: (ready_state, server_closed, released)
+    SocketState.OPEN: (ReadyState.OPEN, False, False),
+    SocketState.CLOSING: (ReadyState.CLOSING, True, False),
+    SocketState.ENDED: (ReadyState.CLOSED, False, False),
+    SocketState.ENDED_AFTER_CLOSE: (ReadyState.CLOSED, True, False),
+    SocketState.RELEASED: (ReadyState.CLOSED, False, True),
+    SocketState.RELEASED_AFTER_CLOSE: (ReadyState.CLOSED, True, True),
+}
+
+
+@pytest.mark.parametrize("state", list(SocketState), ids=str)
+def test_what_each_socket_state_means_to_object_code(state: SocketState) -> None:
+    ready, closed_by_object, released = _DERIVED[state]
+    record = record_in(state)
+    assert (record.ready_state, record.server_closed, record.released) == _DERIVED[state]
+    core, ctx = live_object()
+    ws, transport = new_socket()
+    ctx.accept_websocket(ws)
+    live = record_of(core, ws)
+    for what in _SOCKET_PATHS[state]:
+        if what is SocketInput.RELEASE:
+            core.release(live)
+        else:
+            _feed(live, what)
+    transport.closes.clear()
+    assert ws.ready_state is ready
+    if closed_by_object:
+        with pytest.raises(WebSocketStateError, match=r"send\(\) after close\(\)"):
+            ws.send("x")
+    else:
+        ws.send("x")
+    # Only an OPEN socket's messages reach the transport; anywhere else they are dropped.
+    assert transport.sent == (["x"] if state is SocketState.OPEN else [])
+    ws.close(1000)
+    assert transport.closes == ([(1000, "")] if state is SocketState.OPEN else [])
+    assert (live in core.registry) is not released
+    core.registry.check_valid()
+
+
+def test_a_dropped_close_after_the_peer_ended_leaves_the_end() -> None:
+    core, ctx, gate = gated_object()
+    ws, transport = accepted(ctx)
+    record = record_of(core, ws)
+    gate.closed = True
+    ws.close(4000, "held")
+    record.decide_end()  # the peer closed while the Close frame was held
+    assert state_of(record) is SocketState.ENDED_AFTER_CLOSE
+    assert gate.drop() == 1
+    assert state_of(record) is SocketState.ENDED
+    assert transport.closes == []
+    ws.send("dropped, not refused")
+    assert transport.sent == []
+
+
+def test_record_check_valid_catches_broken_counts() -> None:
+    record = record_in(SocketState.OPEN)
+    record.add_queued(3)
+    record.check_valid(DEFAULTS)
+    record.remove_queued(3)
+    record.remove_queued(0)
+    with pytest.raises(AssertionError):
+        record.check_valid()
+
+
+def test_registry_check_valid_catches_a_released_record_still_listed() -> None:
+    registry = SocketRegistry(DEFAULTS)
+    record = record_in(SocketState.OPEN)
+    registry.add(record)
+    record.release()  # without ObjectCore.release: still registered
+    with pytest.raises(AssertionError, match="registered but RELEASED"):
+        registry.check_valid()
+
+
+def test_shut_down_sockets_closes_every_socket_without_a_handler() -> None:
+    core, ctx = live_object()
+    (first, first_transport), (second, second_transport) = accepted(ctx), accepted(ctx)
+    first.close(4000, "closing")
+    core.shut_down_sockets(1011, "internal error")
+    assert first_transport.shutdowns == second_transport.shutdowns == [(1011, "internal error")]
+    assert len(core.registry) == 0
+    assert ctx.get_websockets() == []
+    assert [first.ready_state, second.ready_state] == [ReadyState.CLOSED] * 2
+    with pytest.raises(WebSocketStateError):
+        first.send("after close")
+    second.send("dropped")
+    assert second_transport.sent == []
+    core.registry.check_valid()
+
+
+# -- backpressure ------------------------------------------------------------------------------
+
+
+def test_reading_pauses_at_either_queue_limit() -> None:
+    limits = Limits(max_queued_messages_per_websocket=3, max_queued_bytes_per_websocket=10)
+    by_count, by_bytes = record_in(SocketState.OPEN), record_in(SocketState.OPEN)
+    for _ in range(2):
+        by_count.add_queued(1)
+    assert not should_pause_reading(by_count, limits)
+    by_count.add_queued(1)
+    assert should_pause_reading(by_count, limits)  # 3 messages
+    by_bytes.add_queued(9)
+    assert not should_pause_reading(by_bytes, limits)
+    by_bytes.add_queued(1)
+    assert should_pause_reading(by_bytes, limits)  # 10 bytes in 2 messages
+
+
+def test_reading_resumes_only_when_paused_and_both_below() -> None:
+    limits = Limits(max_queued_messages_per_websocket=2, max_queued_bytes_per_websocket=10)
+
+    def paused_record(*sizes: int, paused: bool = True) -> SocketRecord:
+        record = record_in(SocketState.OPEN)
+        for size in sizes:
+            record.add_queued(size)
+        record.set_reading_paused(paused)
+        return record
+
+    assert not should_resume_reading(paused_record(0, 0), limits)  # 2 messages
+    assert not should_resume_reading(paused_record(10), limits)  # 10 bytes
+    assert should_resume_reading(paused_record(9), limits)
+    assert should_resume_reading(paused_record(), limits)
+    assert not should_resume_reading(paused_record(9, paused=False), limits)
+
+
+def test_pop_event_resumes_a_paused_socket_once_it_is_below_both_limits() -> None:
+    limits = Limits(max_queued_messages_per_websocket=2, max_queued_bytes_per_websocket=100)
+    core, ctx = live_object(limits)
+    _, transport = accepted(ctx, (), limits)
+    record = core.registry.sockets()[0]
+    for i in range(3):
+        core.enqueue(MessageEvent(record, f"m{i}", 2))
+    assert should_pause_reading(record, limits)
+    record.set_reading_paused(True)  # what the connection does
+    core.pop_event()
+    assert (transport.resumes, record.reading_paused) == (0, True)  # 2 still queued
+    core.pop_event()
+    assert (transport.resumes, record.reading_paused) == (1, False)
+    core.pop_event()
+    assert transport.resumes == 1  # not paused any more: nothing to resume
 
 
 # -- limits ------------------------------------------------------------------------------------

@@ -185,7 +185,7 @@ class ObjectContext:
                 ``Limits.max_auto_response_bytes`` UTF-8 bytes (request checked first).
         """
         if pair is None:
-            self._core.auto_response = None
+            self._core.set_auto_response(None)
             return
         if not isinstance(pair, WebSocketRequestResponsePair):
             raise TypeError(f"expected a WebSocketRequestResponsePair, got {pair!r}")
@@ -200,7 +200,7 @@ class ObjectContext:
                     limit=limit,
                     value=size,
                 )
-        self._core.auto_response = pair
+        self._core.set_auto_response(pair)
 
     def get_websocket_auto_response(self) -> WebSocketRequestResponsePair | None:
         """The current auto-response pair, or None."""
@@ -237,7 +237,7 @@ class ObjectContext:
                 raise TypeError(f"the event timeout must be finite, got {value}")
             value = int(value)  # workerd truncates fractions of a millisecond
         if value is None or value == 0:
-            self._core.event_timeout_ms = None
+            self._core.set_event_timeout_ms(None)
             return
         assert isinstance(value, int)
         timeout_ms = value
@@ -247,7 +247,7 @@ class ObjectContext:
             raise ValueError(
                 f"Event timeout should not exceed {MAX_EVENT_TIMEOUT_MS} ms (got {timeout_ms})."
             )
-        self._core.event_timeout_ms = timeout_ms
+        self._core.set_event_timeout_ms(timeout_ms)
 
     def get_hibernatable_websocket_event_timeout(self) -> int | None:
         """The event timeout in ms, or None when unset."""

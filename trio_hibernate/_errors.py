@@ -141,15 +141,20 @@ class AppLoadError(HibernateError):
 
 
 class InvalidTransition(RuntimeError):
-    """The runtime asked an object's lifecycle for a move its table does not allow (a
-    bug of the runtime, never of application code).
+    """The runtime asked a state table of the core (an object's lifecycle, a socket's
+    close state) for a move it does not allow: a bug of the runtime, never of
+    application code.
 
     Attributes:
-        state: The lifecycle state (an ``ObjectState``).
-        what: The input that was refused.
+        state: The state (an ``ObjectState`` or a ``SocketState``).
+        what: The refused input (an ``Input`` or ``SocketInput``), or the name of a call
+            the state forbids.
     """
 
-    def __init__(self, state: Enum, what: str) -> None:
-        super().__init__(f"{what!r} is not allowed in state {state.name}; please report")
+    def __init__(self, state: Enum, what: Enum | str) -> None:
+        label = f"{type(what).__name__}.{what.name}" if isinstance(what, Enum) else repr(what)
+        super().__init__(
+            f"{label} is not allowed in state {type(state).__name__}.{state.name}; please report"
+        )
         self.state = state
         self.what = what

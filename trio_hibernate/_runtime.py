@@ -217,9 +217,7 @@ class Runtime:
                 entry.activation.request_stop()
                 waits.append(entry.activation.stopped)
             if cls is None:
-                for record in entry.core.registry.sockets():
-                    record.transport.begin_shutdown(1012, "service restart")
-                    entry.core.release(record)
+                entry.core.shut_down_sockets(1012, "service restart")
             else:
                 entry.cls = cls
         for stopped in waits:
@@ -378,7 +376,8 @@ class Runtime:
                 )
                 kept = None
             if kept is not None:
-                core.auto_response, core.event_timeout_ms = kept
+                core.set_auto_response(kept[0])
+                core.set_event_timeout_ms(kept[1])
             entry = ObjectEntry(self, namespace, object_id, cls, core)
             self._objects[key] = entry
         return entry
@@ -421,9 +420,7 @@ class Runtime:
                 self.alarms.retry(entry.alarm_key, event.retry_count)
                 if event.on_done is not None:
                     event.on_done()
-        for record in entry.core.registry.sockets():
-            record.transport.begin_shutdown(1011, "internal error")
-            entry.core.release(record)
+        entry.core.shut_down_sockets(1011, "internal error")
 
     def refuse_unrun_event(self, entry: ObjectEntry, event: Event) -> None:
         """Answer an event that will not run because the host is shutting down, or (a

@@ -421,15 +421,7 @@ class _Dispatcher:
             assert isinstance(event, MessageEvent)
             record = event.record
             ws = self._handle(record)
-            services = self._services
-            services.buffers.give(event.size)
-            if record.reading_paused:
-                limits = services.limits
-                if (
-                    record.queued < limits.max_queued_messages_per_websocket
-                    and record.queued_bytes < limits.max_queued_bytes_per_websocket
-                ):
-                    record.transport.resume_reading()
+            self._services.buffers.give(event.size)  # (pop_event resumed reading if due)
             call = self._instance.websocket_message(ws, event.data)
             contained = self._on_message
         elif kind is CloseEvent or kind is ErrorEvent:

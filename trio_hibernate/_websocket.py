@@ -6,7 +6,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Final, final
 
 from ._core.codec import decode_data, encode_data
-from ._core.sockets import ReadyState, SocketRecord, Transport
+from ._core.sockets import ReadyState, SocketRecord, SocketState, Transport
 from ._errors import InvalidCloseCodeError, WebSocketStateError
 from ._limits import MAX_CLOSE_REASON_BYTES
 
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 __all__ = ["WebSocket", "check_close_args", "record_of"]
 
 _RESERVED_CLOSE_CODES: Final = frozenset({1004, 1005, 1006, 1015})
+_OPEN: Final = SocketState.OPEN  # a module constant: Enum class attributes are slow to read
 
 
 def check_close_args(code: int | None, reason: str | None) -> None:
@@ -109,7 +110,8 @@ class WebSocket:
             raise WebSocketStateError(
                 "You must call ctx.accept_websocket() on this WebSocket before sending messages."
             )
-        if record.server_closed:
+        state = record.state
+        if state is not _OPEN and record.server_closed:
             raise WebSocketStateError("Can't call WebSocket send() after close().")
         value: object = message
         data: str | bytes
@@ -119,8 +121,8 @@ class WebSocket:
             data = bytes(value)
         else:
             raise TypeError(f"send() takes str or bytes, not {type(value).__name__}")
-        if record.peer_closed:
-            return
+        if state is not _OPEN:
+            return  # the end is decided (or the socket let go): the close event is on its way
         gate = self._gate
         if gate is not None and gate.closed:
             # Spec 10, output gate: this message waits until the object's writes are durable.
@@ -134,7 +136,7 @@ class WebSocket:
         The peer receives the Close frame (after any pending write is durable);
         ``websocket_close`` runs when it answers (with the peer's code). Without a code
         the Close frame is empty and the peer sees 1005. Closing twice, or closing a
-        socket the peer already closed, does nothing.
+        socket the peer already closed (or the runtime let go), does nothing.
 
         Raises:
             InvalidCloseCodeError: ``code`` outside 1000-4999 or reserved (1004, 1005,
@@ -147,16 +149,12 @@ class WebSocket:
             raise WebSocketStateError(
                 "You must call ctx.accept_websocket() on this WebSocket before closing it."
             )
-        if record.server_closed or record.peer_closed:
-            return
-        record.server_closed = True
+        if not record.close_by_object():
+            return  # closed already, or ended by the peer: nothing to send
         gate = self._gate
         if gate is not None and gate.closed:
             # If the write fails, the close never happened: the socket is open again.
-            gate.hold(
-                partial(record.transport.start_close, code, reason or ""),
-                partial(setattr, record, "server_closed", False),
-            )
+            gate.hold(partial(record.transport.start_close, code, reason or ""), record.undo_close)
         else:
             record.transport.start_close(code, reason or "")
 

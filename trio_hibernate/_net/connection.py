@@ -34,6 +34,7 @@ from wsproto.utilities import generate_accept_token
 
 from .._containment import run_app_hook
 from .._core.events import CloseEvent, ErrorEvent, Event, FetchEvent, MessageEvent
+from .._core.sockets import should_pause_reading
 from .._errors import WebSocketProtocolError
 from .._http import Request, Response, split_target
 from .._oneshot import OneShot
@@ -229,7 +230,7 @@ class ServerConnection:
             if not self._terminal and self._record is not None:
                 # Cancelled (host shutdown) before the socket's end was decided.
                 self._terminal = True
-                self._record.peer_closed = True
+                self._record.decide_end()
             self._dead = True
             trio.lowlevel.notify_closing(self._sock)  # wakes a flusher still waiting on it
             self._sock.close()
@@ -555,8 +556,6 @@ class ServerConnection:
         budget = host.buffers
         counters = host.counters
         limits = host.limits
-        max_queued = limits.max_queued_messages_per_websocket
-        max_queued_bytes = limits.max_queued_bytes_per_websocket
         max_bytes = limits.max_message_bytes
         parts: list[str | bytes] = []
         while True:
@@ -613,16 +612,14 @@ class ServerConnection:
                 # decided (then this changes nothing): the object must hear of it.
                 self._end(CloseEvent(record, 1006, _DROP_REASON, False))
                 return
-            if not self._terminal and (
-                record.queued >= max_queued or record.queued_bytes >= max_queued_bytes
-            ):
+            if not self._terminal and should_pause_reading(record, limits):
                 # Backpressure: the object is behind; stop reading until it catches up
-                # (the supervisor calls resume_reading). Not while shutting down: the
-                # object will never catch up then, and the peer's Close must be read.
+                # (ObjectCore.pop_event calls resume_reading). Not while shutting down:
+                # the object will never catch up then, and the peer's Close must be read.
                 self._resume = trio.Event()
-                record.reading_paused = True
+                record.set_reading_paused(True)
                 await self._resume.wait()
-                record.reading_paused = False
+                record.set_reading_paused(False)
                 self._resume = None
                 continue
             if parts:
@@ -690,7 +687,7 @@ class ServerConnection:
         if self._terminal:
             return
         self._terminal = True
-        event.record.peer_closed = True
+        event.record.decide_end()
         if self._watchdog is not None:
             self._watchdog.cancel()
         assert self._entry is not None
@@ -734,13 +731,13 @@ class ServerConnection:
 
     def begin_shutdown(self, code: int, reason: str) -> None:
         """Host shutdown: close with ``code`` and run no handler."""
-        self._terminal = True
+        decided, self._terminal = self._terminal, True
         self.resume_reading()
         ws = self._ws
         if ws is not None and ws.state is ConnectionState.OPEN and not self._dead:
             self._write(ws.send(CloseConnection(code=code, reason=reason)))
-            if self._record is not None:
-                self._record.peer_closed = True
+            if self._record is not None and not decided:
+                self._record.decide_end()
         else:
             self._abort()
 

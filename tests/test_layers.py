@@ -16,9 +16,8 @@ theirs):
 - no module reaches into another's private names (``obj._name``);
 - no class is longer than :data:`MAX_CLASS_LINES` lines.
 
-Where today's code breaks a rule, the test is a strict xfail (the import rules) or the
-exception is listed here with the reason (private names, long classes); the lists may
-only shrink: a listed exception that no longer occurs fails the test too.
+An exception to a rule is listed here with its reason (private names, long classes);
+the lists may only shrink: a listed exception that no longer occurs fails the test too.
 """
 
 from __future__ import annotations
@@ -510,14 +509,10 @@ def private_accesses(module: Module) -> list[PrivateAccess]:
 
 #: The private-name accesses across modules that are tolerated, as (module, attribute):
 #: why. The test fails on any other, and on an entry that no longer occurs.
-ALLOWED_PRIVATE_ACCESS: Final[dict[tuple[str, str], str]] = {
-    # issue 10: being removed (the WebSocket handle, review step C).
-    ("_context", "_for_record"): "the context builds WebSocket handles for registry records",
-    ("_context", "_pending_attachment"): "accept() copies a handle's attachment into its record",
-    ("_context", "_record"): "the context maps handles to registry records",
-    ("_context", "_transport"): "accept() binds a handle to its connection",
-    ("_context", "_url"): "accept() copies a handle's URL into its record",
-}
+#: (module, attribute) -> why that module may use another module's private name. Empty:
+#: where the package needs what a class hides, the class's module hands it out through a
+#: module function (``_host.runtime_of``, ``_websocket.record_of``...).
+ALLOWED_PRIVATE_ACCESS: Final[dict[tuple[str, str], str]] = {}
 
 
 def test_no_private_access_across_modules() -> None:

@@ -12,7 +12,7 @@ from ._autoresponse import WebSocketRequestResponsePair
 from ._core.sockets import SocketRecord, normalize_tags
 from ._errors import LimitExceededError, WebSocketStateError
 from ._limits import MAX_EVENT_TIMEOUT_MS
-from ._websocket import WebSocket
+from ._websocket import WebSocket, accept, handle_for, record_of
 
 if TYPE_CHECKING:
     from ._core.gate import OutputGate
@@ -103,14 +103,14 @@ class ObjectContext:
     def _handle(self, record: SocketRecord) -> WebSocket:
         handle = self._handles.get(record)
         if handle is None:
-            handle = WebSocket._for_record(record, self._core.limits, self._gate)
+            handle = handle_for(record, self._core.limits, self._gate)
             self._handles[record] = handle
         return handle
 
     def _record_of(self, ws: WebSocket) -> SocketRecord:
         if not isinstance(ws, WebSocket):
             raise TypeError(f"expected a WebSocket, got {type(ws).__name__}")
-        record = ws._record
+        record = record_of(ws)
         if record is None or record.released or record not in self._core.registry:
             raise WebSocketStateError(
                 "you must call 'accept_websocket()' before attempting to access the tags "
@@ -135,18 +135,12 @@ class ObjectContext:
         """
         if not isinstance(ws, WebSocket):
             raise TypeError(f"expected a WebSocket, got {type(ws).__name__}")
-        if ws._record is not None:
+        if record_of(ws) is not None:  # before the tags are checked, as workerd
             raise WebSocketStateError(
                 "Cannot call accept_websocket() if the WebSocket was already accepted."
             )
         clean = normalize_tags(tags, self._core.limits)
-        record = SocketRecord(
-            transport=ws._transport, tags=clean, url=ws._url, attachment=ws._pending_attachment
-        )
-        self._core.registry.add(record)
-        ws._record = record
-        ws._pending_attachment = None
-        ws._gate = self._gate
+        record = accept(ws, clean, self._core.registry, self._gate)
         self._handles[record] = ws
 
     def get_websockets(self, tag: str | None = None) -> list[WebSocket]:
@@ -168,7 +162,7 @@ class ObjectContext:
             WebSocketStateError: ``ws`` is not a socket accepted by this object.
         """
         candidate: object = ws
-        record = candidate._record if isinstance(candidate, WebSocket) else None
+        record = record_of(candidate) if isinstance(candidate, WebSocket) else None
         if record is not None and record.released:
             return list(record.tags)  # inside its close/error handler
         return list(self._record_of(ws).tags)
@@ -210,7 +204,7 @@ class ObjectContext:
         """When ``ws`` last received the auto-response request (UTC), or None."""
         if not isinstance(ws, WebSocket):
             raise TypeError(f"expected a WebSocket, got {type(ws).__name__}")
-        record = ws._record
+        record = record_of(ws)
         if record is None or record.auto_response_at is None:
             return None
         return datetime.fromtimestamp(record.auto_response_at, UTC)

@@ -6,7 +6,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Final, final
 
 from ._core.codec import decode_data, encode_data
-from ._core.sockets import ReadyState, SocketRecord, SocketState, Transport
+from ._core.sockets import ReadyState, SocketRecord, SocketRegistry, SocketState, Transport
 from ._errors import InvalidCloseCodeError, WebSocketStateError
 from ._limits import MAX_CLOSE_REASON_BYTES
 
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from ._core.gate import OutputGate
     from ._limits import Limits
 
-__all__ = ["WebSocket", "check_close_args", "record_of"]
+__all__ = ["WebSocket", "accept", "check_close_args", "handle_for", "record_of"]
 
 _RESERVED_CLOSE_CODES: Final = frozenset({1004, 1005, 1006, 1015})
 _OPEN: Final = SocketState.OPEN  # a module constant: Enum class attributes are slow to read
@@ -65,15 +65,6 @@ class WebSocket:
         self._record: SocketRecord | None = None
         self._pending_attachment: bytes | None = None
         self._gate: OutputGate | None = None
-
-    @classmethod
-    def _for_record(
-        cls, record: SocketRecord, limits: Limits, gate: OutputGate | None
-    ) -> WebSocket:
-        handle = cls(transport=record.transport, url=record.url, limits=limits)
-        handle._record = record
-        handle._gate = gate
-        return handle
 
     def __repr__(self) -> str:
         return f"<WebSocket {self._url} {self.ready_state.name}>"
@@ -187,6 +178,41 @@ class WebSocket:
         return None if encoded is None else decode_data(encoded)
 
 
+# -- for the runtime (module functions, so that WebSocket shows users no such methods) --
+
+
 def record_of(ws: WebSocket) -> SocketRecord | None:
     """The runtime's record of ``ws``: None until an object accepts it."""
     return ws._record
+
+
+def handle_for(record: SocketRecord, limits: Limits, gate: OutputGate | None) -> WebSocket:
+    """A new handle on an accepted socket (one per socket per activation)."""
+    handle = WebSocket(transport=record.transport, url=record.url, limits=limits)
+    handle._record = record
+    handle._gate = gate
+    return handle
+
+
+def accept(
+    ws: WebSocket, tags: tuple[str, ...], registry: SocketRegistry, gate: OutputGate | None
+) -> SocketRecord:
+    """Register the upgrading ``ws`` in ``registry`` with (normalized) ``tags``, carrying
+    the attachment it got before; ``ws`` becomes a handle on the new record.
+
+    Raises:
+        WebSocketStateError: ``ws`` was already accepted.
+        LimitExceededError: the registry is full. Nothing is changed then.
+    """
+    if ws._record is not None:
+        raise WebSocketStateError(
+            "Cannot call accept_websocket() if the WebSocket was already accepted."
+        )
+    record = SocketRecord(
+        transport=ws._transport, tags=tags, url=ws._url, attachment=ws._pending_attachment
+    )
+    registry.add(record)
+    ws._record = record
+    ws._pending_attachment = None
+    ws._gate = gate
+    return record

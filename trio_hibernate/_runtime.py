@@ -21,13 +21,14 @@ import trio
 
 from ._core.budget import MemoryBudget
 from ._core.codec import encode_data
+from ._core.directory import parse_target
 from ._core.events import AlarmEvent, CallEvent, Event, FetchEvent, MessageEvent
 from ._core.frames import encode_message
 from ._core.lifecycle import ObjectCore, ObjectState
 from ._http import Request, Response
 from ._ids import ObjectId
 from ._limits import Limits
-from ._net.connection import ServerConnection, parse_target
+from ._net.connection import ServerConnection
 from ._net.operations import operations_response
 from ._statistics import Counters, HostStatistics, ObjectStatistics
 from ._storage.alarms import AlarmIndex, AlarmKey, AlarmScheduler
@@ -262,7 +263,7 @@ class Runtime:
             activations=core.generation,
         )
 
-    # -- for connections (_net.connection.ConnectionOwner) --------------------------------
+    # -- for connections (_net.owner.ConnectionOwner) -------------------------------------
 
     def route(self, path: str) -> ObjectEntry | Response | None:
         """The object a path names; a Response for a bad path; None for no namespace."""

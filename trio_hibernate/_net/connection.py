@@ -20,10 +20,8 @@ import binascii
 import contextlib
 import logging
 import socket
-from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Final, Protocol
-from urllib.parse import unquote
+from typing import TYPE_CHECKING, Final
 
 import h11
 import trio
@@ -32,7 +30,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import generate_accept_token
 
-from .._core.events import CloseEvent, ErrorEvent, Event, FetchEvent, MessageEvent
+from .._core.events import CloseEvent, ErrorEvent, FetchEvent, MessageEvent
 from .._errors import WebSocketProtocolError
 from .._http import Request, Response, split_target
 from .._oneshot import OneShot
@@ -42,20 +40,15 @@ from .._websocket import WebSocket, record_of
 if TYPE_CHECKING:
     import outcome
 
-    from .._app import App
-    from .._core.budget import MemoryBudget
-    from .._core.lifecycle import ObjectCore
     from .._core.sockets import SocketRecord
-    from .._limits import Limits
-    from .._statistics import Counters
+    from .owner import ConnectionOwner, ObjectLink
 
-__all__ = ["ConnectionOwner", "ObjectLink", "ServerConnection", "parse_target"]
+__all__ = ["ServerConnection"]
 
 log = logging.getLogger("trio_hibernate.connection")
 
 _RECV_BYTES: Final = 65536
 _DROP_REASON: Final = "WebSocket disconnected without sending Close frame."
-_MAX_NAME_CHARS: Final = 256
 #: Bytes of a request line and headers (h11 buffers them whole). Larger: 431.
 _MAX_HEAD_BYTES: Final = 16384
 #: Closing a socket with unread bytes, or getting bytes after closing it, makes the
@@ -92,66 +85,6 @@ def _reason(status: int) -> bytes:
 
 def _simple_response(status: int, body: str, extra: tuple[tuple[str, str], ...] = ()) -> Response:
     return Response(status=status, body=body + "\n", headers=extra)
-
-
-class ObjectLink(Protocol):
-    """The object a request was routed to, as a connection sees it."""
-
-    @property
-    def core(self) -> ObjectCore:
-        """The object's sans-IO core (its sockets, auto-response, mailbox)."""
-        ...
-
-    def deliver(self, event: Event) -> None:
-        """Queue ``event`` for the object, waking it if it is hibernated."""
-
-    def forget_if_unused(self) -> None:
-        """Drop the object from memory if it has nothing left to do."""
-
-
-class ConnectionOwner(Protocol):
-    """What a connection needs from the runtime that runs it. Nothing here blocks."""
-
-    @property
-    def app(self) -> App: ...
-    @property
-    def limits(self) -> Limits: ...
-    @property
-    def counters(self) -> Counters: ...
-    @property
-    def buffers(self) -> MemoryBudget: ...
-    @property
-    def handshake_timeout(self) -> float: ...
-    @property
-    def request_timeout(self) -> float: ...
-    @property
-    def partial_message_timeout(self) -> float: ...
-    @property
-    def close_timeout(self) -> float: ...
-    @property
-    def wall_clock(self) -> Callable[[], float]: ...
-
-    def operations(self, request: Request) -> Response:
-        """The answer for the server's own paths (``/_health``, ``/_metrics``)."""
-        ...
-
-    def check_origin(self, request: Request) -> Response | None:
-        """A refusal for a browser upgrade from a foreign origin, or None."""
-        ...
-
-    def route(self, path: str) -> ObjectLink | Response | None:
-        """The object ``path`` names, a refusal, or None when no namespace matches."""
-        ...
-
-    def encode_frame(self, message: str | bytes) -> bytes:
-        """The WebSocket frame of a data message."""
-        ...
-
-    def spawn(self, async_fn: Callable[[], Awaitable[Any]]) -> None:
-        """Run a helper task of the connection (a flusher, a watchdog)."""
-
-    def connection_ended(self, conn: ServerConnection) -> None:
-        """The connection has ended and closed its socket."""
 
 
 class ServerConnection:
@@ -871,16 +804,3 @@ class ServerConnection:
         """Send EOF after the bytes the kernel holds."""
         with contextlib.suppress(OSError):  # already reset by the peer
             self._sock.shutdown(socket.SHUT_WR)
-
-
-def parse_target(path: str) -> tuple[str, str] | str:
-    """``/<namespace>/<name>[/...]`` -> (namespace, name), or an error message."""
-    parts = path.split("/", 3)
-    if len(parts) < 3 or parts[0] != "" or not parts[1] or not parts[2]:
-        return "expected a path of the form /<namespace>/<object name>[/...]"
-    name = unquote(parts[2])
-    if len(name) > _MAX_NAME_CHARS:
-        return f"object names are at most {_MAX_NAME_CHARS} characters (got {len(name)})"
-    if not name.isprintable():
-        return "object names cannot contain control characters"
-    return parts[1], name

@@ -28,6 +28,7 @@ from ._core.lifecycle import ObjectCore, ObjectState
 from ._http import Request, Response
 from ._ids import ObjectId
 from ._limits import Limits
+from ._net.channel import ByteChannel, SocketChannel, StreamChannel
 from ._net.connection import ServerConnection
 from ._net.operations import operations_response
 from ._statistics import Counters, HostStatistics, ObjectStatistics
@@ -182,7 +183,20 @@ class Runtime:
             sock.close()
             return
         sock.setblocking(False)
-        conn = ServerConnection(self, sock)
+        self._serve(SocketChannel(sock))
+
+    def serve_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve a client connected through ``stream``, as :meth:`serve_socket` does a
+        socket (tests drive connections over ``trio.testing`` memory streams). Takes
+        ownership of ``stream``: it is closed when the connection ends. Not a checkpoint.
+        """
+        if self.closing:
+            self._nursery.start_soon(trio.aclose_forcefully, stream)
+            return
+        self._serve(StreamChannel(stream))
+
+    def _serve(self, channel: ByteChannel) -> None:
+        conn = ServerConnection(self, channel)
         self._connections.add(conn)
         self._nursery.start_soon(conn.run)
 
@@ -315,7 +329,7 @@ class Runtime:
         self._nursery.start_soon(async_fn)
 
     def connection_ended(self, conn: ServerConnection) -> None:
-        """``conn`` has ended and closed its socket."""
+        """``conn`` has ended (it closes its byte channel right after)."""
         self._connections.discard(conn)
         if self._all_done is not None and not self._connections:
             self._all_done.set()

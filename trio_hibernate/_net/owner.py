@@ -79,7 +79,7 @@ class ConnectionOwner(Protocol):
         """Run a helper task of the connection (a flusher, a watchdog)."""
 
     def connection_ended(self, conn: ServerConnection) -> None:
-        """The connection has ended and closed its byte channel."""
+        """The connection has ended (it closes its byte channel right after)."""
 
 
 class ListenerOwner(Protocol):

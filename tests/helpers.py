@@ -1,4 +1,5 @@
-"""Test helpers for the end-to-end tests: a probe that objects report to, raw clients.
+"""Test helpers for the end-to-end tests: a server and its clients, small test objects,
+a probe that objects report to, raw clients.
 
 Everything here runs under Trio's mock clock in the tests: waits are bounded with
 ``trio.fail_after`` (virtual seconds), and "let things settle" means
@@ -18,33 +19,58 @@ from __future__ import annotations
 
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import attrs
+import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
     Event as WSEvent,
     RejectConnection,
     RejectData,
+    Request as WSRequest,
+)
+
+from trio_hibernate import (
+    App,
+    DurableObject,
+    ObjectContext,
     Request,
+    Response,
+    Server,
+    WebSocket,
+    open_server,
 )
 
 __all__ = [
     "EMPTY_CLOSE_FRAME",
     "IO_GRACE_SECONDS",
+    "NEVER",
+    "TEST_SECONDS",
     "WAIT_SECONDS",
+    "Echo",
     "HttpReply",
     "Probe",
+    "QuotingEcho",
     "RawWebSocket",
     "Refusal",
+    "accept_upgrade",
+    "ask",
+    "closed_by_server",
     "http_exchange",
+    "open_client",
     "open_raw_websocket",
+    "recv",
+    "recv_text",
     "refused_upgrade",
+    "send",
+    "serve",
     "settle",
 ]
 
@@ -52,6 +78,10 @@ T = TypeVar("T")
 
 #: Bound on every single wait (virtual seconds under the autojump clock).
 WAIT_SECONDS: Final = 30.0
+#: Bound on a whole test that :func:`serve` runs (virtual seconds).
+TEST_SECONDS: Final = 600.0
+#: An idle timeout (or close timeout) that never expires within a test.
+NEVER: Final = 1e9
 #: Real seconds every task must stay blocked before the mock clock jumps or ``settle``
 #: returns (see the module docstring).
 IO_GRACE_SECONDS: Final = 0.05
@@ -96,11 +126,113 @@ class Probe:
         """The recorded events of type ``kind``, in order."""
         return [event for event in self.events if isinstance(event, kind)]
 
-    async def wait_for(self, predicate: Callable[[], bool]) -> None:
-        """Wait (at most :data:`WAIT_SECONDS`) until ``predicate()`` holds after a record."""
-        with trio.fail_after(WAIT_SECONDS):
+    async def wait_for(self, predicate: Callable[[], bool], seconds: float = WAIT_SECONDS) -> None:
+        """Wait (at most ``seconds``) until ``predicate()`` holds after a record."""
+        with trio.fail_after(seconds):
             while not predicate():
                 await self._changed.wait()
+
+
+# -- a server and its clients -----------------------------------------------------------------
+
+
+@asynccontextmanager
+async def serve(
+    app: App, *, test_seconds: float = TEST_SECONDS, **options: Any
+) -> AsyncIterator[Server]:
+    """``open_server(app, **options)`` on 127.0.0.1:0, for a test body of at most
+    ``test_seconds`` (the ``async with`` block is under a ``trio.fail_after``).
+
+    Objects never hibernate on their own unless the test passes ``idle_timeout``.
+    """
+    options.setdefault("idle_timeout", NEVER)
+    with trio.fail_after(test_seconds):
+        async with open_server(app, "127.0.0.1", 0, **options) as server:
+            yield server
+
+
+@asynccontextmanager
+async def open_client(server: Server, target: str) -> AsyncIterator[WebSocketConnection]:
+    """A trio-websocket client of ``server`` for ``target``; both handshakes are bounded
+    by :data:`WAIT_SECONDS`."""
+    url = server.url(target)
+    async with open_websocket_url(
+        url, connect_timeout=WAIT_SECONDS, disconnect_timeout=WAIT_SECONDS
+    ) as ws:
+        yield ws
+
+
+async def send(ws: WebSocketConnection, message: str | bytes) -> None:
+    """Send ``message``, within :data:`WAIT_SECONDS`."""
+    with trio.fail_after(WAIT_SECONDS):
+        await ws.send_message(message)
+
+
+async def recv(ws: WebSocketConnection) -> str | bytes:
+    """The next message, within :data:`WAIT_SECONDS`."""
+    with trio.fail_after(WAIT_SECONDS):
+        return await ws.get_message()
+
+
+async def recv_text(ws: WebSocketConnection) -> str:
+    """The next message, which must be text."""
+    message = await recv(ws)
+    assert isinstance(message, str), message
+    return message
+
+
+async def ask(ws: WebSocketConnection, message: str | bytes) -> str:
+    """Send ``message`` and return the next message received, which must be text."""
+    await send(ws, message)
+    return await recv_text(ws)
+
+
+async def closed_by_server(ws: WebSocketConnection) -> tuple[int, str | None]:
+    """Wait for the server's Close; return its (code, reason)."""
+    with trio.fail_after(WAIT_SECONDS), pytest.raises(ConnectionClosed) as info:
+        await ws.get_message()
+    reason = info.value.reason
+    assert reason is not None
+    return reason.code, reason.reason
+
+
+# -- small test objects ------------------------------------------------------------------------
+
+
+def accept_upgrade(ctx: ObjectContext, request: Request, tags: Iterable[str] = ()) -> Response:
+    """Accept ``request``'s WebSocket with ``tags``; the 101 answer to return from fetch."""
+    ws = request.websocket
+    assert ws is not None, f"{request.method} {request.url} is not a WebSocket upgrade"
+    ctx.accept_websocket(ws, tags)
+    return Response(status=101, websocket=ws)
+
+
+class Echo(DurableObject):
+    """Accepts every WebSocket upgrade and answers every message with :meth:`reply`;
+    answers plain HTTP with 200 and ``"<method> <body length> bytes"``."""
+
+    async def fetch(self, request: Request) -> Response:
+        if request.websocket is None:
+            return Response(body=f"{request.method} {len(request.body)} bytes\n")
+        return accept_upgrade(self.ctx, request)
+
+    async def websocket_message(self, ws: WebSocket, message: str | bytes) -> None:
+        ws.send(self.reply(message))
+
+    def reply(self, message: str | bytes) -> str | bytes:
+        """The answer to ``message``: the message itself."""
+        return message
+
+
+class QuotingEcho(Echo):
+    """An :class:`Echo` that answers ``hi`` with ``echo 'hi'`` (and ``b"hi"`` with
+    ``echo b'hi'``)."""
+
+    def reply(self, message: str | bytes) -> str | bytes:
+        return f"echo {message!r}"
+
+
+# -- raw clients -------------------------------------------------------------------------------
 
 
 class RawWebSocket:
@@ -143,14 +275,23 @@ class RawWebSocket:
 
 
 @asynccontextmanager
-async def open_raw_websocket(port: int, target: str) -> AsyncIterator[RawWebSocket]:
-    """Connect to 127.0.0.1:``port``, complete the upgrade for ``target``; close on exit."""
+async def _ask_for_upgrade(
+    port: int, target: str
+) -> AsyncIterator[tuple[RawWebSocket, WSEvent | None]]:
+    """Connect to 127.0.0.1:``port`` and ask for an upgrade to ``target``; the client
+    and the server's first answer (None: EOF). The connection closes on exit."""
     with trio.fail_after(WAIT_SECONDS):
         stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
         raw = RawWebSocket(stream)
-        await raw.send(Request(host=f"127.0.0.1:{port}", target=target))
-        event = await raw.next_event()
+        await raw.send(WSRequest(host=f"127.0.0.1:{port}", target=target))
+        yield raw, await raw.next_event()
+
+
+@asynccontextmanager
+async def open_raw_websocket(port: int, target: str) -> AsyncIterator[RawWebSocket]:
+    """Connect to 127.0.0.1:``port``, complete the upgrade for ``target``; close on exit."""
+    async with _ask_for_upgrade(port, target) as (raw, event):
         if not isinstance(event, AcceptConnection):
             raise AssertionError(f"the upgrade to {target} was refused: {event!r}")
         yield raw
@@ -171,12 +312,7 @@ async def refused_upgrade(port: int, target: str) -> Refusal:
     closes its TCP stream when the server refuses the upgrade (a ResourceWarning, which
     this suite turns into an error).
     """
-    with trio.fail_after(WAIT_SECONDS):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        raw = RawWebSocket(stream)
-        await raw.send(Request(host=f"127.0.0.1:{port}", target=target))
-        event = await raw.next_event()
+    async with _ask_for_upgrade(port, target) as (raw, event):
         if isinstance(event, AcceptConnection):
             raise AssertionError(f"the upgrade to {target} was accepted")
         assert isinstance(event, RejectConnection), event

@@ -41,6 +41,17 @@ import pytest
 from fakes import FakeTransport
 from hypothesis import event, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from strategies import (
+    TAG_BYTES,
+    TAG_POOL,
+    AttachmentArg,
+    attachment_args,
+    close_codes,
+    close_reasons,
+    messages,
+    object_close_code_is_valid,
+    tag_arguments,
+)
 
 from trio_hibernate._autoresponse import WebSocketRequestResponsePair
 from trio_hibernate._context import ObjectContext
@@ -69,30 +80,13 @@ from trio_hibernate._websocket import WebSocket
 # Small limits, so that every limit is hit often.
 LIMITS: Final = Limits(
     max_tags_per_websocket=3,
-    max_tag_bytes=8,
+    max_tag_bytes=TAG_BYTES,
     max_attachment_bytes=64,
     max_auto_response_bytes=16,
     max_websockets_per_object=5,
     max_queued_messages_per_websocket=3,
 )
 DROP_REASON: Final = "WebSocket disconnected without sending Close frame."
-RESERVED_CLOSE_CODES: Final = frozenset({1004, 1005, 1006, 1015})
-
-# Tags around the limits: 8 bytes is fine, 9 is not; "ééééé" and "🙂🙂🙂" are short in
-# characters but over the limit in UTF-8 bytes.
-TAG_POOL: Final = (
-    "a",
-    "b",
-    "c",
-    "d",
-    "",
-    "abcdefgh",
-    "abcdefghi",
-    "éééé",
-    "ééééé",
-    "🙂🙂",
-    "🙂🙂🙂",
-)
 # Auto-response strings around the 16-byte limit ("é" * 9 is 9 characters, 18 bytes).
 AUTO_STRINGS: Final = ("ping", "pong", "", "PING", "x" * 16, "x" * 17, "é" * 8, "é" * 9)
 _SHORT_AUTO_STRINGS: Final = ("ping", "pong", "é" * 8)
@@ -127,18 +121,6 @@ class NearRequest:
         if self.variant == "binary":
             return request.encode("utf-8")
         return request
-
-
-class UnclonableThing:
-    """An arbitrary class instance: not data."""
-
-
-@attrs.frozen
-class AttachmentArg:
-    """A value to store, and whether it is data (decided by how it was built)."""
-
-    value: object
-    clonable: bool
 
 
 @attrs.frozen
@@ -219,7 +201,7 @@ def model_tags(tags: object) -> tuple[str, ...] | Refusal:
 
 
 def close_args_valid(code: int | None, reason: str | None) -> bool:
-    if code is not None and (not 1000 <= code <= 4999 or code in RESERVED_CLOSE_CODES):
+    if code is not None and not object_close_code_is_valid(code):
         return False
     if reason is not None and code is None:
         return False
@@ -271,56 +253,8 @@ def check_limit_error(exc: LimitExceededError, refusal: Refusal) -> None:
 
 # -- strategies --------------------------------------------------------------------------------
 
-_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False)
-    | st.text(max_size=12)
-    | st.binary(max_size=12)
-    | st.datetimes(timezones=st.just(UTC))
-)
-_data = st.recursive(
-    _scalars,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4)
-    ),
-    max_leaves=10,
-)
-_oversized = st.text(min_size=70, max_size=90) | st.binary(min_size=70, max_size=90)
-_UNCLONABLE_FACTORIES: Final[tuple[Callable[[], object], ...]] = (
-    lambda: lambda: 1,
-    object,
-    UnclonableThing,
-    lambda: [1, object()],
-    lambda: {"k": print},
-    lambda: datetime(2024, 1, 1, 12, 0),  # naive: not an instant
-)
-ATTACHMENTS: Final = st.one_of(
-    _data.map(lambda v: AttachmentArg(v, clonable=True)),
-    _data.map(lambda v: AttachmentArg(v, clonable=True)),
-    _oversized.map(lambda v: AttachmentArg(v, clonable=True)),
-    st.sampled_from(_UNCLONABLE_FACTORIES).map(lambda f: AttachmentArg(f(), clonable=False)),
-)
-_VALID_TAGS: Final = ("a", "b", "c", "")
-TAGS: Final = st.one_of(
-    # Mostly valid tag lists (with repeats), so that sockets pile up to the socket limit.
-    st.lists(st.sampled_from(_VALID_TAGS), max_size=4),
-    st.lists(st.sampled_from(_VALID_TAGS), max_size=4),
-    st.lists(st.sampled_from(TAG_POOL), max_size=6),
-    st.lists(st.sampled_from(TAG_POOL), max_size=4).map(tuple),
-    st.sampled_from(TAG_POOL).filter(bool),  # a bare str: a TypeError, not tags "a", "b"...
-    st.lists(st.sampled_from(TAG_POOL), max_size=2).map(lambda tags: [*tags, 7]),
-)
+ATTACHMENTS: Final = attachment_args(LIMITS.max_attachment_bytes)
 SOCKET: Final = st.integers(min_value=0, max_value=15)
-CLOSE_CODES: Final = st.one_of(
-    st.none(),
-    st.sampled_from([1000, 1001, 1011, 3000, 4999, 1004, 1005, 1006, 1015, 999, 5000]),
-    st.integers(min_value=900, max_value=5100),
-)
-CLOSE_REASONS: Final = st.one_of(
-    st.none(), st.sampled_from(["", "bye", "a" * MAX_CLOSE_REASON_BYTES, "é" * 62])
-)
 _EXACT: Final = NearRequest("exact")
 FRAMES: Final = st.lists(
     st.one_of(
@@ -640,7 +574,7 @@ class HibernationMachine(RuleBasedStateMachine):
     # -- rules: object code (only while LIVE) -------------------------------------------------
 
     @precondition(lambda self: self._live())
-    @rule(tags=TAGS, pre_attachment=st.none() | ATTACHMENTS)
+    @rule(tags=tag_arguments, pre_attachment=st.none() | ATTACHMENTS)
     def accept(self, tags: object, pre_attachment: AttachmentArg | None) -> None:
         """``fetch`` for an upgrade, running now."""
         request = self._new_upgrade(tags, pre_attachment)
@@ -654,7 +588,7 @@ class HibernationMachine(RuleBasedStateMachine):
         sock.attachment = self._write(self._handle(sock), sock.attachment, arg)
 
     @precondition(lambda self: bool(self._reachable()))
-    @rule(index=SOCKET, message=st.text(max_size=4) | st.binary(max_size=4))
+    @rule(index=SOCKET, message=messages(max_size=4))
     def send(self, index: int, message: str | bytes) -> None:
         sock = _pick(self._reachable(), index)
         ws = self._handle(sock)
@@ -671,7 +605,7 @@ class HibernationMachine(RuleBasedStateMachine):
             sock.sent.append(message)
 
     @precondition(lambda self: bool(self._reachable()))
-    @rule(index=SOCKET, code=CLOSE_CODES, reason=CLOSE_REASONS)
+    @rule(index=SOCKET, code=close_codes, reason=close_reasons)
     def object_close(self, index: int, code: int | None, reason: str | None) -> None:
         sock = _pick(self._reachable(), index)
         ws = self._handle(sock)
@@ -794,7 +728,7 @@ class HibernationMachine(RuleBasedStateMachine):
         sock = _pick(self._endable(), index)
         self._terminal(sock, ErrorEvent(sock.record, PeerProtocolError("1002: bad frame")))
 
-    @rule(tags=TAGS, pre_attachment=st.none() | ATTACHMENTS)
+    @rule(tags=tag_arguments, pre_attachment=st.none() | ATTACHMENTS)
     def upgrade_request(self, tags: object, pre_attachment: AttachmentArg | None) -> None:
         """An HTTP upgrade: a ``fetch`` event that accepts the socket when dispatched."""
         self.fetches_queued += 1

@@ -47,6 +47,7 @@ import trio
 from helpers import (
     IO_GRACE_SECONDS,
     WAIT_SECONDS,
+    Echo,
     RawWebSocket,
     http_exchange,
     open_raw_websocket,
@@ -62,36 +63,15 @@ from hypothesis import (
     settings,
     strategies as st,
 )
+from strategies import BAD_CLOSE_CODES, INVALID_UTF8, PEER_CLOSE_CODES
 from trio.testing import MockClock
 from wsproto.events import TextMessage
 
-from trio_hibernate import (
-    App,
-    DurableObject,
-    Request,
-    Response,
-    Server,
-    WebSocket,
-    open_server,
-)
+from trio_hibernate import App, Server, open_server
 
 pytestmark = pytest.mark.integration
 
 # -- the server under test ----------------------------------------------------------------
-
-
-class Echo(DurableObject):
-    """Accepts every upgrade and echoes every message; answers plain HTTP with 200."""
-
-    async def fetch(self, request: Request) -> Response:
-        ws = request.websocket
-        if ws is None:
-            return Response(body=f"{request.method} {len(request.body)} bytes\n")
-        self.ctx.accept_websocket(ws)
-        return Response(status=101, websocket=ws)
-
-    async def websocket_message(self, ws: WebSocket, message: str | bytes) -> None:
-        ws.send(message)
 
 
 #: The one origin a browser upgrade may come from (the others get 403).
@@ -110,9 +90,6 @@ EXAMPLE_SECONDS: Final = 600.0
 #: Close codes the server may send on its own (issue 9): normal, protocol error, invalid
 #: payload, policy, too big, internal error, try again later.
 SERVER_CLOSE_CODES: Final = frozenset({1000, 1002, 1007, 1008, 1009, 1011, 1013})
-#: Close codes a client may send (RFC 6455 section 7.4 and the IANA registry); the server
-#: echoes them.
-PEER_CLOSE_CODES: Final = frozenset({*range(1000, 1004), *range(1007, 1015), *range(3000, 5000)})
 #: What a client sends to ask the server for the WebSocket upgrade, and the key in it.
 UPGRADE_KEY: Final = b"dGhlIHNhbXBsZSBub25jZQ=="
 HEALTH_REQUEST: Final = b"GET /_health HTTP/1.1\r\nHost: fuzz\r\n\r\n"
@@ -419,10 +396,6 @@ def upgrade_connections(draw: st.DrawFn) -> Connection:
 
 # -- strategies: frame streams ------------------------------------------------------------
 
-#: Byte strings that are not UTF-8: a stray continuation byte, a cut sequence, an
-#: overlong encoding, a surrogate, a code point past U+10FFFF, a byte never used.
-INVALID_UTF8: Final = (b"\x80", b"\xc3", b"\xc0\xaf", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xff")
-BAD_CLOSE_CODES: Final = (0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535)
 LENGTH_LIES: Final = (0, 1, 125, 126, 127, 65535, 65536, 2**31, 2**63 - 1, 2**63, 2**64 - 1)
 masks = st.sampled_from((b"\x37\xfa\x21\x3d", b"\x00\x00\x00\x00")) | st.binary(
     min_size=4, max_size=4

@@ -16,7 +16,7 @@ from typing import Any, Final
 import outcome
 import pytest
 import trio
-from helpers import RawWebSocket, settle
+from helpers import RawWebSocket, accept_upgrade, settle
 from wsproto.events import AcceptConnection, CloseConnection, Request as WSRequest
 
 from trio_hibernate import (
@@ -50,11 +50,9 @@ class Alarmed(DurableObject):
         env["built"] += 1
 
     async def fetch(self, request: Request) -> Response:
-        ws = request.websocket
-        if ws is None:
+        if request.websocket is None:
             return Response(body="fetched")
-        self.ctx.accept_websocket(ws)
-        return Response(status=101, websocket=ws)
+        return accept_upgrade(self.ctx, request)
 
     async def arm(self) -> None:
         await self.ctx.storage.set_alarm(FAR)

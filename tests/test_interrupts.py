@@ -17,14 +17,11 @@ from typing import Any
 
 import pytest
 import trio
+from helpers import WAIT_SECONDS, QuotingEcho, ask, closed_by_server, open_client, send
 from trio.testing import MockClock
-from trio_websocket import ConnectionClosed, open_websocket_url
 
 from trio_hibernate import (
     App,
-    DurableObject,
-    Request,
-    Response,
     Server,
     WebSocket,
     open_host,
@@ -33,25 +30,18 @@ from trio_hibernate import (
 from trio_hibernate._groups import open_owned_nursery
 from trio_hibernate.testing import open_test_host
 
-WAIT_SECONDS = 30
 
-
-class Echo(DurableObject):
+class Interruptible(QuotingEcho):
     """Echoes; ``interrupt`` raises KeyboardInterrupt in the handler (a Ctrl-C landing
     while object code runs)."""
-
-    async def fetch(self, request: Request) -> Response:
-        assert request.websocket is not None
-        self.ctx.accept_websocket(request.websocket)
-        return Response(status=101, websocket=request.websocket)
 
     async def websocket_message(self, ws: WebSocket, message: str | bytes) -> None:
         if message == "interrupt":
             raise KeyboardInterrupt
-        ws.send(f"echo {message!r}")
+        await super().websocket_message(ws, message)
 
 
-APP = App({"echo": Echo})
+APP = App({"echo": Interruptible})
 
 
 def run(main: Callable[[], Awaitable[Any]]) -> None:
@@ -163,14 +153,11 @@ def test_ctrl_c_while_serving_leaves_open_server_bare_and_clients_get_1001() -> 
     closed: list[int] = []
 
     async def client(server: Server, task_status: trio.TaskStatus[None]) -> None:
-        async with open_websocket_url(server.url("/echo/a")) as ws:
-            await ws.send_message("hi")
-            assert await ws.get_message() == "echo 'hi'"
+        async with open_client(server, "/echo/a") as ws:
+            assert await ask(ws, "hi") == "echo 'hi'"
             task_status.started()
-            with pytest.raises(ConnectionClosed) as info:
-                await ws.get_message()
-            assert info.value.reason is not None
-            closed.append(info.value.reason.code)
+            code, _ = await closed_by_server(ws)
+            closed.append(code)
 
     async def main() -> None:
         with trio.fail_after(WAIT_SECONDS):
@@ -194,9 +181,9 @@ def test_keyboard_interrupt_in_an_object_task_leaves_open_server_bare() -> None:
         with trio.fail_after(WAIT_SECONDS):
             async with (
                 open_server(APP) as server,
-                open_websocket_url(server.url("/echo/a")) as ws,
+                open_client(server, "/echo/a") as ws,
             ):
-                await ws.send_message("interrupt")
+                await send(ws, "interrupt")
                 await trio.sleep_forever()
 
     with pytest.raises(KeyboardInterrupt):

@@ -16,12 +16,22 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Final
 
+import helpers
 import pytest
 import trio
-from helpers import WAIT_SECONDS, RawWebSocket, http_exchange, open_raw_websocket, settle
-from trio_websocket import WebSocketConnection, open_websocket_url
+from helpers import (
+    WAIT_SECONDS,
+    RawWebSocket,
+    accept_upgrade,
+    ask,
+    http_exchange,
+    open_client,
+    open_raw_websocket,
+    settle,
+)
+from trio_websocket import WebSocketConnection
 
-from trio_hibernate import App, DurableObject, ObjectContext, Request, Response, WebSocket
+from trio_hibernate import App, ObjectContext, Request, Response, WebSocket
 from trio_hibernate._core.lifecycle import ObjectCore
 from trio_hibernate._host import runtime_of
 from trio_hibernate._net.connection import ServerConnection
@@ -36,11 +46,8 @@ UPGRADE = (
 GOOD_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 
 
-class Echo(DurableObject):
+class Echo(helpers.Echo):
     """Echoes messages; its fetch misbehaves on request (see the paths below)."""
-
-    def __init__(self, ctx: ObjectContext, env: Any) -> None:
-        super().__init__(ctx, env)
 
     async def fetch(self, request: Request) -> Response:
         if request.path.endswith("/snowman-header"):
@@ -49,14 +56,9 @@ class Echo(DurableObject):
             return Response(headers={"x-a": "1\r\nset-cookie: stolen=1"})
         if request.path.endswith("/hang"):
             await trio.sleep_forever()
-        ws = request.websocket
-        if ws is None:
+        if request.websocket is None:
             return Response(body="hello")
-        self.ctx.accept_websocket(ws)
-        return Response(status=101, websocket=ws)
-
-    async def websocket_message(self, ws: WebSocket, message: str | bytes) -> None:
-        ws.send(message)
+        return await super().fetch(request)
 
 
 @asynccontextmanager
@@ -64,16 +66,13 @@ async def serving(**options: Any) -> AsyncIterator[tuple[Server, WebSocketConnec
     """A server for the echo app, and a witness WebSocket connected to it."""
     app = App({"echo": Echo})
     async with open_server(app, **options) as server:
-        with trio.fail_after(WAIT_SECONDS):
-            async with open_websocket_url(server.url("/echo/witness")) as witness:
-                await witness_alive(witness)
-                yield server, witness
+        async with open_client(server, "/echo/witness") as witness:
+            await witness_alive(witness)
+            yield server, witness
 
 
 async def witness_alive(witness: WebSocketConnection) -> None:
-    with trio.fail_after(WAIT_SECONDS):
-        await witness.send_message("still there?")
-        assert await witness.get_message() == "still there?"
+    assert await ask(witness, "still there?") == "still there?"
 
 
 async def raw_exchange(port: int, data: bytes) -> bytes:
@@ -427,10 +426,7 @@ async def test_slow_readers_are_dropped_and_logged(caplog: pytest.LogCaptureFixt
                     peer.send(b"z" * 65536)
 
         async def fetch(self, request: Request) -> Response:
-            ws = request.websocket
-            assert ws is not None
-            self.ctx.accept_websocket(ws, ["reader"] if "reader" in request.path else [])
-            return Response(status=101, websocket=ws)
+            return accept_upgrade(self.ctx, request, ["reader"] if "reader" in request.path else [])
 
         async def websocket_error(self, ws: WebSocket, error: Exception) -> None:
             errors.append(error)
@@ -449,7 +445,7 @@ async def test_slow_readers_are_dropped_and_logged(caplog: pytest.LogCaptureFixt
             )
         await settle()
         peak = 0
-        async with open_websocket_url(server.url("/echo/room")) as flooder:
+        async with open_client(server, "/echo/room") as flooder:
             for _ in range(200):
                 await flooder.send_message("go")
                 peak = max(peak, server.host.statistics().buffered_bytes)

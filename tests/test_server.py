@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import trio
 import trio.lowlevel
+from helpers import QuotingEcho, accept_upgrade
 from trio_websocket import ConnectionRejected, open_websocket_url
 
 from trio_hibernate import (
@@ -22,7 +23,7 @@ from trio_hibernate import (
 )
 
 
-class Counter(DurableObject):
+class Counter(QuotingEcho):
     """Counts constructor runs in env["built"]; accepts sockets; offers stub methods."""
 
     def __init__(self, ctx: ObjectContext, env: Any) -> None:
@@ -31,14 +32,9 @@ class Counter(DurableObject):
         self.calls = 0
 
     async def fetch(self, request: Request) -> Response:
-        ws = request.websocket
-        if ws is None:
+        if request.websocket is None:
             return Response(body=f"hello from {self.ctx.id.name} via {request.method}")
-        self.ctx.accept_websocket(ws)
-        return Response(status=101, websocket=ws)
-
-    async def websocket_message(self, ws: WebSocket, message: str | bytes) -> None:
-        ws.send(f"echo {message!r}")
+        return await super().fetch(request)
 
     async def add(self, a: int, b: int) -> int:
         self.calls += 1
@@ -441,9 +437,7 @@ async def test_invalid_utf8_text_is_closed_with_1007_and_reported() -> None:
 
     class Strict(DurableObject):
         async def fetch(self, request: Request) -> Response:
-            assert request.websocket is not None
-            self.ctx.accept_websocket(request.websocket)
-            return Response(status=101, websocket=request.websocket)
+            return accept_upgrade(self.ctx, request)
 
         async def websocket_error(self, ws: WebSocket, error: Exception) -> None:
             errors.append(error)

@@ -16,20 +16,26 @@ from typing import Final
 
 import pytest
 import trio
-from helpers import IO_GRACE_SECONDS, WAIT_SECONDS, RawWebSocket, open_raw_websocket, settle
+from helpers import (
+    IO_GRACE_SECONDS,
+    WAIT_SECONDS,
+    QuotingEcho,
+    RawWebSocket,
+    ask,
+    closed_by_server,
+    open_client,
+    open_raw_websocket,
+    serve,
+    settle,
+)
 from trio.testing import MockClock
-from trio_websocket import ConnectionClosed, open_websocket_url
 from wsproto.events import CloseConnection, TextMessage
 
 from trio_hibernate import (
     App,
-    DurableObject,
     Limits,
-    Request,
-    Response,
     Server,
     WebSocket,
-    open_server,
     wait_for_shutdown_signal,
 )
 
@@ -40,18 +46,13 @@ PROMPTLY: Final = 5.0
 MAX_QUEUED: Final = 2
 
 
-class Slow(DurableObject):
+class Slow(QuotingEcho):
     """Echoes, except ``slow``: its handler takes an hour (the object falls behind)."""
-
-    async def fetch(self, request: Request) -> Response:
-        assert request.websocket is not None
-        self.ctx.accept_websocket(request.websocket)
-        return Response(status=101, websocket=request.websocket)
 
     async def websocket_message(self, ws: WebSocket, message: str | bytes) -> None:
         if message == "slow":
             await trio.sleep(3600)
-        ws.send(f"echo {message!r}")
+        await super().websocket_message(ws, message)
 
 
 APP = App({"slow": Slow})
@@ -64,13 +65,10 @@ def _io_grace(autojump_clock: MockClock) -> None:
     autojump_clock.autojump_threshold = IO_GRACE_SECONDS
 
 
-def serve(close_timeout: float = CLOSE_TIMEOUT) -> AbstractAsyncContextManager[Server]:
-    return open_server(
-        APP,
-        idle_timeout=1e9,
-        close_timeout=close_timeout,
-        limits=Limits(max_queued_messages_per_websocket=MAX_QUEUED),
-    )
+def serve_slow(close_timeout: float = CLOSE_TIMEOUT) -> AbstractAsyncContextManager[Server]:
+    """:func:`helpers.serve` for :class:`Slow` objects with ``close_timeout``."""
+    limits = Limits(max_queued_messages_per_websocket=MAX_QUEUED)
+    return serve(APP, close_timeout=close_timeout, limits=limits)
 
 
 async def answer_the_close(raw: RawWebSocket) -> CloseConnection:
@@ -99,15 +97,10 @@ async def echo_client(
     server: Server, closes: list[tuple[int, str | None]], *, task_status: trio.TaskStatus[None]
 ) -> None:
     """A trio-websocket client (it answers the Close at once); records the Close."""
-    async with open_websocket_url(server.url("/slow/a")) as ws:
-        await ws.send_message("hi")
-        assert await ws.get_message() == "echo 'hi'"
+    async with open_client(server, "/slow/a") as ws:
+        assert await ask(ws, "hi") == "echo 'hi'"
         task_status.started()
-        with pytest.raises(ConnectionClosed) as info:
-            await ws.get_message()
-    reason = info.value.reason
-    assert reason is not None
-    closes.append((reason.code, reason.reason))
+        closes.append(await closed_by_server(ws))
 
 
 async def raise_signal(*signums: signal.Signals, between: trio.Event | None = None) -> None:
@@ -136,7 +129,7 @@ async def test_shutdown_says_how_many_connections_it_waits_for(
     caplog.set_level(logging.INFO, "trio_hibernate")
     with trio.fail_after(WAIT_SECONDS):
         async with trio.open_nursery() as clients:
-            async with serve(close_timeout=10) as server:
+            async with serve_slow(close_timeout=10) as server:
                 await clients.start(never_answer, server.port)
                 started = trio.current_time()
             took = trio.current_time() - started
@@ -177,7 +170,7 @@ async def test_a_client_still_sending_does_not_hold_up_the_shutdown(
     """
     with trio.fail_after(WAIT_SECONDS):
         async with trio.open_nursery() as clients:
-            async with serve(close_timeout=20) as server:
+            async with serve_slow(close_timeout=20) as server:
                 await clients.start(flood, server.port)
                 await settle()
                 stats = server.host.object_statistics("slow", "a")
@@ -210,7 +203,7 @@ async def test_a_signal_closes_every_websocket_and_returns_when_they_answered(
     closes: list[tuple[int, str | None]] = []
     with trio.fail_after(WAIT_SECONDS):
         async with trio.open_nursery() as clients:
-            async with serve() as server:
+            async with serve_slow() as server:
                 await clients.start(echo_client, server, closes)
                 await clients.start(echo_client, server, closes)
                 clients.start_soon(raise_signal, signum)
@@ -233,7 +226,7 @@ async def shut_down_by_two_signals(second: signal.Signals) -> tuple[float, bool]
     started = trio.current_time()  # starting the server takes no (virtual) time
     async with trio.open_nursery() as clients:
         try:
-            async with serve() as server:
+            async with serve_slow() as server:
                 closed = await clients.start(never_answer, server.port)
                 clients.start_soon(partial(raise_signal, signal.SIGTERM, second, between=closed))
                 await wait_for_shutdown_signal(server)

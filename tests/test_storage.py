@@ -20,17 +20,19 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import attrs
+import helpers
 import pytest
 import trio
+from helpers import WAIT_SECONDS, accept_upgrade, ask, open_client, recv_text, serve
 from trio.testing import MockClock
-from trio_websocket import WebSocketConnection, open_websocket_url
+from trio_websocket import WebSocketConnection
 
 from trio_hibernate import (
     AlarmInfo,
@@ -45,7 +47,6 @@ from trio_hibernate import (
     Server,
     Storage,
     WebSocket,
-    open_server,
 )
 from trio_hibernate._storage.sqlite import SqliteBackend, SqliteDatabase
 
@@ -54,11 +55,9 @@ pytestmark = pytest.mark.integration
 T = TypeVar("T")
 
 #: Bound on every single wait (virtual seconds, except in the real-clock test).
-WAIT: Final = 30.0
-#: Bound on a whole test, in virtual seconds (the longest alarm test needs ~250).
+WAIT: Final = WAIT_SECONDS
+#: Bound on a whole test, in virtual seconds (the longest alarm test needs ~640).
 TEST_SECONDS: Final = 1000.0
-#: An idle timeout that never expires within a test.
-NEVER: Final = 1e9
 #: The host's wall clock at virtual time 0; ``wall()`` follows the Trio clock from there.
 EPOCH: Final = 1_000_000.0
 NAMESPACE: Final = "store"
@@ -86,35 +85,22 @@ class AlarmRun:
 
 
 @attrs.define(eq=False)
-class Probe:
-    """The ``env`` of the test app: scripts to run, and what the objects report."""
+class Probe(helpers.Probe):
+    """The ``env`` of the test app: scripts to run, and what the objects report (in
+    ``events``, which :meth:`alarm_ran` also records)."""
 
     scripts: dict[str, Script] = attrs.Factory(dict)
     alarm_script: AlarmScript | None = None
-    constructed: int = 0
     alarm_runs: list[AlarmRun] = attrs.Factory(list)
-    notes: list[object] = attrs.Factory(list)
-    _changed: trio.Event = attrs.Factory(trio.Event)
 
     def script(self, fn: Script) -> Script:
         """Decorator: register ``fn`` under its name (the message that runs it)."""
         self.scripts[fn.__name__] = fn
         return fn
 
-    def note(self, value: object) -> None:
-        self.notes.append(value)
-        self._changed.set()
-        self._changed = trio.Event()
-
     def alarm_ran(self, run: AlarmRun) -> None:
         self.alarm_runs.append(run)
-        self.note(run)
-
-    async def wait_for(self, predicate: Callable[[], bool], seconds: float = WAIT) -> None:
-        """Wait until ``predicate()`` holds after a note, at most ``seconds``."""
-        with trio.fail_after(seconds):
-            while not predicate():
-                await self._changed.wait()
+        self.record(run)
 
 
 class Store(DurableObject):
@@ -124,15 +110,12 @@ class Store(DurableObject):
         super().__init__(ctx, env)
         assert isinstance(env, Probe)
         self.probe = env
-        self.probe.constructed += 1
+        self.probe.constructing(self)
         self.storage: Storage = ctx.storage
         self.state: dict[str, Any] = {}  # in memory: lost on hibernation
 
     async def fetch(self, request: Request) -> Response:
-        ws = request.websocket
-        assert ws is not None
-        self.ctx.accept_websocket(ws)
-        return Response(status=101, websocket=ws)
+        return accept_upgrade(self.ctx, request)
 
     async def websocket_message(self, ws: WebSocket, message: str | bytes) -> None:
         assert isinstance(message, str)
@@ -141,7 +124,7 @@ class Store(DurableObject):
         except Exception as exc:
             # An assertion in a script would otherwise only be logged, and the test would
             # time out waiting for the reply: report it to the client instead.
-            self.probe.note(exc)
+            self.probe.record(exc)
             ws.send(f"script {message!r} failed: {exc!r}")
 
     async def alarm(self, info: AlarmInfo) -> None:
@@ -152,40 +135,28 @@ class Store(DurableObject):
             await self.probe.alarm_script(self, info)
 
 
-@asynccontextmanager
-async def serve(probe: Probe, data_dir: Path | None, **options: Any) -> AsyncIterator[Server]:
-    options.setdefault("idle_timeout", NEVER)
+def serve_store(
+    probe: Probe, data_dir: Path | None, **options: Any
+) -> AbstractAsyncContextManager[Server]:
+    """:func:`helpers.serve` for the app of :class:`Store` objects, on :func:`wall`."""
     options.setdefault("wall_clock", wall)
-    app = App({NAMESPACE: Store}, env=probe)
-    async with open_server(app, "127.0.0.1", 0, data_dir=data_dir, **options) as server:
-        yield server
+    options.setdefault("test_seconds", TEST_SECONDS)
+    return serve(App({NAMESPACE: Store}, env=probe), data_dir=data_dir, **options)
 
 
-@asynccontextmanager
-async def connect(server: Server, name: str = "obj") -> AsyncIterator[WebSocketConnection]:
-    """A client for the object ``name``; the handshakes are bounded by ``WAIT``."""
-    url = server.url(f"/{NAMESPACE}/{name}")
-    async with open_websocket_url(url, connect_timeout=WAIT, disconnect_timeout=WAIT) as ws:
-        yield ws
+def connect(server: Server, name: str = "obj") -> AbstractAsyncContextManager[WebSocketConnection]:
+    """A client for the object ``name``."""
+    return open_client(server, f"/{NAMESPACE}/{name}")
 
 
-async def recv(ws: WebSocketConnection) -> str:
-    with trio.fail_after(WAIT):
-        message = await ws.get_message()
-    assert isinstance(message, str), message
-    return message
-
-
-async def ask(ws: WebSocketConnection, script: str) -> str:
-    """Run ``script`` on the object and return the first reply."""
-    with trio.fail_after(WAIT):
-        await ws.send_message(script)
-    return await recv(ws)
-
-
-def open_db(data_dir: Path, name: str = "obj") -> SqliteDatabase:
+@contextmanager
+def open_db(data_dir: Path, name: str = "obj") -> Iterator[SqliteDatabase]:
     """The object's database as the next host would open it (not through a host)."""
-    return SqliteBackend(data_dir).open(NAMESPACE, ObjectId.from_name(NAMESPACE, name))
+    db = SqliteBackend(data_dir).open(NAMESPACE, ObjectId.from_name(NAMESPACE, name))
+    try:
+        yield db
+    finally:
+        db.close()
 
 
 @pytest.fixture
@@ -240,20 +211,14 @@ async def test_put_get_delete_and_list_in_utf8_order(
         assert await storage.get("a") is None
         ws.send(",".join(await storage.list()))
 
-    with trio.fail_after(TEST_SECONDS):
-        async with serve(probe, tmp_path) as server, connect(server) as ws:
-            assert await ask(ws, "fill") == "filled"
-            assert await ask(ws, "listing") == "listed"
-            assert await ask(ws, "deleting") == ",".join(
-                ["a\x00", "ab", "é", "\uffff", "\U0001f600"]
-            )
-    db = open_db(tmp_path)
-    try:
+    async with serve_store(probe, tmp_path) as server, connect(server) as ws:
+        assert await ask(ws, "fill") == "filled"
+        assert await ask(ws, "listing") == "listed"
+        assert await ask(ws, "deleting") == ",".join(["a\x00", "ab", "é", "\uffff", "\U0001f600"])
+    with open_db(tmp_path) as db:
         stored = [
             key for key, _ in db.list(prefix=None, start=None, end=None, reverse=False, limit=None)
         ]
-    finally:
-        db.close()
     assert stored == ["a\x00", "ab", "é", "\uffff", "\U0001f600"]
 
 
@@ -287,17 +252,16 @@ async def test_delete_all_removes_keys_alarm_and_every_sql_table(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT IN "
             "('_th_kv', '_th_meta') ORDER BY name"
         ).rows
-        store.probe.note((await store.storage.list(), await store.storage.get_alarm()))
+        store.probe.record((await store.storage.list(), await store.storage.get_alarm()))
         ws.send(",".join(str(name) for (name,) in names))
 
-    with trio.fail_after(TEST_SECONDS):
-        async with serve(probe, tmp_path) as server, connect(server) as ws:
-            assert await ask(ws, "fill") == "filled"
-            assert await ask(ws, "wipe") == "wiped"
-            await server.host.hibernate(NAMESPACE, "obj")
-            leftover_tables = await ask(ws, "inspect")
-            await trio.sleep(200)
-    assert probe.notes == [({}, None)]
+    async with serve_store(probe, tmp_path) as server, connect(server) as ws:
+        assert await ask(ws, "fill") == "filled"
+        assert await ask(ws, "wipe") == "wiped"
+        await server.host.hibernate(NAMESPACE, "obj")
+        leftover_tables = await ask(ws, "inspect")
+        await trio.sleep(200)
+    assert probe.events == [({}, None)]
     assert probe.alarm_runs == []  # the alarm went with everything else
     assert leftover_tables == ""
 
@@ -316,15 +280,11 @@ async def test_reads_see_the_turns_own_writes_and_the_next_turn_sees_the_commit(
     async def read(store: Store, ws: WebSocket) -> None:
         ws.send(str(await store.storage.get("k")))
 
-    with trio.fail_after(TEST_SECONDS):
-        async with serve(probe, tmp_path) as server, connect(server) as ws:
-            assert await ask(ws, "write") == "v1 v2"
-            db = open_db(tmp_path)  # a second connection sees only committed data
-            try:
-                assert db.get_many(["k"]).keys() == {"k"}
-            finally:
-                db.close()
-            assert await ask(ws, "read") == "v2"
+    async with serve_store(probe, tmp_path) as server, connect(server) as ws:
+        assert await ask(ws, "write") == "v1 v2"
+        with open_db(tmp_path) as db:  # a second connection sees only committed data
+            assert db.get_many(["k"]).keys() == {"k"}
+        assert await ask(ws, "read") == "v2"
 
 
 async def test_transaction_undoes_only_its_own_writes_and_propagates(
@@ -369,13 +329,12 @@ async def test_transaction_undoes_only_its_own_writes_and_propagates(
     async def read(store: Store, ws: WebSocket) -> None:
         ws.send(repr(await store.storage.list()))
 
-    with trio.fail_after(TEST_SECONDS):
-        async with serve(probe, tmp_path) as server, connect(server) as ws:
-            assert await ask(ws, "turn") == "done"
-            await server.host.hibernate(NAMESPACE, "obj")
-            expected = {"after": 5, "before": 1, "doomed": 1, "outer": 3}
-            assert await ask(ws, "read") == repr(expected)
-            await trio.sleep(10)
+    async with serve_store(probe, tmp_path) as server, connect(server) as ws:
+        assert await ask(ws, "turn") == "done"
+        await server.host.hibernate(NAMESPACE, "obj")
+        expected = {"after": 5, "before": 1, "doomed": 1, "outer": 3}
+        assert await ask(ws, "read") == repr(expected)
+        await trio.sleep(10)
     assert probe.alarm_runs == []  # the alarm set in the failed transaction never existed
 
 
@@ -405,9 +364,8 @@ async def test_values_are_copies(clock: MockClock, probe: Probe) -> None:
         assert back["a"] is back["b"]
         ws.send("copies")
 
-    with trio.fail_after(TEST_SECONDS):
-        async with serve(probe, None) as server, connect(server) as ws:
-            assert await ask(ws, "turn") == "copies"
+    async with serve_store(probe, None) as server, connect(server) as ws:
+        assert await ask(ws, "turn") == "copies"
 
 
 async def test_limits_refuse_the_whole_call_and_write_nothing(
@@ -464,14 +422,10 @@ async def test_limits_refuse_the_whole_call_and_write_nothing(
         assert await storage.delete([f"m{i}" for i in range(128)]) == 128
         ws.send(repr(sorted(await storage.list())))
 
-    with trio.fail_after(TEST_SECONDS):
-        async with serve(probe, tmp_path) as server, connect(server) as ws:
-            assert await ask(ws, "turn") == repr(sorted(["existing", "k" * 2048]))
-    db = open_db(tmp_path)
-    try:
+    async with serve_store(probe, tmp_path) as server, connect(server) as ws:
+        assert await ask(ws, "turn") == repr(sorted(["existing", "k" * 2048]))
+    with open_db(tmp_path) as db:
         rows = db.list(prefix=None, start=None, end=None, reverse=False, limit=None)
-    finally:
-        db.close()
     assert [key for key, _ in rows] == ["existing", "k" * 2048]
 
 
@@ -520,12 +474,11 @@ async def test_sql_exec(clock: MockClock, probe: Probe, tmp_path: Path) -> None:
         names = store.storage.sql.exec("SELECT name FROM people ORDER BY name").rows
         ws.send(",".join(str(name) for (name,) in names))
 
-    with trio.fail_after(TEST_SECONDS):
-        async with serve(probe, tmp_path) as server, connect(server) as ws:
-            assert await ask(ws, "create") == "created"
-            assert await ask(ws, "query") == "queried"
-        async with serve(probe, tmp_path) as server, connect(server) as ws:
-            assert await ask(ws, "after") == "ada,cy"
+    async with serve_store(probe, tmp_path) as server, connect(server) as ws:
+        assert await ask(ws, "create") == "created"
+        assert await ask(ws, "query") == "queried"
+    async with serve_store(probe, tmp_path) as server, connect(server) as ws:
+        assert await ask(ws, "after") == "ada,cy"
 
 
 # -- durability ----------------------------------------------------------------------------
@@ -548,17 +501,16 @@ async def test_data_survives_hibernation_and_a_host_restart(
         ws.send(repr((await store.storage.list(), lines, store.state.get("memory"))))
 
     expected = repr(({"greeting": "hello", "n": [1, 2, 3]}, [("first",)], None))
-    with trio.fail_after(TEST_SECONDS):
-        async with serve(probe, tmp_path, idle_timeout=5) as server, connect(server) as ws:
-            assert await ask(ws, "write") == "written"
-            await trio.sleep(6)  # idle: the object hibernates, the socket stays
-            assert server.host.statistics().live_objects == 0
-            assert probe.constructed == 1
-            assert await ask(ws, "read") == expected
-            assert probe.constructed == 2
-        async with serve(probe, tmp_path) as server, connect(server) as ws:
-            assert await ask(ws, "read") == expected
-            assert probe.constructed == 3
+    async with serve_store(probe, tmp_path, idle_timeout=5) as server, connect(server) as ws:
+        assert await ask(ws, "write") == "written"
+        await trio.sleep(6)  # idle: the object hibernates, the socket stays
+        assert server.host.statistics().live_objects == 0
+        assert probe.constructed == 1
+        assert await ask(ws, "read") == expected
+        assert probe.constructed == 2
+    async with serve_store(probe, tmp_path) as server, connect(server) as ws:
+        assert await ask(ws, "read") == expected
+        assert probe.constructed == 3
 
 
 async def test_memory_host_keeps_data_across_hibernation_but_not_restarts(
@@ -578,14 +530,13 @@ async def test_memory_host_keeps_data_across_hibernation_but_not_restarts(
         ).one()
         ws.send(repr((await store.storage.get("k"), tables["n"])))
 
-    with trio.fail_after(TEST_SECONDS):
-        async with serve(probe, None) as server, connect(server) as ws:
-            assert await ask(ws, "write") == "written"
-            assert await server.host.hibernate(NAMESPACE, "obj") is True
-            assert await ask(ws, "read") == repr(("kept", 1))
-            assert probe.constructed == 2
-        async with serve(probe, None) as server, connect(server) as ws:
-            assert await ask(ws, "read") == repr((None, 0))
+    async with serve_store(probe, None) as server, connect(server) as ws:
+        assert await ask(ws, "write") == "written"
+        assert await server.host.hibernate(NAMESPACE, "obj") is True
+        assert await ask(ws, "read") == repr(("kept", 1))
+        assert probe.constructed == 2
+    async with serve_store(probe, None) as server, connect(server) as ws:
+        assert await ask(ws, "read") == repr((None, 0))
 
 
 async def test_background_writes_are_committed_before_the_call_returns(
@@ -595,22 +546,18 @@ async def test_background_writes_are_committed_before_the_call_returns(
     async def start(store: Store, ws: WebSocket) -> None:
         async def background() -> None:
             await store.storage.put("bg", "done")
-            db = open_db(tmp_path)  # another connection: sees only committed data
-            try:
-                probe.note(db.get_many(["bg"]))
-            finally:
-                db.close()
+            with open_db(tmp_path) as db:  # another connection: sees only committed data
+                probe.record(db.get_many(["bg"]))
 
         store.ctx.start_soon(background)
         ws.send("started")
 
-    with trio.fail_after(TEST_SECONDS):
-        async with serve(probe, tmp_path) as server, connect(server) as ws:
-            assert await ask(ws, "start") == "started"
-            await probe.wait_for(lambda: bool(probe.notes))
-    assert len(probe.notes) == 1
-    assert isinstance(probe.notes[0], dict)
-    assert probe.notes[0].keys() == {"bg"}
+    async with serve_store(probe, tmp_path) as server, connect(server) as ws:
+        assert await ask(ws, "start") == "started"
+        await probe.wait_for(lambda: bool(probe.events))
+    assert len(probe.events) == 1
+    assert isinstance(probe.events[0], dict)
+    assert probe.events[0].keys() == {"bg"}
 
 
 async def test_transaction_in_a_background_task_stays_all_or_nothing_across_turns(
@@ -635,27 +582,23 @@ async def test_transaction_in_a_background_task_stays_all_or_nothing_across_turn
             try:
                 await store.storage.transaction(fn)
             except Exception as exc:
-                probe.note(exc)
+                probe.record(exc)
 
         store.ctx.start_soon(background)
         ws.send("transaction open")
 
     @probe.script
     async def write(store: Store, ws: WebSocket) -> None:
-        probe.note("turn runs")
+        probe.record("turn runs")
         await store.storage.put("from_turn", 2)
         ws.send("turn written")
 
-    with trio.fail_after(TEST_SECONDS):
-        async with serve(probe, tmp_path) as server, connect(server) as ws:
-            assert await ask(ws, "begin") == "transaction open"
-            assert await ask(ws, "write") == "turn written"
-    db = open_db(tmp_path)
-    try:
+    async with serve_store(probe, tmp_path) as server, connect(server) as ws:
+        assert await ask(ws, "begin") == "transaction open"
+        assert await ask(ws, "write") == "turn written"
+    with open_db(tmp_path) as db:
         durable = db.get_many(["from_txn", "from_turn"]).keys()
-    finally:
-        db.close()
-    raised, turn = probe.notes
+    raised, turn = probe.events
     assert (type(raised), turn, sorted(durable)) == (Abort, "turn runs", ["from_turn"])
 
 
@@ -677,7 +620,7 @@ async def test_background_transaction_rollback_does_not_undo_a_turns_acknowledge
             try:
                 await store.storage.transaction(fn)
             except RuntimeError as exc:
-                probe.note(exc)
+                probe.record(exc)
 
         store.ctx.start_soon(background)
         ws.send("ack")
@@ -686,16 +629,12 @@ async def test_background_transaction_rollback_does_not_undo_a_turns_acknowledge
     async def read(store: Store, ws: WebSocket) -> None:
         ws.send(repr(await store.storage.get("from_turn")))
 
-    with trio.fail_after(TEST_SECONDS):
-        async with serve(probe, tmp_path) as server, connect(server) as ws:
-            assert await ask(ws, "write") == "ack"
-            await probe.wait_for(lambda: bool(probe.notes))
-            assert await ask(ws, "read") == "2"
-    db = open_db(tmp_path)
-    try:
+    async with serve_store(probe, tmp_path) as server, connect(server) as ws:
+        assert await ask(ws, "write") == "ack"
+        await probe.wait_for(lambda: bool(probe.events))
+        assert await ask(ws, "read") == "2"
+    with open_db(tmp_path) as db:
         durable = db.get_many(["from_txn", "from_turn"])
-    finally:
-        db.close()
     assert sorted(durable) == ["from_turn"]
 
 
@@ -761,16 +700,18 @@ async def test_output_gate_holds_replies_until_the_commit_is_durable(
         handled.append("second")
         ws.send(f"second sees {await store.storage.get('k')}")
 
-    with trio.fail_after(WAIT):
-        async with serve(probe, tmp_path) as server, connect(server) as ws:
-            try:
-                await held_until_released(ws, blocked_commits, handled, tmp_path)
-            finally:
-                blocked_commits.release()  # before the server waits for the commit thread
-            assert await recv(ws) == "sent after the write"
-            assert await recv(ws) == "and another"
-            assert await recv(ws) == "second sees 1"
-            assert handled == ["write", "second"]
+    async with (
+        serve_store(probe, tmp_path, test_seconds=WAIT) as server,
+        connect(server) as ws,
+    ):
+        try:
+            await held_until_released(ws, blocked_commits, handled, tmp_path)
+        finally:
+            blocked_commits.release()  # before the server waits for the commit thread
+        assert await recv_text(ws) == "sent after the write"
+        assert await recv_text(ws) == "and another"
+        assert await recv_text(ws) == "second sees 1"
+        assert handled == ["write", "second"]
 
 
 async def held_until_released(
@@ -778,7 +719,7 @@ async def held_until_released(
 ) -> None:
     """The part of the output-gate test that runs while the commit is blocked."""
     await ws.send_message("write")
-    assert await recv(ws) == "sent before the write"
+    assert await recv_text(ws) == "sent before the write"
     await trio.to_thread.run_sync(blocked_commits.entered.wait, WAIT)
     assert blocked_commits.commits == 1
     await nothing_arrives(ws, 0.3)
@@ -786,11 +727,8 @@ async def held_until_released(
     await ws.send_message("second")
     await nothing_arrives(ws, 0.2)
     assert handled == ["write"]
-    db = open_db(data_dir)
-    try:
+    with open_db(data_dir) as db:
         assert db.get_many(["k"]) == {}  # indeed not durable yet
-    finally:
-        db.close()
 
 
 async def test_failed_commit_drops_the_replies_and_resets_the_object(
@@ -824,25 +762,21 @@ async def test_failed_commit_drops_the_replies_and_resets_the_object(
         found = await store.storage.get("lost")
         ws.send(f"lost={found} mark={store.state.get('mark')} constructed={probe.constructed}")
 
-    with trio.fail_after(TEST_SECONDS):
-        async with serve(probe, tmp_path) as server, connect(server) as ws:
-            assert await ask(ws, "write") == "before the write"
-            # The next reply is the answer to "check": "after the write" was dropped.
-            assert await ask(ws, "check") == "lost=None mark=None constructed=2"
-            assert ws.closed is None
-            assert failures == 0
-            assert server.host.object_statistics(NAMESPACE, "obj").activations == 2
+    async with serve_store(probe, tmp_path) as server, connect(server) as ws:
+        assert await ask(ws, "write") == "before the write"
+        # The next reply is the answer to "check": "after the write" was dropped.
+        assert await ask(ws, "check") == "lost=None mark=None constructed=2"
+        assert ws.closed is None
+        assert failures == 0
+        assert server.host.object_statistics(NAMESPACE, "obj").activations == 2
     failed = [r for r in caplog.records if "storage commit" in r.getMessage()]
     assert len(failed) == 1
     assert failed[0].levelno == logging.ERROR
     assert "1 held message(s) dropped" in failed[0].getMessage()
     assert failed[0].exc_info is not None
     assert isinstance(failed[0].exc_info[1], sqlite3.OperationalError)
-    db = open_db(tmp_path)
-    try:
+    with open_db(tmp_path) as db:
         assert db.get_many(["lost"]) == {}
-    finally:
-        db.close()
 
 
 # -- alarms --------------------------------------------------------------------------------
@@ -860,6 +794,26 @@ def assert_runs(runs: list[AlarmRun], expected: list[tuple[float, int, int]]) ->
     ]
 
 
+def arm_in(probe: Probe, seconds: float) -> list[float]:
+    """Register the script ``arm``: set the alarm ``seconds`` after now, in epoch seconds
+    (as a float), and answer ``armed``. Each run appends its virtual time to the list
+    returned."""
+    set_at: list[float] = []
+
+    @probe.script
+    async def arm(store: Store, ws: WebSocket) -> None:
+        set_at.append(trio.current_time())
+        await store.storage.set_alarm(wall() + seconds)
+        ws.send("armed")
+
+    return set_at
+
+
+async def alarm_now(store: Store, ws: WebSocket) -> None:
+    """A script: answer ``repr()`` of the alarm time."""
+    ws.send(repr(await store.storage.get_alarm()))
+
+
 async def test_alarm_wakes_a_hibernated_object_on_time(
     clock: MockClock, probe: Probe, tmp_path: Path
 ) -> None:
@@ -872,68 +826,49 @@ async def test_alarm_wakes_a_hibernated_object_on_time(
         await store.storage.set_alarm(when)
         ws.send(repr(await store.storage.get_alarm() == when))
 
-    @probe.script
-    async def alarm_now(store: Store, ws: WebSocket) -> None:
-        ws.send(repr(await store.storage.get_alarm()))
+    probe.script(alarm_now)
 
     async def alarm_script(store: Store, info: AlarmInfo) -> None:
         for ws in store.ctx.get_websockets():
             ws.send(f"alarm retry_count={info.retry_count}")
 
     probe.alarm_script = alarm_script
-    with trio.fail_after(TEST_SECONDS):
-        async with serve(probe, tmp_path, idle_timeout=5) as server, connect(server) as ws:
-            assert await ask(ws, "arm") == "True"
-            await trio.sleep(10)
-            assert server.host.statistics().live_objects == 0  # hibernated, socket open
-            assert probe.constructed == 1
-            assert await recv(ws) == "alarm retry_count=0"
-            assert_runs(probe.alarm_runs, [(set_at[0] + 30, 0, 2)])
-            assert await ask(ws, "alarm_now") == "None"  # a run that returns deletes it
+    async with serve_store(probe, tmp_path, idle_timeout=5) as server, connect(server) as ws:
+        assert await ask(ws, "arm") == "True"
+        await trio.sleep(10)
+        assert server.host.statistics().live_objects == 0  # hibernated, socket open
+        assert probe.constructed == 1
+        assert await recv_text(ws) == "alarm retry_count=0"
+        assert_runs(probe.alarm_runs, [(set_at[0] + 30, 0, 2)])
+        assert await ask(ws, "alarm_now") == "None"  # a run that returns deletes it
 
 
 async def test_memory_host_alarm_wakes_a_hibernated_object(clock: MockClock, probe: Probe) -> None:
-    set_at: list[float] = []
+    set_at = arm_in(probe, 20)  # epoch seconds work too (as datetimes do above)
 
-    @probe.script
-    async def arm(store: Store, ws: WebSocket) -> None:
-        set_at.append(trio.current_time())
-        await store.storage.set_alarm(wall() + 20)  # epoch seconds work too
-        ws.send("armed")
-
-    with trio.fail_after(TEST_SECONDS):
-        async with serve(probe, None) as server, connect(server) as ws:
-            assert await ask(ws, "arm") == "armed"
-            assert await server.host.hibernate(NAMESPACE, "obj") is True
-            await probe.wait_for(lambda: bool(probe.alarm_runs))
-            assert_runs(probe.alarm_runs, [(set_at[0] + 20, 0, 2)])
+    async with serve_store(probe, None) as server, connect(server) as ws:
+        assert await ask(ws, "arm") == "armed"
+        assert await server.host.hibernate(NAMESPACE, "obj") is True
+        await probe.wait_for(lambda: bool(probe.alarm_runs))
+        assert_runs(probe.alarm_runs, [(set_at[0] + 20, 0, 2)])
 
 
 async def test_failing_alarm_is_retried_with_backoff_then_given_up(
     clock: MockClock, probe: Probe, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    set_at: list[float] = []
+    set_at = arm_in(probe, 10)
 
-    @probe.script
-    async def arm(store: Store, ws: WebSocket) -> None:
-        set_at.append(trio.current_time())
-        await store.storage.set_alarm(wall() + 10)
-        ws.send("armed")
-
-    @probe.script
-    async def alarm_now(store: Store, ws: WebSocket) -> None:
-        ws.send(repr(await store.storage.get_alarm()))
+    probe.script(alarm_now)
 
     async def always_fails(store: Store, info: AlarmInfo) -> None:
         raise RuntimeError(f"alarm fails (retry {info.retry_count})")
 
     probe.alarm_script = always_fails
-    with trio.fail_after(TEST_SECONDS):
-        async with serve(probe, tmp_path, idle_timeout=5) as server, connect(server) as ws:
-            assert await ask(ws, "arm") == "armed"
-            await probe.wait_for(lambda: len(probe.alarm_runs) == 7, seconds=200)
-            await trio.sleep(500)  # and no eighth run
-            assert await ask(ws, "alarm_now") == "None"
+    async with serve_store(probe, tmp_path, idle_timeout=5) as server, connect(server) as ws:
+        assert await ask(ws, "arm") == "armed"
+        await probe.wait_for(lambda: len(probe.alarm_runs) == 7, seconds=200)
+        await trio.sleep(500)  # and no eighth run
+        assert await ask(ws, "alarm_now") == "None"
     first = set_at[0] + 10
     # Retries 2, 4, 8, 16, 32 and 64 s after each failure. The object hibernates after
     # 5 idle seconds, so the first run and the gaps of 8 s and more wake a new instance.
@@ -958,28 +893,19 @@ async def test_failing_alarm_is_retried_with_backoff_then_given_up(
 async def test_alarm_that_succeeds_on_a_retry_is_done(
     clock: MockClock, probe: Probe, tmp_path: Path
 ) -> None:
-    set_at: list[float] = []
+    set_at = arm_in(probe, 1)
 
-    @probe.script
-    async def arm(store: Store, ws: WebSocket) -> None:
-        set_at.append(trio.current_time())
-        await store.storage.set_alarm(wall() + 1)
-        ws.send("armed")
-
-    @probe.script
-    async def alarm_now(store: Store, ws: WebSocket) -> None:
-        ws.send(repr(await store.storage.get_alarm()))
+    probe.script(alarm_now)
 
     async def fails_twice(store: Store, info: AlarmInfo) -> None:
         if info.retry_count < 2:
             raise RuntimeError("not yet")
 
     probe.alarm_script = fails_twice
-    with trio.fail_after(TEST_SECONDS):
-        async with serve(probe, tmp_path) as server, connect(server) as ws:
-            assert await ask(ws, "arm") == "armed"
-            await trio.sleep(200)
-            assert await ask(ws, "alarm_now") == "None"
+    async with serve_store(probe, tmp_path) as server, connect(server) as ws:
+        assert await ask(ws, "arm") == "armed"
+        await trio.sleep(200)
+        assert await ask(ws, "alarm_now") == "None"
     start = set_at[0]
     assert_runs(probe.alarm_runs, [(start + 1, 0, 1), (start + 3, 1, 1), (start + 7, 2, 1)])
 
@@ -1011,43 +937,35 @@ async def test_delete_alarm_cancels_and_set_alarm_replaces(
         await store.storage.set_alarm(wall() + 50)  # another turn: replaces again
         ws.send("moved")
 
-    with trio.fail_after(TEST_SECONDS):
-        async with serve(probe, tmp_path) as server, connect(server) as ws:
-            assert await ask(ws, "arm") == "armed"
-            await trio.sleep(5)
-            assert await ask(ws, "cancel") == "None"
-            await trio.sleep(100)
-            assert probe.alarm_runs == []
+    async with serve_store(probe, tmp_path) as server, connect(server) as ws:
+        assert await ask(ws, "arm") == "armed"
+        await trio.sleep(5)
+        assert await ask(ws, "cancel") == "None"
+        await trio.sleep(100)
+        assert probe.alarm_runs == []
 
-            assert await ask(ws, "arm_later_then_sooner") == "armed"
-            await trio.sleep(20)  # the +30 alarm is still pending...
-            assert probe.alarm_runs == []
-            assert await ask(ws, "move_later") == "moved"  # ...and is replaced
-            await trio.sleep(200)
+        assert await ask(ws, "arm_later_then_sooner") == "armed"
+        await trio.sleep(20)  # the +30 alarm is still pending...
+        assert probe.alarm_runs == []
+        assert await ask(ws, "move_later") == "moved"  # ...and is replaced
+        await trio.sleep(200)
     assert_runs(probe.alarm_runs, [(set_at[0] + 50, 0, 1)])
 
 
 async def test_alarm_in_the_past_fires_at_once_and_alarm_can_rearm(
     clock: MockClock, probe: Probe, tmp_path: Path
 ) -> None:
-    set_at: list[float] = []
-
-    @probe.script
-    async def arm(store: Store, ws: WebSocket) -> None:
-        set_at.append(trio.current_time())
-        await store.storage.set_alarm(wall() - 1000)
-        ws.send("armed")
+    set_at = arm_in(probe, -1000)
 
     async def rearm_twice(store: Store, info: AlarmInfo) -> None:
         if len(store.probe.alarm_runs) < 3:
             await store.storage.set_alarm(wall() + 7)
 
     probe.alarm_script = rearm_twice
-    with trio.fail_after(TEST_SECONDS):
-        async with serve(probe, tmp_path) as server, connect(server) as ws:
-            assert await ask(ws, "arm") == "armed"
-            await probe.wait_for(lambda: len(probe.alarm_runs) == 3)
-            await trio.sleep(100)
+    async with serve_store(probe, tmp_path) as server, connect(server) as ws:
+        assert await ask(ws, "arm") == "armed"
+        await probe.wait_for(lambda: len(probe.alarm_runs) == 3)
+        await trio.sleep(100)
     start = set_at[0]
     assert_runs(probe.alarm_runs, [(start, 0, 1), (start + 7, 0, 1), (start + 14, 0, 1)])
 
@@ -1065,22 +983,22 @@ async def test_alarm_fires_after_a_host_restart_without_any_client(
         ws.send("armed")
 
     async def check_storage(store: Store, info: AlarmInfo) -> None:
-        store.probe.note(await store.storage.get("armed"))
+        store.probe.record(await store.storage.get("armed"))
 
     probe.alarm_script = check_storage
     with trio.fail_after(TEST_SECONDS):
-        async with serve(probe, tmp_path) as server, connect(server) as ws:
+        async with serve_store(probe, tmp_path) as server, connect(server) as ws:
             assert await ask(ws, "arm") == "armed"
         assert probe.alarm_runs == []
         constructed = probe.constructed
         await trio.sleep(10)  # no host at all for a while
-        async with serve(probe, tmp_path) as server:
+        async with serve_store(probe, tmp_path) as server:
             # alarm() notes its run, then what it read from storage.
-            await probe.wait_for(lambda: True in probe.notes, seconds=100)
+            await probe.wait_for(lambda: True in probe.events, seconds=100)
             assert server.host.statistics().connections == 0
             assert_runs(probe.alarm_runs, [(set_at[0] + 60, 0, constructed + 1)])
-            assert probe.notes[-2:] == [probe.alarm_runs[0], True]
+            assert probe.events[-2:] == [probe.alarm_runs[0], True]
             await trio.sleep(100)
-        async with serve(probe, tmp_path):  # done: a third host has nothing to fire
+        async with serve_store(probe, tmp_path):  # done: a third host has nothing to fire
             await trio.sleep(100)
     assert len(probe.alarm_runs) == 1

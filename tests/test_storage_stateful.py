@@ -30,6 +30,7 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
+from strategies import MAX_CHAR, data_values, utf8_boundary_text
 
 from trio_hibernate import ObjectId
 from trio_hibernate._core.codec import decode_data, encode_data
@@ -37,35 +38,14 @@ from trio_hibernate._storage.sqlite import SqliteBackend, SqliteDatabase, prefix
 
 NAMESPACE: Final = "store"
 OBJECT_ID: Final = ObjectId.from_name(NAMESPACE, "model")
-MAX_CHAR: Final = "\U0010ffff"
 
-#: One character from each side of the UTF-8 length boundaries (1/2/3/4 bytes), both
-#: sides of the surrogate gap, NUL, and the two highest code points.
-ALPHABET: Final = (
-    "\x00",
-    "a",
-    "b",
-    "\x7f",
-    "\x80",
-    "é",
-    "\u07ff",
-    "\u0800",
-    "\ud7ff",
-    "\ue000",
-    "\uffff",
-    "\U00010000",
-    "\U0010fffe",
-    MAX_CHAR,
-)
-
-chars = st.sampled_from(ALPHABET)
-keys = st.text(chars, max_size=4)
+keys = utf8_boundary_text(max_size=4)
 values = st.binary(max_size=8)
-bounds = st.none() | st.text(chars, max_size=3)
+bounds = st.none() | utf8_boundary_text(max_size=3)
 prefixes = (
     st.none()
-    | st.text(chars, max_size=3)
-    | st.text(chars, max_size=2).map(lambda text: text + MAX_CHAR)
+    | utf8_boundary_text(max_size=3)
+    | utf8_boundary_text(max_size=2).map(lambda text: text + MAX_CHAR)
     | st.integers(1, 3).map(lambda n: MAX_CHAR * n)
 )
 limits = st.none() | st.integers(1, 6)
@@ -137,7 +117,7 @@ class StorageMachine(RuleBasedStateMachine):
         self.current[key] = value
         assert self.db.in_transaction
 
-    @rule(key=keys, value=st.integers() | st.text(max_size=5) | st.lists(st.booleans()))
+    @rule(key=keys, value=data_values)
     def put_encoded(self, key: str, value: object) -> None:
         """A value as ``Storage.put`` stores it (the data codec), read back as equal."""
         encoded = encode_data(value, what="a value", limit_name="limit", limit_bytes=1 << 20)

@@ -11,6 +11,7 @@ from typing import Any, Final
 
 import pytest
 import trio
+from helpers import accept_upgrade
 from trio.testing import wait_all_tasks_blocked
 
 from trio_hibernate import (
@@ -44,11 +45,9 @@ class Node(DurableObject):
         return self.ctx.get_namespace("node").get_by_name(name or self.ctx.id.name or "")
 
     async def fetch(self, request: Request) -> Response:
-        ws = request.websocket
-        if ws is None:
+        if request.websocket is None:
             return Response(body="fetched")
-        self.ctx.accept_websocket(ws)
-        return Response(status=101, websocket=ws)
+        return accept_upgrade(self.ctx, request)
 
     async def websocket_message(self, ws: WebSocket, message: str | bytes) -> None:
         try:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import trio
+from helpers import accept_upgrade
 
 from trio_hibernate import (
     AlarmInfo,
@@ -40,8 +41,7 @@ class Room(DurableObject):
             return Response(body=f"hi {request.method}")
         if request.query == "refuse":
             return Response(status=403, body="no")
-        self.ctx.accept_websocket(request.websocket, ["member"])
-        return Response(status=101, websocket=request.websocket)
+        return accept_upgrade(self.ctx, request, ["member"])
 
     async def websocket_message(self, ws: WebSocket, message: str | bytes) -> None:
         if message == "bye":

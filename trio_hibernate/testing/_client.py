@@ -78,6 +78,8 @@ class TestWebSocket:
         return True
 
     async def _next_event(self) -> Event:
+        if self._events:
+            await trio.lowlevel.checkpoint()  # every method is a checkpoint, buffered or not
         while not self._events:
             if not await self._pump() and not self._events:
                 raise WebSocketClosed(1006, "connection dropped")

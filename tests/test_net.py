@@ -19,6 +19,7 @@ import pytest
 import trio
 from helpers import WAIT_SECONDS, Probe, RawWebSocket
 from hypothesis import event, given, strategies as st
+from strategies import PEER_CLOSE_CODES, UTF8_BOUNDARY_CHARS
 from trio.testing import (
     MockClock,
     lockstep_stream_pair,
@@ -247,7 +248,8 @@ async def test_serve_stream_after_shutdown_closes_the_stream(autojump_clock: Moc
 
 ROOMS: Final = ("a", "b")
 ACTIONS: Final = ("connect", "message", "fragments", "ping", "auto", "close", "eof", "hibernate")
-CLOSE_CODES: Final = st.sampled_from([1000, 1001, 1003, 1008, 1011]) | st.integers(3000, 4999)
+#: A client's Close reason: empty, short, at the 123-byte limit (in UTF-8).
+CLOSE_REASONS: Final = st.sampled_from(["", "bye", "a" * 123, "é" * 61])
 #: Around the boundaries: wsproto's 16-bit length, a read (65,536), the message limit.
 SIZES: Final = st.integers(0, 200) | st.integers(65_530, 65_540) | st.integers(99_990, 100_010)
 
@@ -256,7 +258,7 @@ def draw_message(data: st.DataObject) -> str | bytes:
     size = data.draw(SIZES, label="size in bytes (about)")
     if data.draw(st.booleans(), label="binary"):
         return bytes([data.draw(st.integers(0, 255), label="byte")]) * size
-    char = data.draw(st.sampled_from("aé☃"), label="character")
+    char = data.draw(st.sampled_from(UTF8_BOUNDARY_CHARS), label="character")
     return char * (size // len(char.encode()))
 
 
@@ -358,11 +360,12 @@ class Session:
             self.ends.append(Ended(client.name, 1006, False))
             return True
         assert action == "close"
-        code = data.draw(CLOSE_CODES, label="close code")
-        await raw.send(CloseConnection(code=code, reason="drawn"))
+        code = data.draw(st.sampled_from(sorted(PEER_CLOSE_CODES)), label="close code")
+        reason = data.draw(CLOSE_REASONS, label="close reason")
+        await raw.send(CloseConnection(code=code, reason=reason))
         closed = await next_message(raw)
         assert isinstance(closed, CloseConnection), closed
-        assert (closed.code, closed.reason) == (code, "drawn")
+        assert (closed.code, closed.reason) == (code, reason)
         assert await next_message(raw) is None  # EOF right after the handshake
         self.ends.append(Ended(client.name, code, True))
         return True

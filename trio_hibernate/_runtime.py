@@ -31,6 +31,7 @@ from ._limits import Limits
 from ._net.channel import ByteChannel, SocketChannel, StreamChannel
 from ._net.connection import ServerConnection
 from ._net.operations import operations_response
+from ._net.owner import Connection
 from ._statistics import Counters, HostStatistics, ObjectStatistics
 from ._storage.alarms import AlarmIndex, AlarmKey, AlarmScheduler
 from ._storage.backend import StorageBackend
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from ._app import App
     from ._object import DurableObject
 
-__all__ = ["ObjectEntry", "Runtime", "is_same_origin"]
+__all__ = ["ObjectEntry", "Runtime"]
 
 log = logging.getLogger("trio_hibernate.host")
 
@@ -87,31 +88,6 @@ class ObjectEntry:
     def refuse_unrun_event(self, event: Event) -> None:
         """Answer an event that will not run (see :meth:`Runtime.refuse_unrun_event`)."""
         self.runtime.refuse_unrun_event(self, event)
-
-
-_DEFAULT_PORTS: Final = {"http": "80", "ws": "80", "https": "443", "wss": "443"}
-
-
-def is_same_origin(origin: str, host_header: str | None) -> bool:
-    """Whether ``origin`` (``scheme://host[:port]``) names the server that ``Host`` names.
-
-    Compared case-insensitively, with the scheme's default port made explicit; the
-    ``null`` origin and anything unparsable are never the same origin.
-    """
-    if host_header is None:
-        return False
-    scheme, sep, authority = origin.partition("://")
-    default = _DEFAULT_PORTS.get(scheme.lower())
-    if not sep or default is None or not authority or "/" in authority:
-        return False
-
-    def normal(value: str) -> str:
-        value = value.strip().lower()
-        if value.endswith("]") or ":" not in value.rpartition("]")[2]:
-            value = f"{value}:{default}"
-        return value
-
-    return normal(authority) == normal(host_header)
 
 
 class Runtime:
@@ -163,7 +139,7 @@ class Runtime:
         """The host is shutting down: no instance is constructed any more."""
         self._nursery = nursery
         self._objects: dict[tuple[str, str], ObjectEntry] = {}
-        self._connections: set[ServerConnection] = set()
+        self._connections: set[Connection] = set()
         # Idle activations in the order they became idle: with one idle_timeout for the
         # whole host that is also the order they expire in (see run_reaper).
         self._idle: dict[Activation, float] = {}
@@ -297,23 +273,6 @@ class Runtime:
         """The answer to a request for the server's own paths (``/_health``...)."""
         return operations_response(request, self.statistics(), self.closing)
 
-    def check_origin(self, request: Request) -> Response | None:
-        """Refuse cross-site WebSocket hijacking: a browser upgrade (it carries
-        ``Origin``) from another site than the ``Host`` it connects to, unless allowed."""
-        origin = request.header("origin")
-        if origin is None:
-            return None  # not a browser: Origin protects browser users only
-        allowed = self.allowed_origins
-        if allowed is not None and ("*" in allowed or origin in allowed):
-            return None
-        if allowed is None and is_same_origin(origin, request.header("host")):
-            return None
-        return Response(
-            status=403,
-            body=f"Forbidden: origin {origin!r} is not allowed to open a WebSocket here "
-            "(allowed_origins / --allowed-origin)\n",
-        )
-
     def encode_frame(self, message: str | bytes) -> bytes:
         """The WebSocket frame of ``message`` (the last one is cached for broadcasts)."""
         if message is self._last_message:
@@ -328,7 +287,7 @@ class Runtime:
         """Run ``async_fn`` in the host nursery (a connection's helper task)."""
         self._nursery.start_soon(async_fn)
 
-    def connection_ended(self, conn: ServerConnection) -> None:
+    def connection_ended(self, conn: Connection) -> None:
         """``conn`` has ended (it closes its byte channel right after)."""
         self._connections.discard(conn)
         if self._all_done is not None and not self._connections:

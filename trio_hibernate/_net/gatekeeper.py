@@ -2,7 +2,8 @@
 routing, ``App.fetch``, and the object's own answer.
 
 Before an object is woken a request passes, in order: the ``/_`` paths (answered by the
-server), the WebSocket handshake headers and the origin check (upgrades only),
+server), the WebSocket handshake headers and the origin check (upgrades only: a browser
+page from another site may not open a WebSocket here unless ``allowed_origins`` says so),
 ``App.authorize``, and routing; a path no namespace matches goes to ``App.fetch``, else
 404. The app hooks run contained: a hook that raises answers 500.
 """
@@ -13,7 +14,7 @@ import base64
 import binascii
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, final
+from typing import TYPE_CHECKING, Final, final
 
 import attrs
 
@@ -30,7 +31,13 @@ if TYPE_CHECKING:
     from .._core.sockets import SocketRecord
     from .owner import ConnectionOwner, ObjectLink
 
-__all__ = ["Answer", "Gatekeeper", "check_websocket_headers"]
+__all__ = [
+    "Answer",
+    "Gatekeeper",
+    "check_origin",
+    "check_websocket_headers",
+    "is_same_origin",
+]
 
 log = logging.getLogger("trio_hibernate.connection")
 
@@ -43,6 +50,49 @@ class Answer:
     response: Response
     link: ObjectLink | None = None
     record: SocketRecord | None = None
+
+
+_DEFAULT_PORTS: Final = {"http": "80", "ws": "80", "https": "443", "wss": "443"}
+
+
+def is_same_origin(origin: str, host_header: str | None) -> bool:
+    """Whether ``origin`` (``scheme://host[:port]``) names the server that ``Host`` names.
+
+    Compared case-insensitively, with the scheme's default port made explicit; the
+    ``null`` origin and anything unparsable are never the same origin.
+    """
+    if host_header is None:
+        return False
+    scheme, sep, authority = origin.partition("://")
+    default = _DEFAULT_PORTS.get(scheme.lower())
+    if not sep or default is None or not authority or "/" in authority:
+        return False
+
+    def normal(value: str) -> str:
+        value = value.strip().lower()
+        if value.endswith("]") or ":" not in value.rpartition("]")[2]:
+            value = f"{value}:{default}"
+        return value
+
+    return normal(authority) == normal(host_header)
+
+
+def check_origin(request: Request, allowed: frozenset[str] | None) -> Response | None:
+    """Refuse cross-site WebSocket hijacking: a browser upgrade (it carries ``Origin``)
+    from another site than the ``Host`` it connects to, unless ``allowed`` (the host's
+    ``allowed_origins``; None: the same origin only) lets it in."""
+    origin = request.header("origin")
+    if origin is None:
+        return None  # not a browser: Origin protects browser users only
+    if allowed is not None and ("*" in allowed or origin in allowed):
+        return None
+    if allowed is None and is_same_origin(origin, request.header("host")):
+        return None
+    return Response(
+        status=403,
+        body=f"Forbidden: origin {origin!r} is not allowed to open a WebSocket here "
+        "(allowed_origins / --allowed-origin)\n",
+    )
 
 
 def check_websocket_headers(request: Request) -> Response | None:
@@ -113,7 +163,9 @@ class Gatekeeper:
         if request.path.startswith("/_"):
             return owner.operations(request)
         if request.websocket is not None:
-            refused = check_websocket_headers(request) or owner.check_origin(request)
+            refused = check_websocket_headers(request) or check_origin(
+                request, owner.allowed_origins
+            )
             if refused is not None:
                 log.info(
                     "refused a WebSocket upgrade for %s from %s: %d",

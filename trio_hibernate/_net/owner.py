@@ -17,9 +17,15 @@ if TYPE_CHECKING:
     from .._http import Request, Response
     from .._limits import Limits
     from .._statistics import Counters
-    from .connection import ServerConnection
 
-__all__ = ["ConnectionOwner", "ListenerOwner", "ObjectLink"]
+__all__ = ["Connection", "ConnectionOwner", "ListenerOwner", "ObjectLink"]
+
+
+class Connection(Protocol):
+    """A connection, as the runtime that owns it sees it."""
+
+    def begin_shutdown(self, code: int, reason: str) -> None:
+        """Host shutdown: close with ``code`` and run no handler."""
 
 
 class ObjectLink(Protocol):
@@ -58,13 +64,13 @@ class ConnectionOwner(Protocol):
     def close_timeout(self) -> float: ...
     @property
     def wall_clock(self) -> Callable[[], float]: ...
+    @property
+    def allowed_origins(self) -> frozenset[str] | None:
+        """Origins whose pages may open WebSockets (None: the same origin only)."""
+        ...
 
     def operations(self, request: Request) -> Response:
         """The answer for the server's own paths (``/_health``, ``/_metrics``)."""
-        ...
-
-    def check_origin(self, request: Request) -> Response | None:
-        """A refusal for a browser upgrade from a foreign origin, or None."""
         ...
 
     def route(self, path: str) -> ObjectLink | Response | None:
@@ -78,7 +84,7 @@ class ConnectionOwner(Protocol):
     def spawn(self, async_fn: Callable[[], Awaitable[Any]]) -> None:
         """Run a helper task of the connection (a flusher, a watchdog)."""
 
-    def connection_ended(self, conn: ServerConnection) -> None:
+    def connection_ended(self, conn: Connection) -> None:
         """The connection has ended (it closes its byte channel right after)."""
 
 

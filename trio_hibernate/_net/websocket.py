@@ -94,7 +94,6 @@ class WebSocketTransport:
         "_resume",
         "_terminal",
         "_watchdog",
-        "_write",
         "_ws",
         "held",
         "writer",
@@ -105,7 +104,6 @@ class WebSocketTransport:
         self._channel = channel
         self.writer = Writer(owner, channel, self)
         """The connection's outbound half (this transport hears its failures)."""
-        self._write = self.writer.write
         self._ws: WSConnection | None = None
         self._entry: ObjectLink | None = None
         self._record: SocketRecord | None = None
@@ -190,7 +188,6 @@ class WebSocketTransport:
         core = entry.core
         owner = self._owner
         channel = self._channel
-        receive = channel.receive
         deliver = entry.deliver
         budget = owner.buffers
         counters = owner.counters
@@ -242,12 +239,12 @@ class WebSocketTransport:
                 elif kind is Ping:
                     assert isinstance(event, Ping)
                     if ws.state is ConnectionState.OPEN:
-                        self._write(ws.send(event.response()))
+                        self.writer.write(ws.send(event.response()))
                 elif kind is CloseConnection:
                     assert isinstance(event, CloseConnection)
                     frame, end = _answer_close(ws, record, event)
                     if frame is not None:
-                        self._write(frame)
+                        self.writer.write(frame)
                     self._end(end)
                     return
                 # Pong: nothing to do.
@@ -271,7 +268,7 @@ class WebSocketTransport:
             if parts:
                 # A message is partly here: it must keep coming, or it is dropped.
                 with trio.move_on_after(owner.partial_message_timeout) as stalled:
-                    data = await receive()
+                    data = await channel.receive()
                 if stalled.cancelled_caught:
                     self.fail(
                         1008,
@@ -280,7 +277,7 @@ class WebSocketTransport:
                     )
                     return
             else:
-                data = await receive()
+                data = await channel.receive()
             if not data:
                 self._end(CloseEvent(record, 1006, _DROP_REASON, False))
                 return
@@ -293,7 +290,7 @@ class WebSocketTransport:
         assert ws is not None
         assert record is not None
         if ws.state is ConnectionState.OPEN:
-            self._write(ws.send(CloseConnection(code=code, reason=reason)))
+            self.writer.write(ws.send(CloseConnection(code=code, reason=reason)))
         self._end(ErrorEvent(record, WebSocketProtocolError(code, reason)))
 
     def _end(self, event: CloseEvent | ErrorEvent) -> None:
@@ -311,8 +308,9 @@ class WebSocketTransport:
 
     def send_message(self, data: str | bytes) -> None:
         """Queue one data message (see :class:`~trio_hibernate._core.sockets.Transport`)."""
-        if not (self._channel.dead or self._terminal):  # nothing may follow a Close frame
-            self._write(self._owner.encode_frame(data))
+        # Nothing may follow a Close frame. (A dead channel: the writer drops it.)
+        if not self._terminal:
+            self.writer.write(self._owner.encode_frame(data))
 
     def start_close(self, code: int | None, reason: str) -> None:
         """Send our Close frame; the peer's answer ends the socket (or the watchdog does)."""
@@ -324,7 +322,7 @@ class WebSocketTransport:
             return
         # wsproto sends an empty Close only for the enum member, not the int 1005.
         close_code = CloseReason.NO_STATUS_RCVD if code is None else code
-        self._write(ws.send(CloseConnection(code=close_code, reason=reason)))
+        self.writer.write(ws.send(CloseConnection(code=close_code, reason=reason)))
         if not self._terminal:
             self._owner.spawn(self._close_watchdog)
 
@@ -349,7 +347,7 @@ class WebSocketTransport:
         self.resume_reading()
         ws = self._ws
         if ws is not None and ws.state is ConnectionState.OPEN and not self._channel.dead:
-            self._write(ws.send(CloseConnection(code=code, reason=reason)))
+            self.writer.write(ws.send(CloseConnection(code=code, reason=reason)))
             if self._record is not None:
                 self._record.peer_closed = True
         else:

@@ -82,6 +82,7 @@ class ServerConnection:
                 pass  # aborted by us: the reason was already recorded
             except Exception as exc:  # contained here (house rule 5): logged, counted
                 self._internal_error(exc)
+            transport.release_held()  # a message cut short went with the phase
             if self._writer.responded:  # a response went out: let it arrive whole
                 self.phase = Phase.LINGERING
                 await self._writer.linger(

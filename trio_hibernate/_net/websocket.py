@@ -156,12 +156,13 @@ class WebSocketTransport:
         it now, with no event."""
         if self._watchdog is not None:
             self._watchdog.cancel()
-        self._give_held()
+        self.release_held()
         if not self._terminal and self._record is not None:
             self._terminal = True
             self._record.peer_closed = True
 
-    def _give_held(self) -> None:
+    def release_held(self) -> None:
+        """Give back to the budget the bytes of a message that was cut short."""
         self._owner.buffers.give(self.held)
         self.held = 0
 
@@ -169,16 +170,11 @@ class WebSocketTransport:
 
     async def run(self) -> None:
         """Read frames until the socket's terminal event is decided or the peer is gone.
+        A message cut short stays counted in ``held`` (see :meth:`release_held`).
 
         Raises:
             trio.ClosedResourceError: The connection was aborted (its end is decided).
         """
-        try:
-            await self._read_frames()
-        finally:
-            self._give_held()  # a message cut short
-
-    async def _read_frames(self) -> None:
         ws = self._ws
         record = self._record
         entry = self._entry

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Final
 
 import attrs
-import pytest
 
 PACKAGE: Final = "trio_hibernate"
 ROOT: Final = Path(__file__).resolve().parent.parent
@@ -396,9 +395,6 @@ NET: Final = f"{PACKAGE}._net"
 RUNTIME: Final = frozenset({f"{PACKAGE}._host", f"{PACKAGE}._runtime", f"{PACKAGE}._supervisor"})
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 10: _net.gatekeeper imports run_app_hook from _supervisor"
-)
 def test_net_does_not_import_the_runtime() -> None:
     edges = graph()
     starts = [name for name in modules() if name == NET or name.startswith(NET + ".")]
@@ -515,14 +511,12 @@ def private_accesses(module: Module) -> list[PrivateAccess]:
 #: The private-name accesses across modules that are tolerated, as (module, attribute):
 #: why. The test fails on any other, and on an entry that no longer occurs.
 ALLOWED_PRIVATE_ACCESS: Final[dict[tuple[str, str], str]] = {
-    # issue 10: being removed (the WebSocket handle, review step C; the supervisor, P4).
+    # issue 10: being removed (the WebSocket handle, review step C).
     ("_context", "_for_record"): "the context builds WebSocket handles for registry records",
     ("_context", "_pending_attachment"): "accept() copies a handle's attachment into its record",
     ("_context", "_record"): "the context maps handles to registry records",
     ("_context", "_transport"): "accept() binds a handle to its connection",
     ("_context", "_url"): "accept() copies a handle's URL into its record",
-    ("_supervisor", "_database"): "the supervisor reads the stored alarm through Storage",
-    ("_supervisor", "_handle"): "the supervisor gets the handle of an event's socket",
 }
 
 

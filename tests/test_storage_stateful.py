@@ -258,8 +258,7 @@ class StorageMachine(RuleBasedStateMachine):
 
     @invariant()
     def database_is_sound(self) -> None:
-        (result,) = self.db.execute_user("PRAGMA quick_check", ()).fetchone()
-        assert result == "ok"
+        assert self.db.execute_user("PRAGMA quick_check", ()).fetchall() == [("ok",)]
 
 
 TestStorageMachine = StorageMachine.TestCase

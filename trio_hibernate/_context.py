@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from ._storage.api import Storage
     from ._stubs import Namespace
 
-__all__ = ["ObjectContext"]
+__all__ = ["ObjectContext", "handles_of"]
 
 
 @final
@@ -263,3 +263,12 @@ class ObjectContext:
         An exception it raises is logged with the object id and does not affect sockets.
         """
         self._spawn(async_fn)
+
+
+def handles_of(ctx: ObjectContext) -> Callable[[SocketRecord], WebSocket]:
+    """For the runtime: the function giving the handle of a socket record in ``ctx``.
+
+    A record gets one handle per context (per activation), made on first use; handlers
+    see that same handle, so ``ws is ws`` holds across events of one activation.
+    """
+    return ctx._handle

@@ -277,7 +277,7 @@ async def open_host(
                     shutdown_close_code=shutdown_close_code,
                 )
                 nursery.start_soon(runtime.alarms.run)
-                nursery.start_soon(runtime.run_reaper)
+                nursery.start_soon(runtime.reaper.run)
                 try:
                     yield Host._create(runtime)
                 finally:

@@ -63,3 +63,17 @@ class Limits:
     """Encoded size of one storage value (Durable Objects KV: 128 KiB)."""
     max_storage_keys_per_call: int = attrs.field(default=128, validator=_positive)
     """Keys in one ``get``/``put``/``delete`` batch (Durable Objects: 128)."""
+    max_sql_statement_bytes: int = attrs.field(default=100_000, validator=_positive)
+    """UTF-8 bytes of the query given to one ``sql.exec``, all its statements together
+    (Durable Objects: 100 KB; like workerd, which hands SQLite the rest of the query at
+    each statement)."""
+    max_sql_bound_parameters: int = attrs.field(default=100, validator=_positive)
+    """Bindings given to one ``sql.exec``, and the highest parameter number (``?100``) a
+    statement may use (Durable Objects: 100 bound parameters per query)."""
+    max_sql_columns: int = attrs.field(default=100, validator=_positive)
+    """Columns of a table, and of an index, a result row, a ``GROUP BY`` or ``ORDER BY``
+    (SQLite's ``SQLITE_LIMIT_COLUMN``; Durable Objects: 100 columns per table). SQLite's
+    own compile-time maximum (2,000) still applies above it."""
+    max_sql_row_bytes: int = attrs.field(default=2_000_000, validator=_positive)
+    """Bytes of one string or BLOB, bound or computed, and of one table row (SQLite's
+    ``SQLITE_LIMIT_LENGTH``; Durable Objects: 2 MB)."""

@@ -32,12 +32,13 @@ from ._net.channel import ByteChannel, SocketChannel, StreamChannel
 from ._net.connection import ServerConnection
 from ._net.operations import operations_response
 from ._net.owner import Connection
+from ._reaper import IdleReaper
 from ._statistics import Counters, HostStatistics, ObjectStatistics
 from ._storage.alarms import AlarmIndex, AlarmKey, AlarmScheduler
 from ._storage.backend import StorageBackend
 from ._storage.settings import SettingsIndex
 from ._stubs import Namespace
-from ._supervisor import Activation, supervise
+from ._supervisor import Activation, Supervisor
 
 if TYPE_CHECKING:
     from ._app import App
@@ -114,7 +115,6 @@ class Runtime:
         self.app = app
         self.env = app.env
         self.limits = limits
-        self.idle_timeout = idle_timeout
         self.hibernate_after_every_event = hibernate_after_every_event
         self.handshake_timeout = handshake_timeout
         self.request_timeout = request_timeout
@@ -137,13 +137,11 @@ class Runtime:
         """Bytes held for clients, host-wide (``Limits.max_buffered_bytes``)."""
         self.closing = False
         """The host is shutting down: no instance is constructed any more."""
+        self.reaper = IdleReaper(idle_timeout)
+        """Hibernates objects idle for ``idle_timeout`` (its task runs in the host nursery)."""
         self._nursery = nursery
         self._objects: dict[tuple[str, str], ObjectEntry] = {}
         self._connections: set[Connection] = set()
-        # Idle activations in the order they became idle: with one idle_timeout for the
-        # whole host that is also the order they expire in (see run_reaper).
-        self._idle: dict[Activation, float] = {}
-        self._idle_arrived = trio.Event()
         self._all_done: trio.Event | None = None
         self._shutdown_deadline: float | None = None  # trio time; set by shutdown
         self._shutdown_wait: trio.CancelScope | None = None
@@ -323,7 +321,7 @@ class Runtime:
             self.refuse_unrun_event(entry, event)
             return
         if entry.core.enqueue(event):
-            self._nursery.start_soon(supervise, self, entry)
+            self._nursery.start_soon(Supervisor(self, entry).run)
             return
         activation = entry.activation
         if activation is not None and activation.idle:
@@ -425,34 +423,6 @@ class Runtime:
             )
         elif isinstance(event, AlarmEvent) and event.on_done is not None:
             event.on_done()
-
-    def idle_from(self, activation: Activation) -> None:
-        """``activation`` is idle from now: the reaper stops it after ``idle_timeout``."""
-        self._idle[activation] = trio.current_time()
-        if len(self._idle) == 1:
-            self._idle_arrived.set()
-
-    def busy_again(self, activation: Activation) -> None:
-        """``activation`` is no longer idle."""
-        self._idle.pop(activation, None)
-
-    async def run_reaper(self) -> None:
-        """Hibernate objects idle for ``idle_timeout``: one task for the whole host, so a
-        message costs the object no timer (a cancel scope per idle period was measurable
-        on the echo path)."""
-        idle = self._idle
-        while True:
-            if not idle:
-                self._idle_arrived = trio.Event()
-                await self._idle_arrived.wait()
-                continue
-            activation, since = next(iter(idle.items()))
-            deadline = since + self.idle_timeout
-            if trio.current_time() >= deadline:
-                del idle[activation]
-                activation.request_stop()
-            else:
-                await trio.sleep_until(deadline)
 
     # -- shutdown ----------------------------------------------------------------------------
 

@@ -5,25 +5,26 @@ An activation is a task in the host's object nursery. It opens the object's own 
 instance, and runs the object's events one turn at a time. When the object has been idle
 for ``idle_timeout`` seconds (or a hook asks), it returns: the instance, its context and
 its socket handles are dropped, while the sockets' connection tasks, which live in the
-host nursery, keep running. This module is the only place that contains an exception
-raised by application code.
+host nursery, keep running.
+
+What an application handler raises is contained by :class:`~._containment.Containment`
+(logged once; the caller sees a 500, the socket stays open, the alarm is retried); a turn's
+writes are committed by :class:`~._storage.commit.TurnCommit`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import logging
-import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Final, Protocol
 
 import outcome
 import trio
 
-from ._context import ObjectContext
+from ._containment import Containment, ObjectLog, object_log
+from ._context import ObjectContext, handles_of
 from ._core.codec import decode_data
 from ._core.events import (
     AlarmEvent,
@@ -36,9 +37,10 @@ from ._core.events import (
 )
 from ._core.gate import OutputGate
 from ._errors import LimitExceededError, StorageCommitError
-from ._http import Request, Response
+from ._http import Response
 from ._storage.alarms import AlarmInfo
-from ._storage.api import Storage
+from ._storage.api import stored_alarm
+from ._storage.commit import TurnCommit
 from ._stubs import waiting_turns
 
 if TYPE_CHECKING:
@@ -48,27 +50,20 @@ if TYPE_CHECKING:
     from ._ids import ObjectId
     from ._limits import Limits
     from ._object import DurableObject
+    from ._reaper import IdleReaper
     from ._statistics import Counters
     from ._storage.alarms import AlarmIndex, AlarmKey, AlarmScheduler
+    from ._storage.api import Storage
     from ._storage.backend import StorageBackend
     from ._stubs import Namespace
 
-__all__ = ["Activation", "SupervisedEntry", "SupervisorServices", "run_app_hook", "supervise"]
-
-log = logging.getLogger("trio_hibernate.object")
+__all__ = ["Activation", "SupervisedEntry", "Supervisor", "SupervisorServices"]
 
 _TURNS_PER_CHECKPOINT: Final = 16
 
-
-def _olog(entry: SupervisedEntry) -> logging.LoggerAdapter[logging.Logger]:
-    """The object logger, with ``namespace`` and ``object_id`` on every record."""
-    return logging.LoggerAdapter(
-        log, {"namespace": entry.namespace, "object_id": entry.object_id.hex}
-    )
-
-
 _LOST_TEXT = "the storage commit of this turn failed; its writes were rolled back"
 _LOST = Response(status=500, body=f"Internal Server Error: {_LOST_TEXT}\n")
+_HANDLER_RAISED: Final = "%s handler of %s %s raised; the socket stays open"
 
 
 class SupervisedEntry(Protocol):
@@ -129,18 +124,22 @@ class SupervisorServices(Protocol):
         """A stub call's result as data (checked against the size limit)."""
         ...
 
-    def idle_from(self, activation: Activation) -> None:
-        """The activation is idle from now (the idle reaper may stop it)."""
-
-    def busy_again(self, activation: Activation) -> None:
-        """The activation is no longer idle."""
+    @property
+    def reaper(self) -> IdleReaper:
+        """Told when an activation is idle (it stops those idle for ``idle_timeout``)."""
+        ...
 
 
 class Activation:
-    """The live part of an object: its scope, wake-up lot, gate, storage, bookkeeping."""
+    """The live part of an object: its scope, wake-up lot, gate, storage, bookkeeping.
+
+    The runtime's handle on a running object (``entry.activation``): it can ask it to
+    stop (:meth:`request_stop`), cancel it (``scope``) and wait until it has (``stopped``).
+    """
 
     __slots__ = (
         "background",
+        "commit",
         "gate",
         "idle",
         "lot",
@@ -148,7 +147,6 @@ class Activation:
         "scope",
         "stop_requested",
         "stopped",
-        "storage",
         "turn_lock",
     )
 
@@ -156,7 +154,7 @@ class Activation:
         self.scope = trio.CancelScope()
         self.lot = trio.lowlevel.ParkingLot()
         self.gate = OutputGate()
-        self.storage: Storage | None = None
+        self.commit: TurnCommit | None = None  # made when the storage is first used
         self.turn_lock = trio.Lock()  # a turn and its commit, or an outside-turn commit
         self.background = 0  # ctx.start_soon tasks still running
         self.idle = False  # parked, waiting for an event
@@ -176,466 +174,423 @@ class Activation:
         self.lot.unpark_all()
 
 
-async def supervise(host: SupervisorServices, entry: SupervisedEntry) -> None:
-    """Run activations of ``entry`` until it has nothing left to do.
+class Supervisor:
+    """Runs the activations of one object until it has nothing left to do.
 
-    Once the host is closing no instance is constructed: the queued events are answered
-    instead (a fetch 503, a call an error, an alarm its ``on_done``), so that no caller
-    waits for an event shutdown cancelled.
+    The runtime makes one when an event wakes a hibernated object and runs :meth:`run` in
+    the host's object nursery. It owns the activation's lifecycle and its turn loop; a
+    :class:`_Dispatcher` made per activation runs each event against the instance.
     """
-    core = entry.core
-    while True:
-        if host.closing or entry.namespace not in host.app.objects:
-            # STARTING -> STOPPING -> HIBERNATED with the mailbox handed back: the
-            # lifecycle's path for an instance that cannot be constructed. (A namespace
-            # a live code update removed has its sockets closed already.)
-            for event in core.on_failed():
-                entry.refuse_unrun_event(event)
-            core.on_stopped()
-            entry.forget_if_unused()
-            return
-        activation = Activation()
-        entry.activation = activation
-        # This task's own context (copied from whoever woke the object): its turns
-        # wait for what they call.
-        waiting_turns.set(((entry.namespace, entry.object_id, None),))
-        started_at = trio.current_time()
-        try:
-            with activation.scope:
-                await _activate(host, entry, activation)
-        finally:
-            entry.activation = None
-            host.counters.spent_in_memory(trio.current_time() - started_at)
-            _release_storage(host, entry, activation)
-            activation.stopped.set()
-        if not core.on_stopped():
-            entry.forget_if_unused()
-            return
 
+    __slots__ = ("_entry", "_log", "_services")
 
-async def _activate(
-    host: SupervisorServices, entry: SupervisedEntry, activation: Activation
-) -> None:
-    core = entry.core
+    def __init__(self, services: SupervisorServices, entry: SupervisedEntry) -> None:
+        self._services = services
+        self._entry = entry
+        self._log = object_log(entry.namespace, entry.object_id)
 
-    def spawn(async_fn: Callable[[], Awaitable[object]]) -> None:
-        activation.background += 1
-        nursery.start_soon(_background, entry, activation, async_fn)
+    async def run(
+        self, *, task_status: trio.TaskStatus[Activation | None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run activations of the object until it has nothing left to do.
 
-    def make_storage() -> Storage:
-        storage = Storage(
-            open_db=lambda: host.storage_backend.open(entry.namespace, entry.object_id),
-            limits=host.limits,
-            gate=activation.gate,
-            finish_outside_turn=lambda: _commit_outside_turn(host, entry, activation),
-            in_turn=lambda: activation.owner is trio.lowlevel.current_task(),
-            exclusive=lambda: _exclusive(host, entry, activation),
-        )
-        activation.storage = storage
-        return storage
+        Reports the first activation through ``task_status`` once it is
+        ``entry.activation`` (None if none is made), so ``await nursery.start(run)`` returns
+        it. The runtime uses ``start_soon``: ``deliver`` is synchronous, and a task to
+        await ``nursery.start`` would add a scheduling round trip to every wake.
 
-    async with trio.open_nursery() as nursery:
-        ctx = ObjectContext(
-            namespace=entry.namespace,
-            object_id=entry.object_id,
-            core=core,
-            spawn=spawn,
-            gate=activation.gate,
-            storage=make_storage,
-            namespaces=host.get_namespace,
-            wall_clock=host.wall_clock,
-        )
-        try:
-            instance = entry.cls(ctx, host.env)
-        except Exception:  # contained here (house rule 5): logged, sockets closed 1011
-            _olog(entry).exception(
+        Once the host is closing no instance is constructed: the queued events are
+        answered instead (a fetch 503, a call an error, an alarm its ``on_done``), so that
+        no caller waits for an event shutdown cancelled.
+        """
+        services = self._services
+        entry = self._entry
+        core = entry.core
+        while True:
+            if services.closing or entry.namespace not in services.app.objects:
+                # STARTING -> STOPPING -> HIBERNATED with the mailbox handed back: the
+                # lifecycle's path for an instance that cannot be constructed. (A namespace
+                # a live code update removed has its sockets closed already.)
+                for event in core.on_failed():
+                    entry.refuse_unrun_event(event)
+                core.on_stopped()
+                entry.forget_if_unused()
+                task_status.started(None)
+                return
+            activation = Activation()
+            entry.activation = activation
+            task_status.started(activation)
+            task_status = trio.TASK_STATUS_IGNORED  # only the first activation is reported
+            # This task's own context (copied from whoever woke the object): its turns
+            # wait for what they call.
+            waiting_turns.set(((entry.namespace, entry.object_id, None),))
+            started_at = trio.current_time()
+            try:
+                with activation.scope:
+                    await self._activate(activation)
+            finally:
+                entry.activation = None
+                services.counters.spent_in_memory(trio.current_time() - started_at)
+                if activation.commit is not None:
+                    activation.commit.release()
+                activation.stopped.set()
+            if not core.on_stopped():
+                entry.forget_if_unused()
+                return
+
+    async def _activate(self, activation: Activation) -> None:
+        services = self._services
+        entry = self._entry
+        core = entry.core
+
+        def spawn(async_fn: Callable[[], Awaitable[object]]) -> None:
+            activation.background += 1
+            nursery.start_soon(self._background, activation, async_fn)
+
+        async with trio.open_nursery() as nursery:
+            ctx = ObjectContext(
+                namespace=entry.namespace,
+                object_id=entry.object_id,
+                core=core,
+                spawn=spawn,
+                gate=activation.gate,
+                storage=partial(self._open_storage, activation),
+                namespaces=services.get_namespace,
+                wall_clock=services.wall_clock,
+            )
+            instance: DurableObject | None = None
+            with Containment(
+                self._log,
                 "constructor of %s %s raised; closing its WebSockets with 1011",
                 entry.namespace,
                 entry.object_id,
-            )
-            entry.fail(core.on_failed())
-            return
-        core.on_started()
-        host.counters.woke()
-        try:
-            await _run_turns(host, entry, activation, instance, ctx)
-        finally:
-            if host.closing:
-                # Shutdown cancelled the activation (here, not in supervise: the host
-                # nursery's cancellation may carry the Cancelled past supervise's loop).
-                while (event := core.pop_event()) is not None:
-                    entry.refuse_unrun_event(event)
-            core.begin_stop()
-            host.counters.hibernated()
-            nursery.cancel_scope.cancel()
+            ):
+                instance = entry.cls(ctx, services.env)
+            if instance is None:
+                entry.fail(core.on_failed())
+                return
+            core.on_started()
+            services.counters.woke()
+            try:
+                await self._run_turns(
+                    activation, _Dispatcher(services, entry, activation, instance, ctx, self._log)
+                )
+            finally:
+                if services.closing:
+                    # Shutdown cancelled the activation (here, not in run: the host
+                    # nursery's cancellation may carry the Cancelled past run's loop).
+                    while (event := core.pop_event()) is not None:
+                        entry.refuse_unrun_event(event)
+                core.begin_stop()
+                services.counters.hibernated()
+                nursery.cancel_scope.cancel()
 
-
-def _release_storage(
-    host: SupervisorServices, entry: SupervisedEntry, activation: Activation
-) -> None:
-    storage = activation.storage
-    if storage is None:
-        return
-    if storage.dirty:
-        # Cancelled mid-turn (shutdown, forced eviction): the writes were never
-        # acknowledged (the output gate held every reply), so they are dropped.
-        storage.failed()
-    db = storage.detach()
-    if db is not None:
-        host.storage_backend.release(entry.namespace, entry.object_id, db)
-
-
-async def _commit(host: SupervisorServices, entry: SupervisedEntry, activation: Activation) -> None:
-    """Make the activation's pending writes durable (caller holds the turn lock).
-
-    Raises the storage error after dropping the held messages and asking for a reset.
-    """
-    storage = activation.storage
-    if storage is None or not storage.dirty:
-        return
-    change = storage.take_alarm_change()
-    key = entry.alarm_key
-
-    def work() -> None:
-        # A new alarm reaches the index before the object's commit, a deletion after it:
-        # the index may be stale, never missing (see _storage/alarms.py).
-        if isinstance(change, float):
-            host.alarm_index.record(key, change)
-        storage.commit_sync()
-        if change is None:
-            host.alarm_index.record(key, None)
-
-    storage.committing = True
-    try:
-        if host.storage_backend.durable:
-            await trio.to_thread.run_sync(work)
-        else:
-            # In memory there is no disk flush to keep off the event loop. (It also keeps
-            # Trio's autojump clock from jumping while a worker thread commits.)
-            work()
-            await trio.lowlevel.checkpoint()
-    except (sqlite3.Error, OSError):
-        dropped = storage.failed()
-        activation.request_stop()
-        _olog(entry).exception(
-            "storage commit of %s %s failed: %d held message(s) dropped, the instance is reset",
-            entry.namespace,
-            entry.object_id,
-            dropped,
+    def _open_storage(self, activation: Activation) -> Storage:
+        commit = TurnCommit(
+            activation,
+            self._services,
+            self._entry,
+            holding=self._holding,
+            on_committed=self._services.counters.committed,
+            log=self._log,
         )
-        raise
-    finally:
-        storage.committing = False
-    storage.committed()
-    host.counters.committed()
-    if change is not ...:
-        assert change is None or isinstance(change, float)
-        host.alarms.schedule(key, change)
+        activation.commit = commit
+        return commit.storage
 
-
-@asynccontextmanager
-async def _exclusive(
-    host: SupervisorServices, entry: SupervisedEntry, activation: Activation
-) -> AsyncIterator[None]:
-    """A background task's transaction: a turn of its own, committed at the end."""
-    async with activation.turn_lock:
-        activation.owner = trio.lowlevel.current_task()
-        # Like a turn, the transaction holds the object until it ends.
+    @contextmanager
+    def _holding(self) -> Iterator[None]:
+        """Mark the current task as holding the object (a background transaction)."""
+        entry = self._entry
         token = waiting_turns.set((*waiting_turns.get(), (entry.namespace, entry.object_id, None)))
         try:
             yield
         finally:
             waiting_turns.reset(token)
-            activation.owner = None
-            await _commit(host, entry, activation)
 
-
-async def _commit_outside_turn(
-    host: SupervisorServices, entry: SupervisedEntry, activation: Activation
-) -> None:
-    async with activation.turn_lock:
-        await _commit(host, entry, activation)
-
-
-async def _end_turn(
-    host: SupervisorServices, entry: SupervisedEntry, activation: Activation
-) -> None:
-    storage = activation.storage
-    if storage is None:
-        return
-    if storage.dirty:
-        with contextlib.suppress(sqlite3.Error, OSError):  # logged and reset by _commit
-            await _commit(host, entry, activation)
-    else:
-        storage.end_read_only_turn()
-
-
-async def _run_turns(
-    host: SupervisorServices,
-    entry: SupervisedEntry,
-    activation: Activation,
-    instance: DurableObject,
-    ctx: ObjectContext,
-) -> None:
-    core = entry.core
-    turns = 0
-    while True:
-        if not core.queued:
-            if activation.stop_requested:
-                return
-            activation.idle = True
-            if not activation.background:
-                host.idle_from(activation)  # the host's reaper stops it when it expires
-            try:
-                await activation.lot.park()
-            finally:
-                activation.idle = False
-                host.busy_again(activation)
-            continue
-        lock = activation.turn_lock
-        if lock.locked():  # a background transaction or commit holds the object
-            await lock.acquire()
-        else:
-            lock.acquire_nowait()  # the common case, without a trip through the scheduler
-        try:
-            # Popped only once the turn is ours: a cancellation while waiting for the
-            # lock (shutdown) must not lose an event taken off the mailbox.
-            event = core.pop_event()
-            if event is None:
+    async def _run_turns(self, activation: Activation, dispatcher: _Dispatcher) -> None:
+        services = self._services
+        core = self._entry.core
+        reaper = services.reaper
+        dispatch = dispatcher.dispatch
+        turns = 0
+        while True:
+            if not core.queued:
+                if activation.stop_requested:
+                    return
+                activation.idle = True
+                if not activation.background:
+                    reaper.idle_from(activation)  # the reaper stops it when it expires
+                try:
+                    await activation.lot.park()
+                finally:
+                    activation.idle = False
+                    reaper.busy_again(activation)
                 continue
-            activation.owner = trio.lowlevel.current_task()
-            try:
-                await _dispatch(host, entry, activation, instance, ctx, event)
-            finally:
-                activation.owner = None
-                await _end_turn(host, entry, activation)
-        finally:
-            lock.release()
-        if host.hibernate_after_every_event or activation.stop_requested:
-            return
-        turns += 1
-        if turns % _TURNS_PER_CHECKPOINT == 0:
-            # Handlers that never await would otherwise let one busy object hold the
-            # event loop for as long as its mailbox refills.
-            await trio.lowlevel.checkpoint()
-
-
-async def _dispatch(
-    host: SupervisorServices,
-    entry: SupervisedEntry,
-    activation: Activation,
-    instance: DurableObject,
-    ctx: ObjectContext,
-    event: Event,
-) -> None:
-    kind = type(event)
-    if kind is FetchEvent or kind is CallEvent:
-        assert isinstance(event, FetchEvent | CallEvent)
-        token = None
-        if event.chain:  # made in a turn of another object, which waits for this one
-            token = waiting_turns.set((*event.chain, (entry.namespace, entry.object_id, None)))
-        try:
-            if isinstance(event, FetchEvent):
-                await _dispatch_fetch(entry, activation, instance, event)
+            lock = activation.turn_lock
+            if lock.locked():  # a background transaction or commit holds the object
+                await lock.acquire()
             else:
-                await _dispatch_call(host, entry, activation, instance, event)
-        finally:
-            if token is not None:
-                waiting_turns.reset(token)
-        return
-    if kind is AlarmEvent:
-        assert isinstance(event, AlarmEvent)
+                lock.acquire_nowait()  # the common case, without a trip through the scheduler
+            try:
+                # Popped only once the turn is ours: a cancellation while waiting for the
+                # lock (shutdown) must not lose an event taken off the mailbox.
+                event = core.pop_event()
+                if event is None:
+                    continue
+                activation.owner = trio.lowlevel.current_task()
+                try:
+                    await dispatch(event)
+                finally:
+                    activation.owner = None
+                    commit = activation.commit
+                    if commit is not None:
+                        await commit.end_turn()
+            finally:
+                lock.release()
+            if services.hibernate_after_every_event or activation.stop_requested:
+                return
+            turns += 1
+            if turns % _TURNS_PER_CHECKPOINT == 0:
+                # Handlers that never await would otherwise let one busy object hold the
+                # event loop for as long as its mailbox refills.
+                await trio.lowlevel.checkpoint()
+
+    async def _background(
+        self, activation: Activation, async_fn: Callable[[], Awaitable[object]]
+    ) -> None:
+        entry = self._entry
+        waiting_turns.set(())  # no turn waits for this task (its context is its own copy)
         try:
-            await _dispatch_alarm(host, entry, instance, ctx, event)
-        finally:
-            if event.on_done is not None:
-                event.on_done()
-        return
-    assert isinstance(event, MessageEvent | CloseEvent | ErrorEvent)
-    record = event.record
-    ws = ctx._handle(record)
-    call: Awaitable[None]
-    if kind is MessageEvent:
-        assert isinstance(event, MessageEvent)
-        host.buffers.give(event.size)
-        if record.reading_paused:
-            limits = host.limits
-            if (
-                record.queued < limits.max_queued_messages_per_websocket
-                and record.queued_bytes < limits.max_queued_bytes_per_websocket
-            ):
-                record.transport.resume_reading()
-        call = instance.websocket_message(ws, event.data)
-    elif kind is CloseEvent:
-        assert isinstance(event, CloseEvent)
-        call = instance.websocket_close(ws, event.code, event.reason, event.was_clean)
-    else:
-        assert isinstance(event, ErrorEvent)
-        call = instance.websocket_error(ws, event.error)
-    timeout_ms = entry.core.event_timeout_ms
-    try:
-        if timeout_ms is None:
-            await call
-        else:
-            with trio.move_on_after(timeout_ms / 1000) as limit:
-                await call
-            if limit.cancelled_caught:
-                _olog(entry).error(
-                    "%s handler of %s %s exceeded the event timeout of %d ms and was "
-                    "cancelled; the instance is dropped (sockets stay connected)",
-                    kind.__name__,
-                    entry.namespace,
-                    entry.object_id,
-                    timeout_ms,
-                )
-                activation.stop_requested = True
-    except Exception:  # contained here (house rule 5): logged, the socket stays open
-        _olog(entry).exception(
-            "%s handler of %s %s raised; the socket stays open",
-            kind.__name__,
-            entry.namespace,
-            entry.object_id,
-        )
-    finally:
-        if kind is not MessageEvent:
-            entry.core.release(record)
-
-
-async def _dispatch_fetch(
-    entry: SupervisedEntry, activation: Activation, instance: DurableObject, event: FetchEvent
-) -> None:
-    response: Response | None = None
-    try:
-        result: object = await instance.fetch(event.request)
-        if isinstance(result, Response):
-            response = result
-        else:
-            _olog(entry).error(
-                "fetch() of %s %s returned %r, not a Response; answering 500",
+            with Containment(
+                self._log,
+                "a task started by %s %s with ctx.start_soon raised",
                 entry.namespace,
                 entry.object_id,
-                result,
+            ):
+                await async_fn()
+        finally:
+            activation.background -= 1
+            activation.lot.unpark_all()
+
+
+class _Dispatcher:
+    """Runs the events of one activation against its instance, one turn at a time.
+
+    Made by the supervisor once the instance is constructed, dropped (with the instance,
+    its context and the context's socket handles) when the activation ends.
+    """
+
+    __slots__ = (
+        "_activation",
+        "_ctx",
+        "_entry",
+        "_handle",
+        "_instance",
+        "_log",
+        "_on_message",
+        "_services",
+    )
+
+    def __init__(
+        self,
+        services: SupervisorServices,
+        entry: SupervisedEntry,
+        activation: Activation,
+        instance: DurableObject,
+        ctx: ObjectContext,
+        log: ObjectLog,
+    ) -> None:
+        self._services = services
+        self._entry = entry
+        self._activation = activation
+        self._instance = instance
+        self._ctx = ctx
+        self._handle = handles_of(ctx)
+        self._log = log
+        # Made once: a message costs no containment of its own.
+        self._on_message = Containment(
+            log, _HANDLER_RAISED, MessageEvent.__name__, entry.namespace, entry.object_id
+        )
+
+    async def dispatch(self, event: Event) -> None:
+        """Run ``event`` (the caller holds the turn lock and commits after)."""
+        entry = self._entry
+        kind = type(event)
+        call: Awaitable[None]
+        if kind is MessageEvent:  # the hot path first
+            assert isinstance(event, MessageEvent)
+            record = event.record
+            ws = self._handle(record)
+            services = self._services
+            services.buffers.give(event.size)
+            if record.reading_paused:
+                limits = services.limits
+                if (
+                    record.queued < limits.max_queued_messages_per_websocket
+                    and record.queued_bytes < limits.max_queued_bytes_per_websocket
+                ):
+                    record.transport.resume_reading()
+            call = self._instance.websocket_message(ws, event.data)
+            contained = self._on_message
+        elif kind is CloseEvent or kind is ErrorEvent:
+            assert isinstance(event, CloseEvent | ErrorEvent)
+            record = event.record
+            ws = self._handle(record)
+            if isinstance(event, CloseEvent):
+                call = self._instance.websocket_close(ws, event.code, event.reason, event.was_clean)
+            else:
+                call = self._instance.websocket_error(ws, event.error)
+            contained = Containment(
+                self._log, _HANDLER_RAISED, kind.__name__, entry.namespace, entry.object_id
             )
-    except LimitExceededError as exc:
-        if exc.limit_name != "max_websockets_per_object":
-            _olog(entry).exception("fetch() of %s %s raised", entry.namespace, entry.object_id)
+        elif kind is AlarmEvent:
+            assert isinstance(event, AlarmEvent)
+            try:
+                await self._alarm(event)
+            finally:
+                if event.on_done is not None:
+                    event.on_done()
+            return
         else:
-            # Spec 2, Rule: refuse the upgrade clearly, disturb nothing else.
-            response = Response(status=503, body=f"Service Unavailable: {exc}\n")
-    except Exception:  # contained here (house rule 5): logged, answered 500
-        _olog(entry).exception("fetch() of %s %s raised", entry.namespace, entry.object_id)
-    finally:
-        if response is None:
-            response = Response(status=500, body="Internal Server Error\n")
-        # Output gate: the response waits for the turn's writes; if they fail, the
-        # client gets a 500 instead of a reply whose effects were lost.
-        activation.gate.hold(partial(event.reply.send, response), partial(event.reply.send, _LOST))
+            assert isinstance(event, FetchEvent | CallEvent)
+            token = None
+            if event.chain:  # made in a turn of another object, which waits for this one
+                token = waiting_turns.set((*event.chain, (entry.namespace, entry.object_id, None)))
+            try:
+                if isinstance(event, FetchEvent):
+                    await self._fetch(event)
+                else:
+                    await self._call(event)
+            finally:
+                if token is not None:
+                    waiting_turns.reset(token)
+            return
+        timeout_ms = entry.core.event_timeout_ms
+        try:
+            with contained:  # the socket stays open
+                if timeout_ms is None:
+                    await call
+                else:
+                    with trio.move_on_after(timeout_ms / 1000) as limit:
+                        await call
+                    if limit.cancelled_caught:
+                        self._log.error(
+                            "%s handler of %s %s exceeded the event timeout of %d ms and was "
+                            "cancelled; the instance is dropped (sockets stay connected)",
+                            kind.__name__,
+                            entry.namespace,
+                            entry.object_id,
+                            timeout_ms,
+                        )
+                        self._activation.stop_requested = True
+        finally:
+            if kind is not MessageEvent:
+                entry.core.release(record)
 
-
-async def _dispatch_call(
-    host: SupervisorServices,
-    entry: SupervisedEntry,
-    activation: Activation,
-    instance: DurableObject,
-    event: CallEvent,
-) -> None:
-    result: outcome.Outcome[object] | None = None
-    try:
-        method = getattr(instance, event.method, None)
-        if method is None or not callable(method):
-            raise AttributeError(
-                f"{entry.cls.__name__} has no public method {event.method!r} to call"
+    async def _fetch(self, event: FetchEvent) -> None:
+        entry = self._entry
+        response: Response | None = None
+        try:
+            with Containment(
+                self._log, "fetch() of %s %s raised", entry.namespace, entry.object_id
+            ):
+                try:
+                    result: object = await self._instance.fetch(event.request)
+                except LimitExceededError as exc:
+                    if exc.limit_name != "max_websockets_per_object":
+                        raise
+                    # Spec 2, Rule: refuse the upgrade clearly, disturb nothing else.
+                    response = Response(status=503, body=f"Service Unavailable: {exc}\n")
+                else:
+                    if isinstance(result, Response):
+                        response = result
+                    else:
+                        self._log.error(
+                            "fetch() of %s %s returned %r, not a Response; answering 500",
+                            entry.namespace,
+                            entry.object_id,
+                            result,
+                        )
+        finally:
+            if response is None:
+                response = Response(status=500, body="Internal Server Error\n")
+            # Output gate: the response waits for the turn's writes; if they fail, the
+            # client gets a 500 instead of a reply whose effects were lost.
+            self._activation.gate.hold(
+                partial(event.reply.send, response), partial(event.reply.send, _LOST)
             )
-        value = method(*event.args, **event.kwargs)
-        if inspect.isawaitable(value):
-            value = await value
-        result = outcome.Value(decode_data(host.encode_call(value)))
-    except Exception as exc:
-        # Not contained: the caller's ``await stub.call(...)`` raises it.
-        result = outcome.Error(exc)
-    finally:
-        if result is None:  # cancelled: only shutdown cancels a turn
-            result = outcome.Error(
-                RuntimeError(
-                    f"the host shut down while {event.method}() of {entry.namespace} "
-                    f"{entry.object_id} ran"
+
+    async def _call(self, event: CallEvent) -> None:
+        entry = self._entry
+        result: outcome.Outcome[object] | None = None
+        try:
+            method = getattr(self._instance, event.method, None)
+            if method is None or not callable(method):
+                raise AttributeError(
+                    f"{entry.cls.__name__} has no public method {event.method!r} to call"
                 )
+            value = method(*event.args, **event.kwargs)
+            if inspect.isawaitable(value):
+                value = await value
+            result = outcome.Value(decode_data(self._services.encode_call(value)))
+        except Exception as exc:
+            # Not contained: the caller's ``await stub.call(...)`` raises it.
+            result = outcome.Error(exc)
+        finally:
+            if result is None:  # cancelled: only shutdown cancels a turn
+                result = outcome.Error(
+                    RuntimeError(
+                        f"the host shut down while {event.method}() of {entry.namespace} "
+                        f"{entry.object_id} ran"
+                    )
+                )
+            lost = StorageCommitError(f"{entry.namespace} {entry.object_id}: {_LOST_TEXT}")
+            self._activation.gate.hold(
+                partial(event.reply.settle, result), partial(event.reply.fail, lost)
             )
-        lost = StorageCommitError(f"{entry.namespace} {entry.object_id}: {_LOST_TEXT}")
-        activation.gate.hold(partial(event.reply.settle, result), partial(event.reply.fail, lost))
 
-
-async def run_app_hook(
-    what: str, hook: Callable[[Request], Awaitable[Response | None]], request: Request
-) -> Response | None:
-    """Run an app-level hook (``App.authorize``, ``App.fetch``), containing its crash."""
-    try:
-        result: object = await hook(request)
-    except Exception:  # contained here (house rule 5): logged, answered 500
-        log.exception("%s raised for %s %s; answering 500", what, request.method, request.path)
-        return Response(status=500, body="Internal Server Error\n")
-    if result is not None and not isinstance(result, Response):
-        log.error("%s returned %r, not a Response or None; answering 500", what, result)
-        return Response(status=500, body="Internal Server Error\n")
-    return result
-
-
-async def _dispatch_alarm(
-    host: SupervisorServices,
-    entry: SupervisedEntry,
-    instance: DurableObject,
-    ctx: ObjectContext,
-    event: AlarmEvent,
-) -> None:
-    storage = ctx.storage
-    current: float | None = None
-    try:
-        # Reading the alarm may fail too (the database cannot be opened: the pool is
-        # full of transactions, the disk is gone): that is a failed run, retried.
-        current = storage._database().get_alarm()
-        if current is None or current > event.scheduled:
-            return  # deleted or moved since it was scheduled: a stale index entry
-        await instance.alarm(AlarmInfo(event.retry_count, event.retry_count > 0))
-        if storage._database().get_alarm() == current:
-            await storage.delete_alarm()  # done; unless the handler set a new one
-    except Exception:  # contained here (house rule 5): logged, retried with backoff
-        delay = host.alarms.retry(entry.alarm_key, event.retry_count)
+    async def _alarm(self, event: AlarmEvent) -> None:
+        entry = self._entry
+        alarms = self._services.alarms
+        storage = self._ctx.storage
+        retry_count = event.retry_count
+        delay = alarms.retry_delay(retry_count)
         if delay is not None:
-            _olog(entry).exception(
+            failed = Containment(
+                self._log,
                 "alarm() of %s %s failed; retry %d in %g s",
                 entry.namespace,
                 entry.object_id,
-                event.retry_count + 1,
+                retry_count + 1,
                 delay,
             )
+        else:
+            failed = Containment(
+                self._log,
+                "alarm() of %s %s failed on its last retry (%d); giving up",
+                entry.namespace,
+                entry.object_id,
+                retry_count,
+            )
+        current: float | None = None
+        with failed:
+            # Reading the alarm may fail too (the database cannot be opened: the pool is
+            # full of transactions, the disk is gone): that is a failed run, retried.
+            current = stored_alarm(storage)
+            if current is None or current > event.scheduled:
+                return  # deleted or moved since it was scheduled: a stale index entry
+            await self._instance.alarm(AlarmInfo(retry_count, retry_count > 0))
+            if stored_alarm(storage) == current:
+                await storage.delete_alarm()  # done; unless the handler set a new one
             return
-        _olog(entry).exception(
-            "alarm() of %s %s failed on its last retry (%d); giving up",
-            entry.namespace,
-            entry.object_id,
-            event.retry_count,
-        )
-        try:
-            if current is not None and storage._database().get_alarm() == current:
-                await storage.delete_alarm()
-        except Exception:  # contained here too: the alarm stays set, to fire on restart
-            _olog(entry).exception(
+        # The run failed (logged above): schedule the next retry, or give up.
+        alarms.retry(entry.alarm_key, retry_count)
+        if delay is None and current is not None:
+            with Containment(  # the alarm then stays set, to fire on restart
+                self._log,
                 "could not delete the alarm of %s %s after its last retry",
                 entry.namespace,
                 entry.object_id,
-            )
-
-
-async def _background(
-    entry: SupervisedEntry, activation: Activation, async_fn: Callable[[], Awaitable[object]]
-) -> None:
-    waiting_turns.set(())  # no turn waits for this task (its context is its own copy)
-    try:
-        await async_fn()
-    except Exception:  # contained here (house rule 5): logged; the object goes on
-        _olog(entry).exception(
-            "a task started by %s %s with ctx.start_soon raised", entry.namespace, entry.object_id
-        )
-    finally:
-        activation.background -= 1
-        activation.lot.unpark_all()
+            ):
+                if stored_alarm(storage) == current:
+                    await storage.delete_alarm()

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Final, final
 
 import attrs
 
+from .._containment import run_app_hook
 from .._core.events import FetchEvent
 from .._http import Request, Response
 from .._oneshot import OneShot
-from .._supervisor import run_app_hook
 from .._websocket import record_of
 from .http import simple_response
 

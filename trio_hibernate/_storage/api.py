@@ -14,62 +14,196 @@ Semantics, as in Durable Objects:
 
 Writes made outside a turn (by a ``ctx.start_soon`` task) are committed before the call
 returns.
+
+SQL (``storage.sql``) is Cloudflare's ``SqlStorage``: several statements per ``exec``, a
+lazy cursor that lasts as long as the object's transaction (the database closes the
+cursors left unread when it commits or rolls back), ``database_size``, and Cloudflare's
+SQL limits. ``docs/sql.md`` has the details.
 """
 
 from __future__ import annotations
 
 import math
+import sqlite3
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TypeVar, final, overload
 
-import attrs
 import trio
 
 from .._core.codec import decode_data, encode_data
 from .._errors import LimitExceededError
-from .backend import ObjectDatabase, SqlValue
+from .backend import ObjectDatabase, SqlValue, UserCursor
 
 if TYPE_CHECKING:
     from .._core.gate import OutputGate
     from .._limits import Limits
 
-__all__ = ["SqlCursor", "SqlStorage", "Storage"]
+__all__ = ["SqlCursor", "SqlStorage", "Storage", "stored_alarm"]
 
 T = TypeVar("T")
 
 
 @final
-@attrs.frozen
 class SqlCursor:
-    """The result of :meth:`SqlStorage.exec`: column names, rows, and rows written."""
+    """The rows of :meth:`SqlStorage.exec`, read as they are asked for (Cloudflare's
+    ``SqlStorageCursor``).
 
-    columns: tuple[str, ...]
-    """Column names of the result (empty for statements that return nothing)."""
-    rows: list[tuple[SqlValue, ...]]
-    """Result rows as tuples."""
-    rows_written: int
-    """Rows inserted, updated or deleted by the statement."""
+    An iterator: ``for row in cursor`` and ``next(cursor)`` give rows as dicts of column
+    name to value (a repeated column name keeps its last value, as on Cloudflare);
+    :meth:`raw` gives them as tuples. Every way of reading takes rows from the same
+    position, so each row is read once: after :meth:`to_list`, :meth:`one` or a loop
+    that ran to the end, the cursor is empty.
 
-    def __iter__(self) -> Iterator[dict[str, SqlValue]]:
-        for row in self.rows:
-            yield dict(zip(self.columns, row, strict=True))
+    Lazy: a ``SELECT`` (or ``VALUES``, ``EXPLAIN``) is stepped as rows are asked for,
+    one row ahead (as on Cloudflare, where the row after the one returned is already
+    read). Any other statement ran to completion in ``exec`` (its ``RETURNING`` rows are
+    held in memory, as SQLite itself holds them).
+
+    Lifetime: a cursor lasts as long as the object's transaction, which ends when the
+    turn (the event handler) that made it ends, or when a write made outside a turn (a
+    ``ctx.start_soon`` task) commits, or at ``storage.delete_all()``. Rows not read by
+    then are gone: reading on raises :class:`RuntimeError`. Within the turn the cursor
+    may be read across ``await`` (no other event runs meanwhile). Cloudflare documents
+    the same rule, "consume cursors synchronously", without enforcing it; ``to_list()``
+    keeps rows for later.
+
+    Made by :meth:`SqlStorage.exec` only.
+    """
+
+    __slots__ = ("_closed_by", "_columns", "_error", "_next", "_rows_read", "_source")
+
+    def __init__(self, source: UserCursor) -> None:
+        self._source = source
+        self._columns = source.column_names
+        self._rows_read = 0
+        self._closed_by: str | None = None
+        self._error: Exception | None = None
+        self._next: tuple[SqlValue, ...] | None = source.fetchone()
+        if self._next is not None:
+            self._rows_read = 1
+
+    def _advance(self) -> None:
+        """Read the row after the current one (the cursor stays one row ahead).
+
+        If SQLite fails computing it, the error is kept for the next read: the row
+        already read is still returned.
+        """
+        try:
+            self._next = self._source.fetchone()
+        except (sqlite3.Error, LimitExceededError) as exc:  # raised by the next read
+            self._next = None
+            self._error = exc
+            self._source.close()
+        else:
+            if self._next is not None:
+                self._rows_read += 1
+
+    def _take(self) -> tuple[SqlValue, ...] | None:
+        """The next row (None at the end), keeping the one after it ready."""
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        row = self._next
+        if row is not None and self._closed_by is None:
+            self._closed_by = self._source.closed_because
+        if self._closed_by is not None:
+            self._next = None
+            raise RuntimeError(
+                f"this SQL cursor was closed with rows left unread: {self._closed_by}; "
+                "read a cursor within the turn that made it (to_list() keeps its rows)"
+            )
+        if row is not None:
+            self._advance()
+        return row
+
+    def _as_dict(self, row: tuple[SqlValue, ...]) -> dict[str, SqlValue]:
+        return dict(zip(self._columns, row, strict=True))
+
+    @property
+    def column_names(self) -> list[str]:
+        """Column names of the result, in order (empty for a statement that returns no
+        rows); Cloudflare's ``columnNames``. A fresh list each time."""
+        return list(self._columns)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The column names as a tuple (:attr:`column_names`)."""
+        return self._columns
+
+    @property
+    def rows_read(self) -> int:
+        """Rows read from the result so far, counting the one the cursor holds ahead.
+
+        Cloudflare's ``rowsRead`` counts the rows SQLite visited, which Python's
+        ``sqlite3`` does not expose: there, ``SELECT count(*) FROM t`` on 1,000 rows
+        reads 1,000 rows and an ``UPDATE`` reads the rows it scans; here they read 1
+        and 0. Equal for a ``SELECT`` that returns every row it visits.
+        """
+        return self._rows_read
+
+    @property
+    def rows_written(self) -> int:
+        """Rows inserted, updated or deleted by the last statement (by its triggers and
+        foreign-key actions too); Cloudflare's ``rowsWritten``.
+
+        Counted as SQLite's ``changes()`` counts (so ``CREATE TABLE`` writes 0).
+        Cloudflare counts inside its storage engine (a patched SQLite) and can count
+        more, for example rows written to indexes.
+        """
+        return self._source.rows_written
+
+    def __iter__(self) -> SqlCursor:
+        """The cursor itself: iterating reads its remaining rows, as dicts."""
+        return self
+
+    def __next__(self) -> dict[str, SqlValue]:
+        """The next row as a dict (Cloudflare's ``next()``).
+
+        Raises:
+            StopIteration: no rows are left.
+            RuntimeError: the cursor was closed with rows unread (see the class).
+        """
+        row = self._take()
+        if row is None:
+            raise StopIteration
+        return self._as_dict(row)
+
+    def raw(self) -> Iterator[tuple[SqlValue, ...]]:
+        """The remaining rows as tuples, in column order (Cloudflare's ``raw()``)."""
+        while (row := self._take()) is not None:
+            yield row
+
+    @property
+    def rows(self) -> list[tuple[SqlValue, ...]]:
+        """The remaining rows as tuples: ``list(cursor.raw())`` (reads them)."""
+        return list(self.raw())
 
     def to_list(self) -> list[dict[str, SqlValue]]:
-        """Rows as dicts of column name to value."""
-        return list(self)
+        """The remaining rows as dicts (Cloudflare's ``toArray()``)."""
+        return [self._as_dict(row) for row in self.raw()]
 
     def one(self) -> dict[str, SqlValue]:
-        """The only row. Raises ValueError if there is not exactly one."""
-        if len(self.rows) != 1:
-            raise ValueError(f"expected exactly one row, got {len(self.rows)}")
-        return dict(zip(self.columns, self.rows[0], strict=True))
+        """The only remaining row (Cloudflare's ``one()``).
+
+        Raises:
+            ValueError: no row is left, or more than one (all of them are then read,
+                to say how many).
+        """
+        row = self._take()
+        if row is None:
+            raise ValueError("expected exactly one row, got 0")
+        if self._next is not None:
+            extra = sum(1 for _ in self.raw())
+            raise ValueError(f"expected exactly one row, got {1 + extra}")
+        return self._as_dict(row)
 
 
 @final
 class SqlStorage:
-    """``ctx.storage.sql``: SQL on the object's own SQLite database."""
+    """``ctx.storage.sql``: SQL on the object's own SQLite database (Cloudflare's
+    ``SqlStorage``)."""
 
     __slots__ = ("_storage",)
 
@@ -77,27 +211,84 @@ class SqlStorage:
         self._storage = storage
 
     def exec(self, query: str, *bindings: SqlValue) -> SqlCursor:
-        """Run one SQL statement with ``?`` bindings, inside the turn's transaction.
+        """Run the SQL statements of ``query`` inside the turn's transaction.
 
-        Synchronous, like Durable Objects' ``sql.exec``: statements run against the local
-        database without a disk flush; the turn's commit makes them durable. Table names
-        starting with ``_th_`` are reserved.
+        Synchronous, like Durable Objects' ``sql.exec``: statements run against the
+        local database without a disk flush; the turn's commit makes them durable.
+
+        As on Cloudflare, ``query`` may hold several statements separated by ``;``
+        (``"CREATE TABLE t (x); INSERT INTO t VALUES (1)"``). They run in order; the
+        ``?`` bindings go to the last one, and the cursor reads its rows and counts.
+        Only whitespace may follow the last statement (a trailing comment is an
+        error, as there). Unlike Cloudflare, the call is all or nothing: if a
+        statement fails, what the earlier ones did is undone (Cloudflare keeps it).
+        Table names starting with ``_th_`` are reserved; transactions are
+        ``ctx.storage.transaction()``'s.
+
+        Limits (``Limits.max_sql_*``, Cloudflare's by default): the query's size, the
+        bindings, the columns of a table, the size of a string, BLOB or row.
 
         Raises:
-            ValueError: the statement touches a table whose name starts with ``_th_``
-                (reserved for the key-value API and the alarm).
-            sqlite3.Error: the statement failed (nothing it did is kept).
+            LimitExceededError: the query, the bindings, a column count or a value is
+                over its limit.
+            ValueError: a statement touches a ``_th_*`` table, or is transaction
+                control (``BEGIN``, ``COMMIT``, ``ROLLBACK``, ``SAVEPOINT``,
+                ``RELEASE``).
+            sqlite3.Error: the query holds no statement, a statement before the last
+                has parameters, or a statement failed.
+            RuntimeError: a commit is in flight (from a ``ctx.start_soon`` task).
+            Nothing the call did is kept when it raises.
         """
         storage = self._storage
-        db = storage._database()
-        before = db.total_changes
-        cursor = db.execute_user(query, bindings)
-        rows = cursor.fetchall()
-        columns = tuple(d[0] for d in cursor.description or ())
-        written = db.total_changes - before
-        if written or not query.lstrip()[:6].upper().startswith("SELECT"):
+        limits = storage._limits
+        if not isinstance(query, str):
+            raise TypeError(f"sql.exec() takes the query as a str, not {type(query).__name__}")
+        _check_sql_limit(
+            limits, "max_sql_statement_bytes", len(query.encode("utf-8")), "bytes in the query"
+        )
+        _check_sql_limit(limits, "max_sql_bound_parameters", len(bindings), "bindings")
+        for number, value in enumerate(bindings, start=1):
+            size = _value_bytes(value, limits.max_sql_row_bytes)
+            _check_sql_limit(limits, "max_sql_row_bytes", size, f"bytes in binding {number}")
+        source = storage._database().execute_user(query, bindings, limits)
+        if source.wrote:
             storage._wrote()
-        return SqlCursor(columns=columns, rows=rows, rows_written=written)
+        return SqlCursor(source)
+
+    @property
+    def database_size(self) -> int:
+        """Bytes the object's database takes: its pages in use times the page size
+        (Cloudflare's ``databaseSize``). It includes the key-value data and the alarm,
+        and the turn's writes not yet committed.
+
+        Raises:
+            RuntimeError: a commit is in flight (from a ``ctx.start_soon`` task).
+        """
+        return self._storage._database().database_size()
+
+
+def _value_bytes(value: object, limit: int) -> int:
+    """The size SQLite gives a bound value (0 for numbers and NULL)."""
+    if isinstance(value, str):
+        # A str of n code points is at most 4n bytes of UTF-8: encode only if it matters.
+        return len(value) if len(value) * 4 <= limit else len(value.encode("utf-8"))
+    if isinstance(value, memoryview):
+        return value.nbytes
+    if isinstance(value, bytes | bytearray):
+        return len(value)
+    return 0
+
+
+def _check_sql_limit(limits: Limits, name: str, value: int, what: str) -> None:
+    limit: int = getattr(limits, name)
+    if value > limit:
+        raise LimitExceededError(
+            f"sql.exec() allows at most {limit} {what}; got {value} (Limits.{name}, as on "
+            "Cloudflare)",
+            limit_name=name,
+            limit=limit,
+            value=value,
+        )
 
 
 @final
@@ -445,3 +636,17 @@ class Storage:
         self._alarm_set = None
         self._wrote()
         await self._after_write()
+
+
+def stored_alarm(storage: Storage) -> float | None:
+    """For the runtime: the alarm in the object's database (epoch seconds), or None.
+
+    Synchronous (no checkpoint): the supervisor checks an alarm against it before running
+    the handler (a stale index entry) and after (delete it unless the handler set a new
+    one).
+
+    Raises:
+        RuntimeError: a commit is in flight.
+        sqlite3.Error, OSError: the database cannot be opened or read.
+    """
+    return storage._database().get_alarm()

@@ -1,12 +1,13 @@
 """The storage backend interface: what the runtime needs from a place to keep data.
 
 SQLite (``sqlite.py``) is the implementation; a second one (PostgreSQL, to run hosts on
-several machines) implements these two protocols and is passed to ``open_host`` as
+several machines) implements these protocols and is passed to ``open_host`` as
 ``storage_backend``. Objects never see a backend: they use ``ctx.storage``.
 
 Threading contract: the runtime calls every method of an :class:`ObjectDatabase` from the
 event loop thread except :meth:`ObjectDatabase.commit`, which it runs in a worker thread
-when the backend is :attr:`StorageBackend.durable`; never two calls at once. A backend
+when the backend is :attr:`StorageBackend.durable`; never two calls at once, except that
+a :class:`UserCursor` may be read during a commit (see there). A backend
 may do work of its own on a database between the runtime's calls (the SQLite one closes
 idle connections to stay within its descriptor budget), as long as the database object
 the runtime holds keeps working.
@@ -20,13 +21,56 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .._ids import ObjectId
 
-__all__ = ["ObjectDatabase", "StorageBackend"]
+if TYPE_CHECKING:
+    from .._limits import Limits
+
+__all__ = ["ObjectDatabase", "StorageBackend", "UserCursor"]
 
 SqlValue = None | int | float | str | bytes
+
+
+class UserCursor(Protocol):
+    """The rows of the object's SQL (:meth:`ObjectDatabase.execute_user`).
+
+    Statements that may write have run to completion when it is returned; a read may
+    still be stepping, until :meth:`close` or its last row. When the database's
+    transaction ends (commit, rollback, close, ``delete_all``) a cursor with rows left
+    is closed and says why in :attr:`closed_because`. :meth:`fetchone` is called from
+    the event loop thread, possibly while :meth:`ObjectDatabase.commit` runs in a worker
+    thread (a ``ctx.start_soon`` task reading a cursor): the backend keeps the two apart.
+    """
+
+    @property
+    def closed_because(self) -> str | None:
+        """Why the transaction's end closed the cursor with rows left, or None."""
+        ...
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        """Column names of the result (empty when the statement returns no rows)."""
+        ...
+
+    @property
+    def rows_written(self) -> int:
+        """Rows the last statement inserted, updated or deleted."""
+        ...
+
+    @property
+    def wrote(self) -> bool:
+        """Whether the call may have written anything (the turn must then commit)."""
+        ...
+
+    def fetchone(self) -> tuple[SqlValue, ...] | None:
+        """The next row, or None after the last one or :meth:`close`."""
+        ...
+
+    def close(self) -> None:
+        """Drop the rows not read yet (idempotent)."""
+        ...
 
 
 class ObjectDatabase(Protocol):
@@ -34,8 +78,6 @@ class ObjectDatabase(Protocol):
 
     @property
     def in_transaction(self) -> bool: ...
-    @property
-    def total_changes(self) -> int: ...
     def begin(self) -> None: ...
     def commit(self) -> None: ...
     def rollback(self) -> None: ...
@@ -57,7 +99,10 @@ class ObjectDatabase(Protocol):
     def delete_all(self) -> None: ...
     def get_alarm(self) -> float | None: ...
     def set_alarm(self, when: float | None) -> None: ...
-    def execute_user(self, query: str, bindings: Sequence[SqlValue]) -> Any: ...
+    def execute_user(
+        self, query: str, bindings: Sequence[SqlValue], limits: Limits
+    ) -> UserCursor: ...
+    def database_size(self) -> int: ...
     def close(self) -> None: ...
 
 

@@ -8,6 +8,12 @@ only ``COMMIT`` flushes, and the runtime runs it in a worker thread.
 Every method here is synchronous and not thread-safe; the runtime never uses one
 database from two threads at once.
 
+The object's own SQL (``sql.exec``, :meth:`SqliteDatabase.execute_user`) runs under
+rules the runtime's statements do not: SQLite's limits are set to the ``Limits.max_sql_*``
+ones (Cloudflare's by default) and the authorizer refuses the ``_th_*`` names and
+transaction control, only while it is prepared or stepped. A query of several statements
+is split as ``statements.py`` says and runs in a savepoint (all or nothing).
+
 Descriptors: a file database in WAL mode holds 3 (the database, ``-wal``, ``-shm``). The
 backend keeps at most ``max_open_databases`` connections open, least recently used
 first: opening one more closes the connection of the least recently used database that
@@ -22,16 +28,23 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final, final
 
 from .._descriptors import default_max_open_databases
 from .._errors import LimitExceededError, StorageError
 from .._ids import ObjectId
+from .._limits import Limits
 from .backend import ObjectDatabase
+from .statements import SqlStatement, split_statements
 
-__all__ = ["DESCRIPTORS_PER_DATABASE", "SqliteBackend", "SqliteDatabase"]
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+__all__ = ["DESCRIPTORS_PER_DATABASE", "SqliteBackend", "SqliteDatabase", "SqliteUserCursor"]
 
 #: Descriptors held by one open file database in WAL mode: the database, -wal and -shm.
 DESCRIPTORS_PER_DATABASE: Final = 3
@@ -41,7 +54,9 @@ CREATE TABLE IF NOT EXISTS _th_kv (key TEXT PRIMARY KEY, value BLOB NOT NULL) WI
 CREATE TABLE IF NOT EXISTS _th_meta (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
 """
 _SURROGATES: Final = range(0xD800, 0xE000)
-#: Authorizer actions whose first argument (or second, for indexes) names a table.
+#: Authorizer actions whose first or second argument names a table, an index, a view or
+#: a trigger (as in workerd's ``getAuthorizorTableName``, TEMP ones included: a TEMP
+#: trigger on a reserved table would run the object's SQL inside the runtime's writes).
 _TABLE_ARG_ACTIONS: Final = frozenset(
     {
         sqlite3.SQLITE_READ,
@@ -49,12 +64,41 @@ _TABLE_ARG_ACTIONS: Final = frozenset(
         sqlite3.SQLITE_INSERT,
         sqlite3.SQLITE_DELETE,
         sqlite3.SQLITE_CREATE_TABLE,
+        sqlite3.SQLITE_CREATE_TEMP_TABLE,
         sqlite3.SQLITE_DROP_TABLE,
+        sqlite3.SQLITE_DROP_TEMP_TABLE,
         sqlite3.SQLITE_ALTER_TABLE,
         sqlite3.SQLITE_CREATE_INDEX,
+        sqlite3.SQLITE_CREATE_TEMP_INDEX,
         sqlite3.SQLITE_DROP_INDEX,
+        sqlite3.SQLITE_DROP_TEMP_INDEX,
         sqlite3.SQLITE_CREATE_TRIGGER,
+        sqlite3.SQLITE_CREATE_TEMP_TRIGGER,
+        sqlite3.SQLITE_DROP_TRIGGER,
+        sqlite3.SQLITE_DROP_TEMP_TRIGGER,
+        sqlite3.SQLITE_CREATE_VIEW,
+        sqlite3.SQLITE_CREATE_TEMP_VIEW,
+        sqlite3.SQLITE_DROP_VIEW,
+        sqlite3.SQLITE_DROP_TEMP_VIEW,
+        sqlite3.SQLITE_CREATE_VTABLE,
+        sqlite3.SQLITE_DROP_VTABLE,
+        sqlite3.SQLITE_ANALYZE,
+        sqlite3.SQLITE_REINDEX,
     }
+)
+#: Authorizer actions that would end, or nest in, the turn's transaction.
+_TRANSACTION_ACTIONS: Final = frozenset({sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_SAVEPOINT})
+#: The savepoint that makes a multi-statement ``execute_user`` all or nothing.
+_EXEC_SAVEPOINT: Final = "th_exec"
+#: Why a cursor with rows left was closed at a commit.
+_COMMITTED: Final = (
+    "its transaction was committed (at the end of the turn that made it, or for a write "
+    "made outside a turn)"
+)
+_DATABASE_SIZE: Final = (
+    "SELECT ((SELECT page_count FROM pragma_page_count)"
+    " - (SELECT freelist_count FROM pragma_freelist_count))"
+    " * (SELECT page_size FROM pragma_page_size)"
 )
 
 SqlValue = None | int | float | str | bytes
@@ -85,7 +129,7 @@ class SqliteDatabase:
     call opens a new one. A memory database (no ``reconnect``) is never closed by the pool.
     """
 
-    __slots__ = ("_commit_lock", "_conn", "_pool", "_reconnect")
+    __slots__ = ("_commit_lock", "_conn", "_pool", "_reconnect", "_user_cursors")
 
     def __init__(
         self,
@@ -102,6 +146,8 @@ class SqliteDatabase:
         # Held by a commit (in its worker thread): the pool never closes a connection
         # whose commit is still returning.
         self._commit_lock = threading.Lock()
+        # The object's cursors with rows left: the transaction's end closes them.
+        self._user_cursors: weakref.WeakSet[SqliteUserCursor] = weakref.WeakSet()
         if conn is not None:
             conn.executescript(_SCHEMA)
 
@@ -141,12 +187,6 @@ class SqliteDatabase:
         finally:
             self._commit_lock.release()
 
-    @property
-    def total_changes(self) -> int:
-        """Rows changed through this connection so far (it restarts at 0 when the pool
-        reconnects, which happens only between transactions)."""
-        return self._connection().total_changes
-
     # -- transactions --------------------------------------------------------------------
 
     @property
@@ -168,12 +208,14 @@ class SqliteDatabase:
         a closed connection had no transaction to commit.
         """
         with self._commit_lock:
+            self._end_user_cursors(_COMMITTED)
             conn = self._conn
             if conn is not None and conn.in_transaction:
                 conn.execute("COMMIT")
 
     def rollback(self) -> None:
         """Forget the turn's writes."""
+        self._end_user_cursors("its transaction was rolled back")
         conn = self._conn
         if conn is not None and conn.in_transaction:
             conn.execute("ROLLBACK")
@@ -261,6 +303,7 @@ class SqliteDatabase:
 
     def delete_all(self) -> None:
         """Delete every key, the alarm and every table the object made with SQL."""
+        self._end_user_cursors("storage.delete_all() ran")  # they would lock their tables
         self.begin()
         conn = self._connection()
         tables = conn.execute(
@@ -296,40 +339,51 @@ class SqliteDatabase:
 
     # -- SQL -----------------------------------------------------------------------------
 
-    def execute_user(self, query: str, bindings: Sequence[SqlValue]) -> sqlite3.Cursor:
-        """Run one statement of the object's inside the turn's transaction.
+    def execute_user(
+        self, query: str, bindings: Sequence[SqlValue] = (), limits: Limits | None = None
+    ) -> SqliteUserCursor:
+        """Run the object's SQL (``sql.exec``) inside the turn's transaction.
 
-        Tables named ``_th_*`` are the runtime's: SQLite's authorizer refuses the
-        statement if it would read or change one (raised as ValueError).
+        The query may hold several statements (``statements.py``), run all or nothing;
+        the bindings go to the last one, whose rows the cursor reads: a ``SELECT`` (or
+        ``VALUES``, ``EXPLAIN``) lazily, as they are fetched; any other statement ran to
+        completion (no writing statement is left half-run). The transaction's end
+        (:meth:`commit`, :meth:`rollback`, :meth:`close`, :meth:`delete_all`) closes the
+        cursor if rows are left. Limits and refusals: see :func:`_as_user`.
+
+        Raises:
+            ValueError: a statement touches a ``_th_*`` name, or is ``BEGIN``,
+                ``COMMIT``, ``ROLLBACK``, ``SAVEPOINT`` or ``RELEASE``.
+            LimitExceededError: SQLite refused a ``Limits.max_sql_*`` limit.
+            sqlite3.Error: the query is malformed (no statement, parameters before
+                the last statement) or a statement failed.
+            Nothing the call did is kept when it raises.
         """
+        statements = split_statements(query)
         self.begin()
-        touched: list[str] = []
+        cursor = _run_user_sql(
+            self._connection(), statements, bindings, limits or Limits(), self._commit_lock
+        )
+        if cursor.column_names:  # it has rows to read
+            self._user_cursors.add(cursor)
+        return cursor
 
-        def authorize(
-            action: int, arg1: str | None, arg2: str | None, db: str | None, source: str | None
-        ) -> int:
-            for name in (arg1, arg2) if action in _TABLE_ARG_ACTIONS else ():
-                if name is not None and name.lower().startswith("_th_"):
-                    touched.append(name)
-                    return sqlite3.SQLITE_DENY
-            return sqlite3.SQLITE_OK
+    def database_size(self) -> int:
+        """Bytes in use: pages not on the free list, times the page size (as workerd's
+        ``databaseSize``; the runtime's ``_th_*`` tables count too)."""
+        ((size,),) = self._connection().execute(_DATABASE_SIZE).fetchall()
+        return int(size)
 
-        conn = self._connection()
-        conn.set_authorizer(authorize)
-        try:
-            return conn.execute(query, bindings)
-        except sqlite3.DatabaseError:
-            if touched:
-                raise ValueError(
-                    f"table {touched[0]!r} is reserved for trio-hibernate (names starting "
-                    "with _th_ hold the key-value data and the alarm)"
-                ) from None
-            raise
-        finally:
-            conn.set_authorizer(None)
+    def _end_user_cursors(self, because: str) -> None:
+        """The transaction ends (``because``): the object's cursors lose unread rows."""
+        cursors = list(self._user_cursors)
+        self._user_cursors.clear()
+        for cursor in cursors:
+            cursor.end(because)
 
     def close(self) -> None:
         """Roll back anything uncommitted and close for good."""
+        self._end_user_cursors("the object's database was closed (it hibernated or was reset)")
         self._reconnect = None
         if self._pool is not None:
             self._pool.forget(self)
@@ -338,6 +392,253 @@ class SqliteDatabase:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             conn.close()
+
+
+def _run_user_sql(
+    conn: sqlite3.Connection,
+    statements: list[SqlStatement],
+    bindings: Sequence[SqlValue],
+    limits: Limits,
+    commit_lock: threading.Lock,
+) -> SqliteUserCursor:
+    """Run the statements, the last with the bindings, in a savepoint if several."""
+    several = len(statements) > 1
+    if several:
+        conn.execute(f"SAVEPOINT {_EXEC_SAVEPOINT}")
+    try:
+        with _as_user(conn, limits, preparing=True):
+            changes_before = conn.total_changes
+            for statement in statements[:-1]:
+                # As workerd does: one step (a SELECT's first row is dropped).
+                conn.execute(statement.text).close()
+            last = statements[-1]
+            before = conn.total_changes
+            cursor = conn.execute(last.text, bindings)
+            rows = None if last.read_only else cursor.fetchall()
+            written = conn.total_changes - before
+            wrote = conn.total_changes != changes_before or any(
+                not statement.read_only for statement in statements
+            )
+    except BaseException:
+        if several:
+            conn.execute(f"ROLLBACK TO {_EXEC_SAVEPOINT}")
+            conn.execute(f"RELEASE {_EXEC_SAVEPOINT}")
+        raise
+    if several:
+        conn.execute(f"RELEASE {_EXEC_SAVEPOINT}")
+    return SqliteUserCursor(
+        cursor, rows, limits=limits, commit_lock=commit_lock, rows_written=written, wrote=wrote
+    )
+
+
+@final
+class SqliteUserCursor:
+    """The rows of an :meth:`SqliteDatabase.execute_user` call (its last statement).
+
+    A ``SELECT`` is stepped as rows are fetched, under the object's SQL limits; other
+    statements ran to completion and their rows (``RETURNING``) are handed out from
+    memory. The database ends the cursor when its transaction ends (:meth:`end`).
+
+    Threading: :meth:`fetchone` runs in the event loop thread while a commit may run
+    in a worker thread (a ``ctx.start_soon`` task reading a cursor): it steps only
+    while holding the database's commit lock, which the commit holds while it ends the
+    cursors, so the two never touch the connection at once.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_commit_lock",
+        "_cursor",
+        "_limits",
+        "_rows",
+        "closed_because",
+        "column_names",
+        "rows_written",
+        "wrote",
+    )
+
+    def __init__(
+        self,
+        cursor: sqlite3.Cursor,
+        rows: list[tuple[SqlValue, ...]] | None,
+        *,
+        limits: Limits,
+        commit_lock: threading.Lock,
+        rows_written: int,
+        wrote: bool,
+    ) -> None:
+        self._cursor: sqlite3.Cursor | None = cursor
+        self._rows = None if rows is None else iter(rows)
+        self._limits = limits
+        self._commit_lock = commit_lock
+        self.column_names: tuple[str, ...] = tuple(d[0] for d in cursor.description or ())
+        """Column names of the result (empty for a statement that returns no rows)."""
+        self.rows_written = rows_written
+        """Rows inserted, updated or deleted by the statement (triggers included)."""
+        self.wrote = wrote
+        """True if any statement of the call may have written (the turn must commit)."""
+        self.closed_because: str | None = None
+        """Why the cursor was closed with rows left (its transaction ended), or None."""
+        if rows is not None or not self.column_names:
+            cursor.close()  # ran to completion: nothing is left to step
+            self._cursor = None
+        if not self.column_names:
+            self._rows = None
+
+    def fetchone(self) -> tuple[SqlValue, ...] | None:
+        """The next row, or None after the last one, :meth:`close` or :meth:`end`.
+
+        Raises:
+            LimitExceededError: the row holds a string or BLOB over
+                ``Limits.max_sql_row_bytes``.
+            sqlite3.Error: SQLite failed computing the row.
+            RuntimeError: a commit of the cursor's transaction is in flight.
+        """
+        if self._rows is not None:
+            row = next(self._rows, None)
+        elif (cursor := self._cursor) is None:
+            return None
+        elif not self._commit_lock.acquire(blocking=False):
+            raise RuntimeError(
+                "SQL cursor read while its transaction is being committed (from a "
+                "ctx.start_soon task?): read it before the write, or await "
+                "ctx.storage.sync() and run the query again"
+            )
+        else:
+            try:
+                with _as_user(cursor.connection, self._limits, preparing=False):
+                    row = cursor.fetchone()
+            finally:
+                self._commit_lock.release()
+        if row is None:
+            self.close()
+        return row
+
+    def fetchall(self) -> list[tuple[SqlValue, ...]]:
+        """Every remaining row."""
+        rows = []
+        while (row := self.fetchone()) is not None:
+            rows.append(row)
+        return rows
+
+    def close(self) -> None:
+        """Stop reading: the statement is reset and the remaining rows are dropped."""
+        cursor, self._cursor, self._rows = self._cursor, None, None
+        if cursor is not None:
+            cursor.close()
+
+    def end(self, because: str) -> None:
+        """The transaction ended: close, noting ``because`` if rows were left."""
+        if self._cursor is not None or self._rows is not None:
+            self.closed_because = because
+            self.close()
+
+
+#: The SQLite limits the object's SQL is prepared under, and the ``Limits`` fields they
+#: come from. Only the first (a string, BLOB or row) is checked while a statement steps.
+_SQL_LIMITS: Final = (
+    (sqlite3.SQLITE_LIMIT_LENGTH, "max_sql_row_bytes"),
+    (sqlite3.SQLITE_LIMIT_COLUMN, "max_sql_columns"),
+    (sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, "max_sql_bound_parameters"),
+    (sqlite3.SQLITE_LIMIT_SQL_LENGTH, "max_sql_statement_bytes"),
+)
+#: SQLite's messages for the limits it checks that are not SQLITE_TOOBIG, by field.
+_LIMIT_MESSAGES: Final = (
+    (("too many columns",), "max_sql_columns", "columns"),
+    (
+        ("too many SQL variables", "variable number must be between"),
+        "max_sql_bound_parameters",
+        "parameters",
+    ),
+)
+
+
+def _refusal(action: int, arg1: str | None, arg2: str | None) -> str | None:
+    """Why the object's SQL may not do ``action`` (None: it may)."""
+    if action in _TRANSACTION_ACTIONS:
+        return (
+            "SQL transaction control (BEGIN, COMMIT, ROLLBACK, SAVEPOINT, RELEASE) is not "
+            "allowed: each turn already runs in one transaction, committed when it ends; "
+            "use `await ctx.storage.transaction(fn)` for an all-or-nothing group of "
+            "writes (Cloudflare refuses these statements too)"
+        )
+    if action in _TABLE_ARG_ACTIONS:
+        for name in (arg1, arg2):
+            if name is not None and name.lower().startswith("_th_"):
+                return (
+                    f"table {name!r} is reserved for trio-hibernate (names starting with "
+                    "_th_ hold the key-value data and the alarm)"
+                )
+    return None
+
+
+@contextmanager
+def _as_user(conn: sqlite3.Connection, limits: Limits, *, preparing: bool) -> Iterator[None]:
+    """Run the object's SQL: under its SQLite limits and authorizer, with its errors.
+
+    ``preparing``: statements are prepared (all the limits, and the authorizer); else a
+    statement only steps (the length limit: the others apply when preparing, and a
+    statement that already stepped is never prepared again). The runtime's own
+    statements run without any of this (a batch ``get`` binds up to 128 parameters, and
+    the ``_th_*`` tables are the runtime's).
+    """
+    refusals: list[str] = []
+
+    def authorizer(
+        action: int, arg1: str | None, arg2: str | None, db: str | None, source: str | None
+    ) -> int:
+        refusal = _refusal(action, arg1, arg2)
+        if refusal is None:
+            return sqlite3.SQLITE_OK
+        refusals.append(refusal)
+        return sqlite3.SQLITE_DENY
+
+    categories = _SQL_LIMITS if preparing else _SQL_LIMITS[:1]
+    saved = [
+        (category, conn.setlimit(category, getattr(limits, field)))
+        for category, field in categories
+    ]
+    if preparing:
+        conn.set_authorizer(authorizer)
+    try:
+        yield
+    except sqlite3.Error as exc:
+        if refusals:
+            raise ValueError(refusals[0]) from None
+        error = _limit_error(exc, limits)
+        if error is None:
+            raise
+        raise error from exc
+    finally:
+        if preparing:
+            conn.set_authorizer(None)
+        for category, value in saved:
+            conn.setlimit(category, value)
+
+
+def _limit_error(exc: sqlite3.Error, limits: Limits) -> LimitExceededError | None:
+    """The :class:`LimitExceededError` for SQLite refusing ``exc`` over a limit, if it did.
+
+    SQLite does not say by how much, so the value given is the limit plus one.
+    """
+    message = str(exc)
+    if message == "statement too long":
+        name, unit = "max_sql_statement_bytes", "bytes"
+    elif getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_TOOBIG:
+        name, unit = "max_sql_row_bytes", "bytes in a string, BLOB or row"
+    else:
+        found = next((m for m in _LIMIT_MESSAGES if message.startswith(m[0])), None)
+        if found is None:
+            return None
+        _, name, unit = found
+    limit: int = getattr(limits, name)
+    return LimitExceededError(
+        f"SQLite refused the statement ({message}): more than {limit} {unit} "
+        f"(Limits.{name}, as on Cloudflare)",
+        limit_name=name,
+        limit=limit,
+        value=limit + 1,
+    )
 
 
 class _ConnectionPool:

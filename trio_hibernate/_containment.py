@@ -1,0 +1,99 @@
+"""The one place an exception raised by application code is contained (house rule 5).
+
+Application code is an object's constructor and handlers, its ``ctx.start_soon`` tasks and
+the app's hooks (``App.authorize``, ``App.fetch``). When it raises, the runtime logs the
+exception once, with its traceback and the object's namespace and id, and carries on: what
+the caller sees instead (a 500, a Close 1011, a retried alarm) is decided by the code that
+entered :class:`Containment`, after the ``with`` block.
+
+Only :class:`Exception` is contained. ``trio.Cancelled``, ``KeyboardInterrupt`` and
+``SystemExit`` pass through unchanged. A stub call does not contain: the caller's
+``await stub.call(...)`` raises what the method raised.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Final, TypeAlias, final
+
+from ._http import Request, Response
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from ._ids import ObjectId
+
+__all__ = ["Containment", "ObjectLog", "object_log", "run_app_hook"]
+
+log: Final = logging.getLogger("trio_hibernate.object")
+
+ObjectLog: TypeAlias = "logging.LoggerAdapter[logging.Logger]"
+
+
+def object_log(namespace: str, object_id: ObjectId) -> ObjectLog:
+    """The object logger, with ``namespace`` and ``object_id`` (hex) on every record."""
+    return logging.LoggerAdapter(log, {"namespace": namespace, "object_id": object_id.hex})
+
+
+@final
+class Containment:
+    """A context manager that contains an :class:`Exception` raised in its body.
+
+    The exception is logged at ``ERROR`` with its traceback, as ``message % args``, and
+    the ``with`` statement ends there; the code after it runs. Anything else (a
+    cancellation, ``KeyboardInterrupt``) propagates.
+
+    An instance keeps no state between uses: it can be made once and entered many times,
+    also by several tasks at once (the supervisor keeps one for ``websocket_message``, so
+    a message costs no allocation for it).
+
+    Args:
+        logger: where the record goes (an :func:`object_log` for an object's code).
+        message: a ``%``-format naming the code that raised and what happens instead.
+        args: the format's arguments, formatted only if something is logged.
+    """
+
+    __slots__ = ("_args", "_logger", "_message")
+
+    def __init__(self, logger: logging.Logger | ObjectLog, message: str, *args: object) -> None:
+        self._logger = logger
+        self._message = message
+        self._args = args
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        if exc_type is None or not issubclass(exc_type, Exception):
+            return False
+        assert exc is not None
+        self._logger.error(self._message, *self._args, exc_info=(exc_type, exc, tb))
+        return True
+
+    def __repr__(self) -> str:
+        return f"<Containment {self._message!r}>"
+
+
+_ERROR_500: Final = "Internal Server Error\n"
+
+
+async def run_app_hook(
+    what: str, hook: Callable[[Request], Awaitable[Response | None]], request: Request
+) -> Response | None:
+    """Run an app-level hook (``App.authorize``, ``App.fetch``), containing its crash.
+
+    Returns what the hook returned; a 500 if it raised or returned something that is
+    neither a :class:`Response` nor None (both logged).
+    """
+    with Containment(log, "%s raised for %s %s; answering 500", what, request.method, request.path):
+        result: object = await hook(request)
+        if result is None or isinstance(result, Response):
+            return result
+        log.error("%s returned %r, not a Response or None; answering 500", what, result)
+    return Response(status=500, body=_ERROR_500)

@@ -591,7 +591,6 @@ def class_lengths() -> dict[str, tuple[int, str]]:
 LONG_CLASSES: Final[dict[str, int]] = {
     # issue 10: being split (review P1, P3).
     "_runtime.Runtime": 422,  # the object table, delivery, reaping, shutdown
-    "_net.connection.ServerConnection": 739,  # HTTP, upgrade, frames, close, writer
     "_storage.api.Storage": 344,  # the public API and the turn commit protocol
 }
 

@@ -21,14 +21,17 @@ import trio
 
 from ._core.budget import MemoryBudget
 from ._core.codec import encode_data
+from ._core.directory import parse_target
 from ._core.events import AlarmEvent, CallEvent, Event, FetchEvent, MessageEvent
 from ._core.frames import encode_message
 from ._core.lifecycle import ObjectCore, ObjectState
 from ._http import Request, Response
 from ._ids import ObjectId
 from ._limits import Limits
-from ._net.connection import ServerConnection, parse_target
+from ._net.channel import ByteChannel, SocketChannel, StreamChannel
+from ._net.connection import ServerConnection
 from ._net.operations import operations_response
+from ._net.owner import Connection
 from ._reaper import IdleReaper
 from ._statistics import Counters, HostStatistics, ObjectStatistics
 from ._storage.alarms import AlarmIndex, AlarmKey, AlarmScheduler
@@ -41,7 +44,7 @@ if TYPE_CHECKING:
     from ._app import App
     from ._object import DurableObject
 
-__all__ = ["ObjectEntry", "Runtime", "is_same_origin"]
+__all__ = ["ObjectEntry", "Runtime"]
 
 log = logging.getLogger("trio_hibernate.host")
 
@@ -86,31 +89,6 @@ class ObjectEntry:
     def refuse_unrun_event(self, event: Event) -> None:
         """Answer an event that will not run (see :meth:`Runtime.refuse_unrun_event`)."""
         self.runtime.refuse_unrun_event(self, event)
-
-
-_DEFAULT_PORTS: Final = {"http": "80", "ws": "80", "https": "443", "wss": "443"}
-
-
-def is_same_origin(origin: str, host_header: str | None) -> bool:
-    """Whether ``origin`` (``scheme://host[:port]``) names the server that ``Host`` names.
-
-    Compared case-insensitively, with the scheme's default port made explicit; the
-    ``null`` origin and anything unparsable are never the same origin.
-    """
-    if host_header is None:
-        return False
-    scheme, sep, authority = origin.partition("://")
-    default = _DEFAULT_PORTS.get(scheme.lower())
-    if not sep or default is None or not authority or "/" in authority:
-        return False
-
-    def normal(value: str) -> str:
-        value = value.strip().lower()
-        if value.endswith("]") or ":" not in value.rpartition("]")[2]:
-            value = f"{value}:{default}"
-        return value
-
-    return normal(authority) == normal(host_header)
 
 
 class Runtime:
@@ -163,7 +141,7 @@ class Runtime:
         """Hibernates objects idle for ``idle_timeout`` (its task runs in the host nursery)."""
         self._nursery = nursery
         self._objects: dict[tuple[str, str], ObjectEntry] = {}
-        self._connections: set[ServerConnection] = set()
+        self._connections: set[Connection] = set()
         self._all_done: trio.Event | None = None
         self._shutdown_deadline: float | None = None  # trio time; set by shutdown
         self._shutdown_wait: trio.CancelScope | None = None
@@ -179,7 +157,20 @@ class Runtime:
             sock.close()
             return
         sock.setblocking(False)
-        conn = ServerConnection(self, sock)
+        self._serve(SocketChannel(sock))
+
+    def serve_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve a client connected through ``stream``, as :meth:`serve_socket` does a
+        socket (tests drive connections over ``trio.testing`` memory streams). Takes
+        ownership of ``stream``: it is closed when the connection ends. Not a checkpoint.
+        """
+        if self.closing:
+            self._nursery.start_soon(trio.aclose_forcefully, stream)
+            return
+        self._serve(StreamChannel(stream))
+
+    def _serve(self, channel: ByteChannel) -> None:
+        conn = ServerConnection(self, channel)
         self._connections.add(conn)
         self._nursery.start_soon(conn.run)
 
@@ -258,7 +249,7 @@ class Runtime:
             activations=core.generation,
         )
 
-    # -- for connections (_net.connection.ConnectionOwner) --------------------------------
+    # -- for connections (_net.owner.ConnectionOwner) -------------------------------------
 
     def route(self, path: str) -> ObjectEntry | Response | None:
         """The object a path names; a Response for a bad path; None for no namespace."""
@@ -278,23 +269,6 @@ class Runtime:
         """The answer to a request for the server's own paths (``/_health``...)."""
         return operations_response(request, self.statistics(), self.closing)
 
-    def check_origin(self, request: Request) -> Response | None:
-        """Refuse cross-site WebSocket hijacking: a browser upgrade (it carries
-        ``Origin``) from another site than the ``Host`` it connects to, unless allowed."""
-        origin = request.header("origin")
-        if origin is None:
-            return None  # not a browser: Origin protects browser users only
-        allowed = self.allowed_origins
-        if allowed is not None and ("*" in allowed or origin in allowed):
-            return None
-        if allowed is None and is_same_origin(origin, request.header("host")):
-            return None
-        return Response(
-            status=403,
-            body=f"Forbidden: origin {origin!r} is not allowed to open a WebSocket here "
-            "(allowed_origins / --allowed-origin)\n",
-        )
-
     def encode_frame(self, message: str | bytes) -> bytes:
         """The WebSocket frame of ``message`` (the last one is cached for broadcasts)."""
         if message is self._last_message:
@@ -309,8 +283,8 @@ class Runtime:
         """Run ``async_fn`` in the host nursery (a connection's helper task)."""
         self._nursery.start_soon(async_fn)
 
-    def connection_ended(self, conn: ServerConnection) -> None:
-        """``conn`` has ended and closed its socket."""
+    def connection_ended(self, conn: Connection) -> None:
+        """``conn`` has ended (it closes its byte channel right after)."""
         self._connections.discard(conn)
         if self._all_done is not None and not self._connections:
             self._all_done.set()

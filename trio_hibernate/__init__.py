@@ -32,7 +32,7 @@ a :func:`open_host` and hand it sockets.
 # alarms, the turn commit protocol. _server, _signals, _descriptors and _cli put a host
 # on a port and a process; trio_hibernate/testing/ is the test kit.
 
-from ._app import App as App
+from ._app import App as App, AppContext as AppContext
 from ._autoresponse import WebSocketRequestResponsePair as WebSocketRequestResponsePair
 from ._context import ObjectContext as ObjectContext
 from ._core.lifecycle import ObjectState as ObjectState
@@ -65,6 +65,7 @@ from ._websocket import WebSocket as WebSocket
 __all__ = [
     "AlarmInfo",
     "App",
+    "AppContext",
     "DataCloneError",
     "DurableObject",
     "HibernateError",

@@ -12,7 +12,7 @@ from ._autoresponse import WebSocketRequestResponsePair
 from ._core.sockets import SocketRecord, normalize_tags
 from ._errors import LimitExceededError, WebSocketStateError
 from ._limits import MAX_EVENT_TIMEOUT_MS
-from ._websocket import WebSocket, accept, handle_for, record_of
+from ._websocket import WebSocket, accept, handle_for, record_of, upgrade_ended
 
 if TYPE_CHECKING:
     from ._core.gate import OutputGate
@@ -126,6 +126,10 @@ class ObjectContext:
         From now on its messages, close and error go to this object's handlers, also
         after hibernation. Call it in ``fetch`` and return
         ``Response(status=101, websocket=ws)``. Tags are fixed for the socket's life.
+        The upgrade may have come through a stub (``App.fetch`` or another object
+        forwarded the request): this object owns the socket all the same. If the
+        request was already answered without an upgrade (it outlived the host's
+        ``request_timeout``), the socket is let go at once: ``send`` does nothing.
 
         Raises:
             WebSocketStateError: ``ws`` was already accepted.
@@ -140,8 +144,12 @@ class ObjectContext:
                 "Cannot call accept_websocket() if the WebSocket was already accepted."
             )
         clean = normalize_tags(tags, self._core.limits)
-        record = accept(ws, clean, self._core.registry, self._gate)
+        record = accept(ws, clean, self._core.registry, self._gate, (self.namespace, self.id))
         self._handles[record] = ws
+        if upgrade_ended(ws):
+            # Its request was answered already (a 504 after the request timeout, say):
+            # nobody will complete the upgrade, so the socket is let go, with no event.
+            self._core.release(record)
 
     def get_websockets(self, tag: str | None = None) -> list[WebSocket]:
         """Accepted sockets, the most recently accepted first; with ``tag``, those

@@ -12,6 +12,7 @@ import attrs
 
 from ._core.lifecycle import ObjectCore, ObjectState
 from ._statistics import ObjectStatistics
+from ._websocket import acceptor_of
 
 if TYPE_CHECKING:
     from ._core.events import Event
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from ._storage.alarms import AlarmKey
     from ._storage.settings import SettingsIndex
     from ._supervisor import Activation
+    from ._websocket import WebSocket
 
 __all__ = ["EntryOwner", "ObjectDirectory", "ObjectEntry"]
 
@@ -124,6 +126,12 @@ class ObjectDirectory:
     def get(self, namespace: str, object_id: ObjectId) -> ObjectEntry | None:
         """The entry of a known object, or None."""
         return self._entries.get((namespace, object_id.hex))
+
+    def acceptor(self, ws: WebSocket) -> ObjectEntry | None:
+        """The entry of the object that accepted the upgrading ``ws``, or None. (An
+        object holding a socket is known: a socket is work.)"""
+        address = acceptor_of(ws)
+        return None if address is None else self.get(*address)
 
     def entry(self, namespace: str, object_id: ObjectId, cls: type[DurableObject]) -> ObjectEntry:
         """The entry of an object, made (with its kept settings) if it is not known."""

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
+from ._app import AppContext
 from ._connections import ConnectionSet
 from ._core.budget import MemoryBudget
 from ._core.codec import encode_data
@@ -40,6 +41,7 @@ from ._supervisor import Supervisor
 
 if TYPE_CHECKING:
     from ._app import App
+    from ._websocket import WebSocket
 
 __all__ = ["ObjectEntry", "Runtime"]
 
@@ -73,6 +75,8 @@ class Runtime:
     ) -> None:
         self.app = app
         self.env = app.env
+        self.app_context = AppContext(self)
+        """What the app's hooks get besides the request (``ConnectionOwner``)."""
         self.limits = limits
         self.hibernate_after_every_event = hibernate_after_every_event
         self.handshake_timeout = handshake_timeout
@@ -202,6 +206,10 @@ class Runtime:
             return Response(status=503, body="the server is shutting down\n")
         namespace, name = target
         return self.objects.entry(namespace, ObjectId.from_name(namespace, name), cls)
+
+    def acceptor(self, ws: WebSocket) -> ObjectEntry | None:
+        """The object that accepted the upgrading ``ws``, or None (``ConnectionOwner``)."""
+        return self.objects.acceptor(ws)
 
     def operations(self, request: Request) -> Response:
         """The answer to a request for the server's own paths (``/_health``...)."""

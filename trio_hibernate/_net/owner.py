@@ -10,13 +10,14 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from .._app import App
+    from .._app import App, AppContext
     from .._core.budget import MemoryBudget
     from .._core.events import Event
     from .._core.lifecycle import ObjectCore
     from .._http import Request, Response
     from .._limits import Limits
     from .._statistics import Counters
+    from .._websocket import WebSocket
 
 __all__ = ["Connection", "ConnectionOwner", "ListenerOwner", "ObjectLink"]
 
@@ -29,7 +30,8 @@ class Connection(Protocol):
 
 
 class ObjectLink(Protocol):
-    """The object a request was routed to, as a connection sees it."""
+    """An object, as a connection sees it: the one a request was routed to, or the one
+    that accepted its WebSocket."""
 
     @property
     def core(self) -> ObjectCore:
@@ -69,12 +71,22 @@ class ConnectionOwner(Protocol):
         """Origins whose pages may open WebSockets (None: the same origin only)."""
         ...
 
+    @property
+    def app_context(self) -> AppContext:
+        """What the app's hooks get besides the request (the namespaces, ``env``)."""
+        ...
+
     def operations(self, request: Request) -> Response:
         """The answer for the server's own paths (``/_health``, ``/_metrics``)."""
         ...
 
     def route(self, path: str) -> ObjectLink | Response | None:
         """The object ``path`` names, a refusal, or None when no namespace matches."""
+        ...
+
+    def acceptor(self, ws: WebSocket) -> ObjectLink | None:
+        """The object that accepted the upgrading ``ws`` (whichever object the request
+        was routed or forwarded to), or None if none did."""
         ...
 
     def encode_frame(self, message: str | bytes) -> bytes:

@@ -21,6 +21,7 @@ EXPECTED = {
     "ObjectState",
     "ObjectStatistics",
     "ObjectStub",
+    "QueryParams",
     "ReadyState",
     "ReentrantCallError",
     "Request",

@@ -21,8 +21,9 @@ a :func:`open_host` and hand it sockets.
 #
 # The runtime is the Trio layer for objects, flat as trio keeps its high-level modules:
 # _host (the public Host facade and open_host), _runtime (the internal Runtime behind
-# it), _supervisor (one object's activations and turns), _reaper, _containment (the one
-# place application code's exceptions are caught), _stubs, _oneshot.
+# it), _supervisor (one object's activations and turns), _critical (critical sections and
+# resets: ctx.block_concurrency_while, ctx.abort), _reaper, _containment (the one place
+# application code's exceptions are caught), _stubs, _oneshot.
 #
 # trio_hibernate/_net/ is bytes on sockets: the per-connection task, HTTP and the
 # upgrade, the gatekeeper, the WebSocket transport, the writer, the listener. It knows
@@ -49,7 +50,7 @@ from ._errors import (
     WebSocketStateError as WebSocketStateError,
 )
 from ._host import Host as Host, open_host as open_host
-from ._http import Request as Request, Response as Response
+from ._http import QueryParams as QueryParams, Request as Request, Response as Response
 from ._ids import ObjectId as ObjectId
 from ._limits import Limits as Limits
 from ._object import DurableObject as DurableObject
@@ -79,6 +80,7 @@ __all__ = [
     "ObjectState",
     "ObjectStatistics",
     "ObjectStub",
+    "QueryParams",
     "ReadyState",
     "ReentrantCallError",
     "Request",

@@ -82,9 +82,9 @@ class ObjectEntry:
         """Drop the object from memory if it has nothing left to do."""
         self.runtime.forget_if_unused(self)
 
-    def fail(self, dropped: list[Event]) -> None:
-        """The constructor raised (see :meth:`Runtime.fail_object`)."""
-        self.runtime.fail_object(self, dropped)
+    def fail(self, dropped: list[Event], why: str) -> None:
+        """The constructor raised, or the object was reset (see :meth:`Runtime.fail_object`)."""
+        self.runtime.fail_object(self, dropped, why)
 
     def refuse_unrun_event(self, event: Event) -> None:
         """Answer an event that will not run (see :meth:`Runtime.refuse_unrun_event`)."""
@@ -377,9 +377,10 @@ class Runtime:
                     entry.object_id,
                 )
 
-    def fail_object(self, entry: ObjectEntry, dropped: list[Event]) -> None:
-        """The constructor raised: close every socket with 1011, answer fetches 500 and
-        stub calls with an error, retry a due alarm later.
+    def fail_object(self, entry: ObjectEntry, dropped: list[Event], why: str) -> None:
+        """The constructor raised, or the object was reset (``ctx.abort()``, a failed
+        ``block_concurrency_while``): close every socket with 1011, answer fetches 500
+        and stub calls with an error saying ``why``, retry a due alarm later.
 
         No handler can run (there is no instance), so the sockets are released at once.
         """
@@ -389,7 +390,7 @@ class Runtime:
             elif isinstance(event, FetchEvent):
                 event.reply.send(Response(status=500, body="Internal Server Error\n"))
             elif isinstance(event, CallEvent):
-                event.reply.fail(RuntimeError(f"the constructor of {entry.cls.__name__} raised"))
+                event.reply.fail(RuntimeError(why))
             elif isinstance(event, AlarmEvent):
                 self.alarms.retry(entry.alarm_key, event.retry_count)
                 if event.on_done is not None:

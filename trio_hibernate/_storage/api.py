@@ -28,7 +28,7 @@ import sqlite3
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, TypeVar, final, overload
+from typing import TYPE_CHECKING, Final, TypeVar, final, overload
 
 import trio
 
@@ -600,30 +600,27 @@ class Storage:
     # -- alarm ---------------------------------------------------------------------------
 
     async def get_alarm(self) -> datetime | None:
-        """When the alarm is set to fire (UTC), or None."""
+        """When the alarm is set to fire (UTC), or None. (One stored past the year 9999,
+        by a version that took milliseconds, reads as ``datetime.max``.)"""
         await self._settled()
         when = self._database().get_alarm()
         await trio.lowlevel.checkpoint()
-        return None if when is None else datetime.fromtimestamp(when, UTC)
+        return None if when is None else _alarm_datetime(when)
 
     async def set_alarm(self, when: datetime | float) -> None:
-        """Run the object's ``alarm()`` at ``when`` (an aware datetime or epoch seconds).
+        """Run the object's ``alarm()`` at ``when``: an aware datetime, or epoch
+        **seconds** (``ctx.now() + 60``; Cloudflare's ``setAlarm`` takes milliseconds).
 
         One alarm per object: setting replaces the previous one. The alarm wakes a
         hibernated object and survives restarts; a past time fires at once.
+
+        Raises:
+            TypeError: ``when`` is neither a datetime nor a number.
+            ValueError: a naive datetime, a time before 1970 or not finite, or over 1e11
+                s (year 5138): milliseconds, the message says what to pass.
         """
         await self._settled()
-        value: object = when
-        if isinstance(value, datetime):
-            if value.tzinfo is None:
-                raise ValueError("set_alarm() needs an aware datetime (add a tzinfo)")
-            seconds = value.timestamp()
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            seconds = float(value)
-        else:
-            raise TypeError(f"set_alarm() takes a datetime or epoch seconds, not {when!r}")
-        if not math.isfinite(seconds):
-            raise ValueError(f"the alarm time must be finite, got {seconds}")
+        seconds = _alarm_seconds(when)
         self._database().set_alarm(seconds)
         self._alarm_set = seconds
         self._wrote()
@@ -636,6 +633,52 @@ class Storage:
         self._alarm_set = None
         self._wrote()
         await self._after_write()
+
+
+#: Epoch seconds above this (year 5138) are taken for milliseconds (Cloudflare's unit).
+_MAX_ALARM_SECONDS: Final = 1e11
+
+
+def _alarm_datetime(when: float) -> datetime:
+    try:
+        return datetime.fromtimestamp(when, UTC)
+    except (OverflowError, OSError, ValueError):  # "year 59009 is out of range"
+        return (datetime.max if when > 0 else datetime.min).replace(tzinfo=UTC)
+
+
+def _alarm_seconds(when: object) -> float:
+    """``set_alarm``'s argument as epoch seconds, or an error saying what to pass."""
+    if isinstance(when, datetime):
+        if when.tzinfo is None:
+            raise ValueError("set_alarm() needs an aware datetime (add a tzinfo)")
+        seconds = when.timestamp()
+    elif isinstance(when, int | float) and not isinstance(when, bool):
+        try:
+            seconds = float(when)
+        except OverflowError:
+            seconds = math.inf
+    else:
+        raise TypeError(f"set_alarm() takes a datetime or epoch seconds, not {when!r}")
+    if not math.isfinite(seconds):
+        raise ValueError(f"set_alarm() needs a finite time in epoch seconds, got {when!r}")
+    if seconds < 0:
+        raise ValueError(
+            f"set_alarm() got {when!r}, a time before 1970; pass epoch seconds, e.g. ctx.now() + 60"
+        )
+    if isinstance(when, datetime):
+        return seconds  # a datetime is at most year 9999
+    if seconds > _MAX_ALARM_SECONDS:
+        if seconds / 1000 <= _MAX_ALARM_SECONDS:
+            raise ValueError(
+                f"set_alarm() takes epoch seconds, not milliseconds as Cloudflare's "
+                f"setAlarm does: {when!r} would be after the year 5138 (over "
+                f"{_MAX_ALARM_SECONDS:.0e} s); pass {seconds / 1000!r} (the value / 1000)"
+            )
+        raise ValueError(
+            f"set_alarm() takes epoch seconds up to {_MAX_ALARM_SECONDS:.0e} (the year "
+            f"5138), got {when!r}; pass e.g. ctx.now() + 60"
+        )
+    return seconds
 
 
 def stored_alarm(storage: Storage) -> float | None:

@@ -18,7 +18,9 @@ The rules, in the order they apply:
    transaction raises the storage error to the task.
 5. **Unacknowledged writes are dropped.** An activation that ends with writes not yet
    committed (it was cancelled mid-turn: shutdown, a forced eviction) rolls them back:
-   the output gate held every reply that could have acknowledged them.
+   the output gate held every reply that could have acknowledged them. So does an
+   object being reset (``ctx.abort()``, a failed ``block_concurrency_while``), at once
+   (:meth:`TurnCommit.abandon`); a commit already in flight still completes.
 """
 
 from __future__ import annotations
@@ -222,6 +224,18 @@ class TurnCommit:
         """Commit a background task's write before its call returns (rule 2)."""
         async with self._activation.turn_lock:
             await self.commit()
+
+    def abandon(self) -> int:
+        """The object is being reset: roll back the writes not yet committed and drop
+        the messages the output gate holds (rule 5). Returns how many were dropped.
+
+        A commit in flight (in a worker thread) is left to complete: its writes are
+        durable and its messages released as usual.
+        """
+        storage = self.storage
+        if storage.committing or not storage.dirty:
+            return 0
+        return storage.failed()
 
     def release(self) -> None:
         """The activation has ended: drop unacknowledged writes (rule 5), hand the

@@ -590,7 +590,6 @@ def class_lengths() -> dict[str, tuple[int, str]]:
 #: entry fails once its class is gone or within the limit.
 LONG_CLASSES: Final[dict[str, int]] = {
     # issue 10: being split (review P1, P3).
-    "_runtime.Runtime": 422,  # the object table, delivery, reaping, shutdown
     "_storage.api.Storage": 344,  # the public API and the turn commit protocol
 }
 

@@ -112,7 +112,7 @@ class Host(metaclass=_NoPublicConstructor):
             KeyError: the app has no namespace ``namespace``.
         """
         runtime = self._runtime
-        entry = runtime.known(namespace, runtime.object_id(namespace, name))
+        entry = runtime.objects.get(namespace, runtime.object_id(namespace, name))
         activation = entry.activation if entry is not None else None
         if activation is None:
             await trio.lowlevel.checkpoint()
@@ -150,7 +150,7 @@ class Host(metaclass=_NoPublicConstructor):
             KeyError: the app has no namespace ``namespace``.
         """
         runtime = self._runtime
-        return runtime.object_statistics(namespace, runtime.object_id(namespace, name))
+        return runtime.objects.statistics(namespace, runtime.object_id(namespace, name))
 
 
 def runtime_of(host: Host) -> Runtime:

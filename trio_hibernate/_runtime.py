@@ -19,7 +19,7 @@ import trio
 from ._connections import ConnectionSet
 from ._core.budget import MemoryBudget
 from ._core.codec import encode_data
-from ._core.directory import parse_target
+from ._core.routing import parse_target
 from ._core.events import AlarmEvent, CallEvent, Event, FetchEvent, MessageEvent
 from ._core.frames import encode_message
 from ._directory import ObjectDirectory, ObjectEntry

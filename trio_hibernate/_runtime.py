@@ -19,9 +19,9 @@ import trio
 from ._connections import ConnectionSet
 from ._core.budget import MemoryBudget
 from ._core.codec import encode_data
-from ._core.directory import parse_target
 from ._core.events import AlarmEvent, CallEvent, Event, FetchEvent, MessageEvent
 from ._core.frames import encode_message
+from ._core.routing import parse_target
 from ._directory import ObjectDirectory, ObjectEntry
 from ._http import Request, Response
 from ._ids import ObjectId

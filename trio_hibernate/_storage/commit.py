@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Protocol, final
 
 import trio
 
-from .api import Storage
+from .api import Storage, StorageState
 
 if TYPE_CHECKING:
     from .._containment import ObjectLog
@@ -106,6 +106,7 @@ class TurnCommit:
         "_obj",
         "_on_committed",
         "_services",
+        "state",
         "storage",
     )
 
@@ -125,7 +126,7 @@ class TurnCommit:
         self._holding = holding
         self._on_committed = on_committed
         self._log = log
-        self.storage = Storage(
+        self.state = StorageState(
             open_db=self._open,
             limits=services.limits,
             gate=activation.gate,
@@ -133,6 +134,8 @@ class TurnCommit:
             in_turn=self._in_turn,
             exclusive=self.exclusive,
         )
+        """The runtime's side of the storage (what this protocol drives)."""
+        self.storage = Storage(self.state)
         """The activation's ``ctx.storage``."""
 
     def _open(self) -> ObjectDatabase:
@@ -149,7 +152,7 @@ class TurnCommit:
             sqlite3.Error, OSError: the commit failed; the writes are rolled back, the
                 held messages dropped and the activation asked to stop (logged here).
         """
-        storage = self.storage
+        storage = self.state
         if not storage.dirty:
             return
         services = self._services
@@ -199,7 +202,7 @@ class TurnCommit:
 
         A failed commit was logged and reset the instance (rule 4); it is not raised.
         """
-        storage = self.storage
+        storage = self.state
         if storage.dirty:
             with contextlib.suppress(sqlite3.Error, OSError):  # logged and reset by commit()
                 await self.commit()
@@ -232,7 +235,7 @@ class TurnCommit:
         A commit in flight (in a worker thread) is left to complete: its writes are
         durable and its messages released as usual.
         """
-        storage = self.storage
+        storage = self.state
         if storage.committing or not storage.dirty:
             return 0
         return storage.failed()
@@ -240,7 +243,7 @@ class TurnCommit:
     def release(self) -> None:
         """The activation has ended: drop unacknowledged writes (rule 5), hand the
         database back to the backend."""
-        storage = self.storage
+        storage = self.state
         if storage.dirty:
             storage.failed()
         db = storage.detach()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 from typing import Any, Final
-from urllib.parse import parse_qs
 
 import attrs
 import pytest
@@ -74,7 +73,7 @@ class Closed:
 
 def verified_user(request: Request) -> User | None:
     """The user the request's token proves (``?token=`` or ``authorization``), or None."""
-    token = parse_qs(request.query).get("token", [request.header("authorization") or ""])[0]
+    token = request.query_params.get("token", request.header("authorization") or "")
     name = TOKENS.get(token)
     return None if name is None else User(name)
 
@@ -151,7 +150,7 @@ async def worker(request: Request, ctx: AppContext) -> Response:
     if found := re.fullmatch(r"/api/match/([0-9a-f]{64})/ws", request.path):
         return await matches.get(matches.id_from_string(found[1])).fetch(request)
     if request.path == "/api/join":
-        room = parse_qs(request.query).get("room", ["lobby"])[0]
+        room = request.query_params.get("room", "lobby")
         return await matches.get_by_name(room).fetch(request)
     if request.path == "/api/lobby":
         return await ctx.get_namespace("lobby").get_by_name("main").fetch(request)

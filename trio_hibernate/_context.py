@@ -6,7 +6,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, final
+from typing import TYPE_CHECKING, NoReturn, Protocol, TypeVar, final
 
 from ._autoresponse import WebSocketRequestResponsePair
 from ._core.sockets import SocketRecord, normalize_tags
@@ -21,7 +21,15 @@ if TYPE_CHECKING:
     from ._storage.api import Storage
     from ._stubs import Namespace
 
-__all__ = ["ObjectContext", "handles_of"]
+__all__ = ["Blocker", "ObjectContext", "handles_of"]
+
+T = TypeVar("T")
+
+
+class Blocker(Protocol):
+    """What runs ``ctx.block_concurrency_while`` (the supervisor's critical sections)."""
+
+    def __call__(self, async_fn: Callable[[], Awaitable[T]], /) -> Awaitable[T]: ...
 
 
 @final
@@ -34,6 +42,8 @@ class ObjectContext:
     """
 
     __slots__ = (
+        "_abort",
+        "_block",
         "_core",
         "_gate",
         "_handles",
@@ -57,6 +67,8 @@ class ObjectContext:
         storage: Callable[[], Storage] | None = None,
         namespaces: Callable[[str], Namespace] | None = None,
         wall_clock: Callable[[], float] = time.time,
+        block: Blocker | None = None,
+        abort: Callable[[str | None], NoReturn] | None = None,
     ) -> None:
         # Made by the runtime; never constructed by application code.
         self.namespace = namespace
@@ -69,6 +81,8 @@ class ObjectContext:
         self._storage_factory = storage
         self._namespaces = namespaces
         self._wall_clock = wall_clock
+        self._block = block
+        self._abort = abort
         self._storage: Storage | None = None
         self._handles: dict[SocketRecord, WebSocket] = {}
 
@@ -265,6 +279,56 @@ class ObjectContext:
         An exception it raises is logged with the object id and does not affect sockets.
         """
         self._spawn(async_fn)
+
+    def block_concurrency_while(self, async_fn: Callable[[], Awaitable[T]]) -> Awaitable[T]:
+        """Run ``await async_fn()`` while no other event reaches this object.
+
+        Events arriving meanwhile (messages, closes, fetches, calls, alarms) queue and
+        run afterwards in arrival order. Its storage writes commit as a turn's do. The
+        object is not evicted while it runs.
+
+        - In the constructor, which cannot await, it is scheduled: ``async_fn`` runs
+          after the constructor returns and before the first event (typically, to load
+          state from storage). Do not await the result there.
+        - In a handler it runs within the turn: ``await`` it for what ``async_fn``
+          returns.
+        - In a ``ctx.start_soon`` task it waits for the current turn and holds the
+          object as a turn does (its writes are committed when it returns).
+
+        Awaiting it is a checkpoint. Cancelled (the object is evicted by force, the host
+        shuts down), ``async_fn`` is cancelled and nothing is reset.
+
+        ``async_fn`` gets 30 seconds (Cloudflare's limit). If it raises, or overruns and
+        is cancelled (:class:`TimeoutError`), the exception propagates and **the object
+        is reset** as by :meth:`abort` (catch inside ``async_fn`` to avoid that); in the
+        constructor that is a failed constructor. See ``docs/differences.md``.
+
+        Raises:
+            TypeError: ``async_fn`` is not callable (pass ``self.load``, not
+                ``self.load()``).
+            TimeoutError: ``async_fn`` ran longer than 30 s.
+        """
+        if self._block is None:
+            raise RuntimeError("this context has no host (made outside a host)")
+        return self._block(async_fn)
+
+    def abort(self, reason: str | None = None) -> NoReturn:
+        """Reset this object now (Cloudflare's ``ctx.abort``).
+
+        ``reason`` is logged as an error. The instance is dropped: the code that called
+        ``abort`` is unwound (by an internal :class:`BaseException`: let it through),
+        the running event fails (a fetch gets 500, a stub call an error, an alarm is
+        retried), the object's ``ctx.start_soon`` tasks are cancelled, the writes not
+        yet committed are rolled back and held messages dropped. Queued events are
+        answered with an error and the object's WebSockets are closed with 1011, as
+        when a constructor raises. The next event constructs a new instance.
+
+        Raises:
+            TypeError: ``reason`` is not a str.
+        """
+        if self._abort is None:
+            raise RuntimeError("this context has no host (made outside a host)")
+        self._abort(reason)
 
 
 def handles_of(ctx: ObjectContext) -> Callable[[SocketRecord], WebSocket]:

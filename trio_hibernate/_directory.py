@@ -38,8 +38,9 @@ class EntryOwner(Protocol):
     def forget_if_unused(self, entry: ObjectEntry) -> None:
         """Drop the object from memory if it has nothing left to do."""
 
-    def fail_object(self, entry: ObjectEntry, dropped: list[Event]) -> None:
-        """The constructor raised: answer ``dropped``, close the sockets with 1011."""
+    def fail_object(self, entry: ObjectEntry, dropped: list[Event], why: str) -> None:
+        """The constructor raised, or the object was reset (``why``): answer
+        ``dropped``, close the sockets with 1011."""
 
     def refuse_unrun_event(self, entry: ObjectEntry, event: Event) -> None:
         """Answer an event that will not run (shutdown, or its namespace was removed)."""
@@ -74,9 +75,10 @@ class ObjectEntry:
         """Drop the object from memory if it has nothing left to do."""
         self.owner.forget_if_unused(self)
 
-    def fail(self, dropped: list[Event]) -> None:
-        """The constructor raised (see :meth:`EntryOwner.fail_object`)."""
-        self.owner.fail_object(self, dropped)
+    def fail(self, dropped: list[Event], why: str) -> None:
+        """The constructor raised, or the object was reset (see
+        :meth:`EntryOwner.fail_object`)."""
+        self.owner.fail_object(self, dropped, why)
 
     def refuse_unrun_event(self, event: Event) -> None:
         """Answer an event that will not run (see :meth:`EntryOwner.refuse_unrun_event`)."""

@@ -103,7 +103,8 @@ class Host(metaclass=_NoPublicConstructor):
     async def hibernate(self, namespace: str, name: str | ObjectId) -> bool:
         """Evict an object now (test hook), keeping its WebSockets connected.
 
-        Waits for the current turn to finish, cancels the object's background tasks and
+        Waits for the current turn (and a ``block_concurrency_while`` section of a
+        ``ctx.start_soon`` task) to finish, cancels the object's background tasks and
         drops the instance; the next event constructs a new one. Returns False when the
         object had no instance in memory. A checkpoint.
 

@@ -20,9 +20,9 @@ from ._app import AppContext
 from ._connections import ConnectionSet
 from ._core.budget import MemoryBudget
 from ._core.codec import encode_data
-from ._core.directory import parse_target
 from ._core.events import AlarmEvent, CallEvent, Event, FetchEvent, MessageEvent
 from ._core.frames import encode_message
+from ._core.routing import parse_target
 from ._directory import ObjectDirectory, ObjectEntry
 from ._http import Request, Response
 from ._ids import ObjectId
@@ -75,8 +75,7 @@ class Runtime:
     ) -> None:
         self.app = app
         self.env = app.env
-        self.app_context = AppContext(self)
-        """What the app's hooks get besides the request (``ConnectionOwner``)."""
+        self.app_context = AppContext(self)  # for App.authorize and App.fetch
         self.limits = limits
         self.hibernate_after_every_event = hibernate_after_every_event
         self.handshake_timeout = handshake_timeout
@@ -285,9 +284,10 @@ class Runtime:
         """Drop an object with nothing left to do from memory (see ``ObjectDirectory``)."""
         self.objects.forget_if_unused(entry)
 
-    def fail_object(self, entry: ObjectEntry, dropped: list[Event]) -> None:
-        """The constructor raised: close every socket with 1011, answer fetches 500 and
-        stub calls with an error, retry a due alarm later.
+    def fail_object(self, entry: ObjectEntry, dropped: list[Event], why: str) -> None:
+        """The constructor raised, or the object was reset (``ctx.abort()``, a failed
+        ``block_concurrency_while``): close every socket with 1011, answer fetches 500
+        and stub calls with an error saying ``why``, retry a due alarm later.
 
         No handler can run (there is no instance), so the sockets are released at once.
         """
@@ -297,7 +297,7 @@ class Runtime:
             elif isinstance(event, FetchEvent):
                 event.reply.send(Response(status=500, body="Internal Server Error\n"))
             elif isinstance(event, CallEvent):
-                event.reply.fail(RuntimeError(f"the constructor of {entry.cls.__name__} raised"))
+                event.reply.fail(RuntimeError(why))
             elif isinstance(event, AlarmEvent):
                 self.alarms.retry(entry.alarm_key, event.retry_count)
                 if event.on_done is not None:

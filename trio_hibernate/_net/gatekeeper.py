@@ -155,9 +155,9 @@ class Gatekeeper:
             why = "a WebSocket that is not this request's"
         else:
             why = (
-                "a WebSocket no object accepted (a 101 must carry the socket an object "
-                "accepted with ctx.accept_websocket; from App.fetch, return what "
-                "stub.fetch(request) answered)"
+                "a WebSocket no object accepted, or one its object let go since (a 101 "
+                "must carry the socket an object accepted with ctx.accept_websocket; "
+                "from App.fetch, return what stub.fetch(request) answered)"
             )
         log.error("%s for %s answered 101 with %s; answering 500", answered_by, request.path, why)
         return Answer(simple_response(500, "Internal Server Error"))

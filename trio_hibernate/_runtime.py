@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -19,10 +20,11 @@ import trio
 from ._connections import ConnectionSet
 from ._core.budget import MemoryBudget
 from ._core.codec import encode_data
+from ._core.directory import ObjectDirectory
 from ._core.events import AlarmEvent, CallEvent, Event, FetchEvent, MessageEvent
 from ._core.frames import encode_message
 from ._core.routing import parse_target
-from ._directory import ObjectDirectory, ObjectEntry
+from ._directory import LoggedSettings, ObjectEntry
 from ._http import Request, Response
 from ._ids import ObjectId
 from ._limits import Limits
@@ -40,6 +42,7 @@ from ._supervisor import Supervisor
 
 if TYPE_CHECKING:
     from ._app import App
+    from ._object import DurableObject
 
 __all__ = ["ObjectEntry", "Runtime"]
 
@@ -90,7 +93,9 @@ class Runtime:
             self.alarms.schedule(key, when)
         self.settings = SettingsIndex()
         """Auto-response pairs and event timeouts of objects the runtime forgot."""
-        self.objects = ObjectDirectory(self, limits, self.settings)
+        self.objects: ObjectDirectory[ObjectEntry, type[DurableObject]] = ObjectDirectory(
+            partial(ObjectEntry, self), limits, LoggedSettings(self.settings)
+        )
         """The objects the runtime knows."""
         self.counters = Counters()
         """What happened so far (read through :meth:`statistics`)."""

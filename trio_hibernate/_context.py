@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, final
 
 from ._autoresponse import WebSocketRequestResponsePair
+from ._broadcast import broadcast
 from ._core.sockets import SocketRecord, normalize_tags
 from ._errors import LimitExceededError, WebSocketStateError
 from ._limits import MAX_EVENT_TIMEOUT_MS
@@ -103,7 +104,7 @@ class ObjectContext:
     def _handle(self, record: SocketRecord) -> WebSocket:
         handle = self._handles.get(record)
         if handle is None:
-            handle = handle_for(record, self._core.limits, self._gate)
+            handle = handle_for(record, self._core.registry, self._core.limits, self._gate)
             self._handles[record] = handle
         return handle
 
@@ -127,11 +128,17 @@ class ObjectContext:
         after hibernation. Call it in ``fetch`` and return
         ``Response(status=101, websocket=ws)``. Tags are fixed for the socket's life.
 
+        The socket's connection id (:attr:`WebSocket.id`) is the URL's ``_pk`` query
+        parameter when the client gives one.
+
         Raises:
             WebSocketStateError: ``ws`` was already accepted.
             TypeError: ``tags`` is a string or holds a non-string.
             LimitExceededError: too many tags, a tag too long, or the object already holds
-                ``Limits.max_websockets_per_object`` sockets. Nothing is changed.
+                ``Limits.max_websockets_per_object`` sockets.
+            ConnectionIdError: the ``_pk`` is malformed (status 400) or another socket of
+                this object has it (409); raised out of ``fetch``, it refuses the upgrade
+                with that status. Nothing is changed when this method raises.
         """
         if not isinstance(ws, WebSocket):
             raise TypeError(f"expected a WebSocket, got {type(ws).__name__}")
@@ -154,6 +161,42 @@ class ObjectContext:
             raise TypeError(f"a tag is a str, not {type(tag).__name__}")
         handle = self._handle
         return [handle(record) for record in self._core.registry.sockets(tag)]
+
+    def get_websocket(self, connection_id: str) -> WebSocket | None:
+        """The listed socket whose :attr:`WebSocket.id` is ``connection_id``, or None.
+
+        Listed as in :meth:`get_websockets`: until its close or error handler has run.
+        """
+        if not isinstance(connection_id, str):
+            raise TypeError(f"a connection id is a str, not {type(connection_id).__name__}")
+        record = self._core.registry.by_id(connection_id)
+        return None if record is None else self._handle(record)
+
+    def broadcast(
+        self,
+        message: str | bytes | bytearray | memoryview,
+        *,
+        tag: str | None = None,
+        exclude: WebSocket | str | Iterable[WebSocket | str] = (),
+    ) -> int:
+        """Send ``message`` to every open socket (with ``tag``, if given); returns how many.
+
+        Sockets that cannot take a message are skipped rather than raising part way (as a
+        loop of :meth:`WebSocket.send` would): those this object closed, and those whose
+        peer ended them. ``exclude`` skips sockets too: WebSockets, connection ids, or
+        one of either. The frame is encoded once for all. A send that fails in one
+        connection is logged and the others still get it. Not a checkpoint.
+
+        Like ``send``, it waits for this turn's storage writes to be durable (the output
+        gate), and is dropped if they fail; the count is then of the sockets it waits for.
+
+        Raises:
+            TypeError: ``message`` is not ``str`` or bytes-like; a bad ``tag`` or ``exclude``.
+            UnicodeEncodeError: ``message`` holds a lone surrogate. Nothing is sent.
+        """
+        return broadcast(
+            self._core.registry, self._gate, message, tag, exclude, (self.namespace, self.id)
+        )
 
     def get_tags(self, ws: WebSocket) -> list[str]:
         """The tags ``ws`` was accepted with (also inside close and error handlers).

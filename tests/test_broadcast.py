@@ -11,7 +11,6 @@ import logging
 import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
-from urllib.parse import parse_qs
 
 import attrs
 import pytest
@@ -311,8 +310,7 @@ class Chat(DurableObject):
     (``<command> <text>``) and records what each did in ``env.probe``."""
 
     async def fetch(self, request: Request) -> Response:
-        tags = parse_qs(request.query).get("tag", [])
-        return accept_upgrade(self.ctx, request, tags)
+        return accept_upgrade(self.ctx, request, request.query_params.getlist("tag"))
 
     async def websocket_message(self, ws: WebSocket, message: str | bytes) -> None:
         assert isinstance(message, str)

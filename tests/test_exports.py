@@ -22,6 +22,7 @@ EXPECTED = {
     "ObjectState",
     "ObjectStatistics",
     "ObjectStub",
+    "QueryParams",
     "ReadyState",
     "ReentrantCallError",
     "Request",

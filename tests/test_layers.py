@@ -588,12 +588,7 @@ def class_lengths() -> dict[str, tuple[int, str]]:
 
 #: Classes over the limit today, with their length: they may shrink, not grow; an
 #: entry fails once its class is gone or within the limit.
-LONG_CLASSES: Final[dict[str, int]] = {
-    # issue 10: being split (review P1, P3).
-    "_runtime.Runtime": 422,  # the object table, delivery, reaping, shutdown
-    "_net.connection.ServerConnection": 739,  # HTTP, upgrade, frames, close, writer
-    "_storage.api.Storage": 344,  # the public API and the turn commit protocol
-}
+LONG_CLASSES: Final[dict[str, int]] = {}
 
 
 def test_no_long_class() -> None:

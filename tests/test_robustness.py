@@ -35,6 +35,8 @@ from trio_hibernate import App, ObjectContext, Request, Response, WebSocket
 from trio_hibernate._core.lifecycle import ObjectCore
 from trio_hibernate._host import runtime_of
 from trio_hibernate._net.connection import ServerConnection
+from trio_hibernate._net.gatekeeper import Gatekeeper
+from trio_hibernate._net.http import HttpExchange
 from trio_hibernate._server import Server, open_server
 
 UPGRADE = (
@@ -247,11 +249,11 @@ async def test_cross_site_upgrades_are_refused_by_default(
 async def test_an_internal_error_in_the_http_phase_is_contained(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def broken(self: ServerConnection, request: Request) -> None:
+    async def broken(self: Gatekeeper, request: Request) -> None:
         raise RuntimeError("a bug of ours")
 
     async with serving() as (server, witness):
-        monkeypatch.setattr(ServerConnection, "_gatekeep", broken)
+        monkeypatch.setattr(Gatekeeper, "gatekeep", broken)
         reply = await http_exchange(server.port, b"GET /echo/a HTTP/1.1\r\nHost: x\r\n\r\n")
         assert reply.status == 500
         await witness_alive(witness)
@@ -704,11 +706,11 @@ async def test_a_socket_lost_while_paused_gets_its_close(autojump_clock: trio.ab
 async def test_an_upgrade_that_fails_after_the_accept_is_undone(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def broken(self: ServerConnection, *args: object) -> None:
+    def broken(self: HttpExchange, *args: object) -> None:
         raise RuntimeError("a bug of ours while answering the upgrade")
 
     async with serving() as (server, witness):
-        monkeypatch.setattr(ServerConnection, "_upgrade", broken)
+        monkeypatch.setattr(HttpExchange, "upgrade", broken)
         request = UPGRADE.format(path="/echo/victim", host="x", key=GOOD_KEY, extra="")
         response = await raw_exchange(server.port, request.encode())
         assert status_of(response) == 500

@@ -36,6 +36,7 @@ from trio_hibernate import (
     Storage,
 )
 from trio_hibernate._core.gate import OutputGate
+from trio_hibernate._storage.api import StorageState
 from trio_hibernate._storage.backend import ObjectDatabase
 from trio_hibernate._storage.sqlite import SqliteDatabase
 from trio_hibernate._storage.statements import split_statements, statement_ends
@@ -177,13 +178,14 @@ def test_parameters_in_strings_and_comments_are_not_parameters() -> None:
 # -- SqlStorage and its cursor, inside one turn ---------------------------------------------
 
 
-def storage_on(db: ObjectDatabase, limits: Limits | None = None) -> Storage:
-    """A ``ctx.storage`` over ``db``, used as inside a turn (no commit ever runs)."""
+def state_on(db: ObjectDatabase, limits: Limits | None = None) -> StorageState:
+    """The runtime's side of a storage over ``db``, used as inside a turn (no commit
+    ever runs unless a test calls the commit steps itself)."""
 
     def outside_a_turn() -> Any:
         raise AssertionError("these tests run inside a turn")
 
-    return Storage(
+    return StorageState(
         open_db=lambda: db,
         limits=limits or Limits(),
         gate=OutputGate(),
@@ -193,14 +195,24 @@ def storage_on(db: ObjectDatabase, limits: Limits | None = None) -> Storage:
     )
 
 
+def storage_on(db: ObjectDatabase, limits: Limits | None = None) -> Storage:
+    """A ``ctx.storage`` over ``db`` (see :func:`state_on`)."""
+    return Storage(state_on(db, limits))
+
+
 @pytest.fixture
 def db() -> SqliteDatabase:
     return SqliteDatabase(sqlite3.connect(":memory:", isolation_level=None))
 
 
 @pytest.fixture
-def storage(db: SqliteDatabase) -> Storage:
-    return storage_on(db)
+def state(db: SqliteDatabase) -> StorageState:
+    return state_on(db)
+
+
+@pytest.fixture
+def storage(state: StorageState) -> Storage:
+    return Storage(state)
 
 
 def count(storage: Storage, table: str) -> int:
@@ -400,11 +412,11 @@ def test_rows_written(storage: Storage) -> None:
     assert sql.exec("INSERT INTO t VALUES (8); SELECT count(*) FROM t").rows_written == 0
 
 
-def test_writes_close_the_output_gate_reads_do_not(storage: Storage) -> None:
+def test_writes_close_the_output_gate_reads_do_not(storage: Storage, state: StorageState) -> None:
     storage.sql.exec("SELECT 1; WITH x AS (SELECT 2) SELECT * FROM x")
-    assert not storage.dirty
+    assert not state.dirty
     storage.sql.exec("CREATE TABLE t (x)")  # writes no row, but the schema
-    assert storage.dirty
+    assert state.dirty
 
 
 def test_database_size_counts_the_pages_in_use(storage: Storage, db: SqliteDatabase) -> None:
@@ -525,14 +537,16 @@ COMMITTED: Final = (
 )
 
 
-def test_a_cursor_left_unread_is_closed_when_the_transaction_commits(storage: Storage) -> None:
+def test_a_cursor_left_unread_is_closed_when_the_transaction_commits(
+    storage: Storage, state: StorageState
+) -> None:
     ten_rows(storage)
     unread = storage.sql.exec("SELECT n FROM t ORDER BY n")
     assert next(unread) == {"n": 1}
     finished = storage.sql.exec("SELECT n FROM t WHERE n = 1")
     assert finished.to_list() == [{"n": 1}]
     returning = storage.sql.exec("UPDATE t SET s = 'x' WHERE n < 3 RETURNING n")
-    storage.commit_sync()  # what the runtime runs when the turn ends
+    state.commit_sync()  # what the runtime runs when the turn ends
     with pytest.raises(RuntimeError, match=re.escape(COMMITTED)):
         next(unread)
     with pytest.raises(RuntimeError, match="read a cursor within the turn that made it"):
@@ -544,13 +558,13 @@ def test_a_cursor_left_unread_is_closed_when_the_transaction_commits(storage: St
     assert finished.to_list() == []
 
 
-def test_a_read_only_turn_ends_its_cursors_too(storage: Storage) -> None:
+def test_a_read_only_turn_ends_its_cursors_too(storage: Storage, state: StorageState) -> None:
     ten_rows(storage)
-    storage.commit_sync()
-    storage.committed()
+    state.commit_sync()
+    state.committed()
     cursor = storage.sql.exec("SELECT n FROM t")
-    assert not storage.dirty
-    storage.end_read_only_turn()
+    assert not state.dirty
+    state.end_read_only_turn()
     with pytest.raises(RuntimeError, match=re.escape(COMMITTED)):
         cursor.one()
 
@@ -566,10 +580,10 @@ def test_a_cursor_is_not_stepped_while_its_transaction_commits(
         next(cursor)
 
 
-def test_a_rollback_ends_cursors(storage: Storage) -> None:
+def test_a_rollback_ends_cursors(storage: Storage, state: StorageState) -> None:
     ten_rows(storage)
     cursor = storage.sql.exec("SELECT n FROM t")
-    storage.failed()  # a failed commit, or an activation cancelled mid-turn
+    state.failed()  # a failed commit, or an activation cancelled mid-turn
     with pytest.raises(RuntimeError, match="its transaction was rolled back"):
         list(cursor)
 

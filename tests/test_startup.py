@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import trio
 
+import trio_hibernate._net.listener
 import trio_hibernate._server
 import trio_hibernate._storage.alarms
 from trio_hibernate import App, DurableObject, StorageError, open_host, open_server
@@ -103,13 +104,13 @@ async def test_open_server_raises_it_too_and_never_listens(
 ) -> None:
     corrupt_index(tmp_path / "data")
     listened: list[tuple[object, ...]] = []
-    real_listen = trio_hibernate._server._listen
+    real_listen = trio_hibernate._net.listener.listen
 
     def listen(*args: Any) -> socket.socket:
         listened.append(args)
         return real_listen(*args)
 
-    monkeypatch.setattr(trio_hibernate._server, "_listen", listen)
+    monkeypatch.setattr(trio_hibernate._server, "listen", listen)
     with trio.fail_after(WAIT_SECONDS), pytest.raises(StorageError, match=r"_alarms\.sqlite3"):
         async with open_server(APP, data_dir=tmp_path / "data"):
             pytest.fail("the server started")

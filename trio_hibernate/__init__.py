@@ -12,8 +12,9 @@ a :func:`open_host` and hand it sockets.
 #
 # trio_hibernate/_core/ is the sans-IO core: what the runtime decides, as plain data and
 # functions (an object's lifecycle and mailbox, the sockets' close states and tags, the
-# output gate, events and their one-shot replies, codecs, frames, the byte budget). It
-# never imports trio, never reads a clock, never awaits; tests/test_layers.py checks.
+# output gate, events and their one-shot replies, codecs, frames, the byte budget,
+# routing a path). It never imports trio, never reads a clock, never awaits;
+# tests/test_layers.py checks.
 #
 # The object-facing API is plain Python too, flat: _app, _object, _context, _websocket,
 # _broadcast, _http, _limits, _ids, _autoresponse, _errors (every exception, split by
@@ -21,16 +22,19 @@ a :func:`open_host` and hand it sockets.
 #
 # The runtime is the Trio layer for objects, flat as trio keeps its high-level modules:
 # _host (the public Host facade and open_host), _runtime (the internal Runtime behind
-# it), _supervisor (one object's activations and turns), _reaper, _containment (the one
-# place application code's exceptions are caught), _stubs, _oneshot.
+# it), _directory (the objects it knows), _connections (the connections it serves),
+# _supervisor (one object's activations and turns), _critical (critical sections and
+# resets: ctx.block_concurrency_while, ctx.abort), _reaper (idle objects), _containment
+# (the one place application code's exceptions are caught), _stubs, _oneshot.
 #
-# trio_hibernate/_net/ is bytes on sockets: the per-connection task, HTTP and the
-# upgrade, the gatekeeper, the WebSocket transport, the writer, the listener. It knows
-# the runtime only through the ConnectionOwner Protocol it defines.
+# trio_hibernate/_net/ is bytes on sockets: the per-connection task, the byte channel
+# (an OS socket or any trio stream), HTTP and the upgrade, the gatekeeper, the WebSocket
+# transport, the writer, the listener. It knows the runtime only through the Protocols
+# of _net/owner.py.
 #
 # trio_hibernate/_storage/ keeps objects' data: the Storage API, the SQLite backend,
 # alarms, the turn commit protocol. _server, _signals, _descriptors and _cli put a host
-# on a port and a process; trio_hibernate/testing/ is the test kit.
+# on a port and in a process; trio_hibernate/testing/ is the test kit.
 
 from ._app import App as App
 from ._autoresponse import WebSocketRequestResponsePair as WebSocketRequestResponsePair
@@ -50,7 +54,7 @@ from ._errors import (
     WebSocketStateError as WebSocketStateError,
 )
 from ._host import Host as Host, open_host as open_host
-from ._http import Request as Request, Response as Response
+from ._http import QueryParams as QueryParams, Request as Request, Response as Response
 from ._ids import ObjectId as ObjectId
 from ._limits import Limits as Limits
 from ._object import DurableObject as DurableObject
@@ -81,6 +85,7 @@ __all__ = [
     "ObjectState",
     "ObjectStatistics",
     "ObjectStub",
+    "QueryParams",
     "ReadyState",
     "ReentrantCallError",
     "Request",

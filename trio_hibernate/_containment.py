@@ -9,6 +9,10 @@ entered :class:`Containment`, after the ``with`` block.
 Only :class:`Exception` is contained. ``trio.Cancelled``, ``KeyboardInterrupt`` and
 ``SystemExit`` pass through unchanged. A stub call does not contain: the caller's
 ``await stub.call(...)`` raises what the method raised.
+
+``ctx.abort()`` is not an exception of the application's: it resets the object and
+raises :class:`~._errors.ObjectAborted` to unwind the code that called it, which
+:data:`abort_ends_here` stops where that code was entered.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final, TypeAlias, final
 
+import trio
+
+from ._errors import ObjectAborted
 from ._http import Request, Response
 
 if TYPE_CHECKING:
@@ -24,7 +31,7 @@ if TYPE_CHECKING:
 
     from ._ids import ObjectId
 
-__all__ = ["Containment", "ObjectLog", "object_log", "run_app_hook"]
+__all__ = ["Containment", "ObjectLog", "abort_ends_here", "object_log", "run_app_hook"]
 
 log: Final = logging.getLogger("trio_hibernate.object")
 
@@ -78,6 +85,43 @@ class Containment:
 
     def __repr__(self) -> str:
         return f"<Containment {self._message!r}>"
+
+
+def _only_aborts(exc: BaseException) -> bool:
+    """``exc`` is an :class:`ObjectAborted`, or a group of them (with the cancellations
+    of the tasks the abort cancelled beside it, in a nursery of the application's)."""
+    if isinstance(exc, ObjectAborted):
+        return True
+    if not isinstance(exc, BaseExceptionGroup):
+        return False
+    _, rest = exc.split((ObjectAborted, trio.Cancelled))
+    return rest is None and exc.subgroup(ObjectAborted) is not None
+
+
+@final
+class _AbortEndsHere:
+    """See :data:`abort_ends_here`."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        return exc is not None and _only_aborts(exc)
+
+
+#: ``with abort_ends_here:`` stops the unwinding started by ``ctx.abort()``
+#: (:class:`ObjectAborted`) where object code is entered (a turn, a ``ctx.start_soon``
+#: task, the constructor and its critical sections): the object was reset already, by
+#: ``abort()``; what follows the ``with`` block carries on. Anything else passes through.
+#: One instance, no state: it costs a turn no allocation.
+abort_ends_here: Final = _AbortEndsHere()
 
 
 _ERROR_500: Final = "Internal Server Error\n"

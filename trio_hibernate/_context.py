@@ -6,7 +6,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, final
+from typing import TYPE_CHECKING, NoReturn, Protocol, TypeVar, final
 
 from ._autoresponse import WebSocketRequestResponsePair
 from ._broadcast import broadcast
@@ -22,7 +22,54 @@ if TYPE_CHECKING:
     from ._storage.api import Storage
     from ._stubs import Namespace
 
-__all__ = ["ObjectContext", "handles_of"]
+__all__ = ["Blocker", "ObjectContext", "handles_of"]
+
+T = TypeVar("T")
+
+
+class Blocker(Protocol):
+    """What runs ``ctx.block_concurrency_while`` (the supervisor's critical sections)."""
+
+    def __call__(self, async_fn: Callable[[], Awaitable[T]], /) -> Awaitable[T]: ...
+
+
+def _check_pair(pair: WebSocketRequestResponsePair, limit: int) -> None:
+    """Raise unless ``pair`` is a pair whose strings are within ``limit`` UTF-8 bytes
+    (``Limits.max_auto_response_bytes``; the request is checked first, as workerd)."""
+    if not isinstance(pair, WebSocketRequestResponsePair):
+        raise TypeError(f"expected a WebSocketRequestResponsePair, got {pair!r}")
+    for what, text in (("request", pair.request), ("response", pair.response)):
+        size = len(text.encode("utf-8"))
+        if size > limit:
+            raise LimitExceededError(
+                f"{what.capitalize()} cannot be larger than {limit} bytes. A {what} of "
+                f"size {size} was provided (Limits.max_auto_response_bytes).",
+                limit_name="max_auto_response_bytes",
+                limit=limit,
+                value=size,
+            )
+
+
+def _event_timeout_ms(timeout_ms: object) -> int | None:
+    """The event timeout ``timeout_ms`` stands for (None: unset), checked as workerd does
+    (see :meth:`ObjectContext.set_hibernatable_websocket_event_timeout`)."""
+    value = timeout_ms
+    if isinstance(value, bool) or not isinstance(value, int | float | None):
+        raise TypeError(f"the event timeout is a number of ms, not {timeout_ms!r}")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise TypeError(f"the event timeout must be finite, got {value}")
+        value = int(value)  # workerd truncates fractions of a millisecond
+    if value is None or value == 0:
+        return None
+    assert isinstance(value, int)
+    if value < 0:
+        raise ValueError(f"the event timeout cannot be negative, got {value}")
+    if value > MAX_EVENT_TIMEOUT_MS:
+        raise ValueError(
+            f"Event timeout should not exceed {MAX_EVENT_TIMEOUT_MS} ms (got {value})."
+        )
+    return value
 
 
 @final
@@ -35,6 +82,8 @@ class ObjectContext:
     """
 
     __slots__ = (
+        "_abort",
+        "_block",
         "_core",
         "_gate",
         "_handles",
@@ -58,6 +107,8 @@ class ObjectContext:
         storage: Callable[[], Storage] | None = None,
         namespaces: Callable[[str], Namespace] | None = None,
         wall_clock: Callable[[], float] = time.time,
+        block: Blocker | None = None,
+        abort: Callable[[str | None], NoReturn] | None = None,
     ) -> None:
         # Made by the runtime; never constructed by application code.
         self.namespace = namespace
@@ -70,6 +121,8 @@ class ObjectContext:
         self._storage_factory = storage
         self._namespaces = namespaces
         self._wall_clock = wall_clock
+        self._block = block
+        self._abort = abort
         self._storage: Storage | None = None
         self._handles: dict[SocketRecord, WebSocket] = {}
 
@@ -181,14 +234,12 @@ class ObjectContext:
     ) -> int:
         """Send ``message`` to every open socket (with ``tag``, if given); returns how many.
 
-        Sockets that cannot take a message are skipped rather than raising part way (as a
-        loop of :meth:`WebSocket.send` would): those this object closed, and those whose
-        peer ended them. ``exclude`` skips sockets too: WebSockets, connection ids, or
-        one of either. The frame is encoded once for all. A send that fails in one
-        connection is logged and the others still get it. Not a checkpoint.
-
-        Like ``send``, it waits for this turn's storage writes to be durable (the output
-        gate), and is dropped if they fail; the count is then of the sockets it waits for.
+        Skips, where a loop of :meth:`WebSocket.send` would raise part way, the sockets
+        this object closed and those whose peer ended them; skips ``exclude`` too
+        (WebSockets, connection ids, or one of either). Encodes the frame once; a send
+        that fails in one connection is logged, the others still get it. Not a
+        checkpoint. Held by the output gate like ``send`` (then counts the sockets it
+        waits for).
 
         Raises:
             TypeError: ``message`` is not ``str`` or bytes-like; a bad ``tag`` or ``exclude``.
@@ -221,22 +272,8 @@ class ObjectContext:
             LimitExceededError: the request or the response is over
                 ``Limits.max_auto_response_bytes`` UTF-8 bytes (request checked first).
         """
-        if pair is None:
-            self._core.set_auto_response(None)
-            return
-        if not isinstance(pair, WebSocketRequestResponsePair):
-            raise TypeError(f"expected a WebSocketRequestResponsePair, got {pair!r}")
-        limit = self._core.limits.max_auto_response_bytes
-        for what, text in (("request", pair.request), ("response", pair.response)):
-            size = len(text.encode("utf-8"))
-            if size > limit:
-                raise LimitExceededError(
-                    f"{what.capitalize()} cannot be larger than {limit} bytes. A {what} of "
-                    f"size {size} was provided (Limits.max_auto_response_bytes).",
-                    limit_name="max_auto_response_bytes",
-                    limit=limit,
-                    value=size,
-                )
+        if pair is not None:
+            _check_pair(pair, self._core.limits.max_auto_response_bytes)
         self._core.set_auto_response(pair)
 
     def get_websocket_auto_response(self) -> WebSocketRequestResponsePair | None:
@@ -266,25 +303,7 @@ class ObjectContext:
                 truncated, as workerd does.
             ValueError: negative, or over 604,800,000 ms (a week).
         """
-        value: object = timeout_ms
-        if isinstance(value, bool) or not isinstance(value, int | float | None):
-            raise TypeError(f"the event timeout is a number of ms, not {timeout_ms!r}")
-        if isinstance(value, float):
-            if not math.isfinite(value):
-                raise TypeError(f"the event timeout must be finite, got {value}")
-            value = int(value)  # workerd truncates fractions of a millisecond
-        if value is None or value == 0:
-            self._core.set_event_timeout_ms(None)
-            return
-        assert isinstance(value, int)
-        timeout_ms = value
-        if timeout_ms < 0:
-            raise ValueError(f"the event timeout cannot be negative, got {timeout_ms}")
-        if timeout_ms > MAX_EVENT_TIMEOUT_MS:
-            raise ValueError(
-                f"Event timeout should not exceed {MAX_EVENT_TIMEOUT_MS} ms (got {timeout_ms})."
-            )
-        self._core.set_event_timeout_ms(timeout_ms)
+        self._core.set_event_timeout_ms(_event_timeout_ms(timeout_ms))
 
     def get_hibernatable_websocket_event_timeout(self) -> int | None:
         """The event timeout in ms, or None when unset."""
@@ -300,6 +319,56 @@ class ObjectContext:
         An exception it raises is logged with the object id and does not affect sockets.
         """
         self._spawn(async_fn)
+
+    def block_concurrency_while(self, async_fn: Callable[[], Awaitable[T]]) -> Awaitable[T]:
+        """Run ``await async_fn()`` while no other event reaches this object.
+
+        Events arriving meanwhile (messages, closes, fetches, calls, alarms) queue and
+        run afterwards in arrival order. Its storage writes commit as a turn's do. The
+        object is not evicted while it runs.
+
+        - In the constructor, which cannot await, it is scheduled: ``async_fn`` runs
+          after the constructor returns and before the first event (typically, to load
+          state from storage). Do not await the result there.
+        - In a handler it runs within the turn: ``await`` it for what ``async_fn``
+          returns.
+        - In a ``ctx.start_soon`` task it waits for the current turn and holds the
+          object as a turn does (its writes are committed when it returns).
+
+        Awaiting it is a checkpoint. Cancelled (the object is evicted by force, the host
+        shuts down), ``async_fn`` is cancelled and nothing is reset.
+
+        ``async_fn`` gets 30 seconds (Cloudflare's limit). If it raises, or overruns and
+        is cancelled (:class:`TimeoutError`), the exception propagates and **the object
+        is reset** as by :meth:`abort` (catch inside ``async_fn`` to avoid that); in the
+        constructor that is a failed constructor. See ``docs/differences.md``.
+
+        Raises:
+            TypeError: ``async_fn`` is not callable (pass ``self.load``, not
+                ``self.load()``).
+            TimeoutError: ``async_fn`` ran longer than 30 s.
+        """
+        if self._block is None:
+            raise RuntimeError("this context has no host (made outside a host)")
+        return self._block(async_fn)
+
+    def abort(self, reason: str | None = None) -> NoReturn:
+        """Reset this object now (Cloudflare's ``ctx.abort``).
+
+        ``reason`` is logged as an error. The instance is dropped: the code that called
+        ``abort`` is unwound (by an internal :class:`BaseException`: let it through),
+        the running event fails (a fetch gets 500, a stub call an error, an alarm is
+        retried), the object's ``ctx.start_soon`` tasks are cancelled, the writes not
+        yet committed are rolled back and held messages dropped. Queued events are
+        answered with an error and the object's WebSockets are closed with 1011, as
+        when a constructor raises. The next event constructs a new instance.
+
+        Raises:
+            TypeError: ``reason`` is not a str.
+        """
+        if self._abort is None:
+            raise RuntimeError("this context has no host (made outside a host)")
+        self._abort(reason)
 
 
 def handles_of(ctx: ObjectContext) -> Callable[[SocketRecord], WebSocket]:

@@ -13,6 +13,7 @@
 - The *operator's*: :class:`StorageError` (the data directory, or a file in it, cannot be
   used), :class:`AppLoadError` (the CLI's app spec names no App).
 - The *runtime's* own (a bug; please report): :class:`InvalidTransition`.
+- Not an error: :class:`ObjectAborted` unwinds the code that called ``ctx.abort()``.
 - The *storage's*: :class:`StorageCommitError` (a turn's writes were lost).
 """
 
@@ -33,6 +34,7 @@ __all__ = [
     "InvalidCloseCodeError",
     "InvalidTransition",
     "LimitExceededError",
+    "ObjectAborted",
     "ReentrantCallError",
     "StorageCommitError",
     "StorageError",
@@ -183,3 +185,13 @@ class InvalidTransition(RuntimeError):
         )
         self.state = state
         self.what = what
+
+
+class ObjectAborted(BaseException):
+    """Raised by ``ctx.abort()`` to unwind the object code that called it.
+
+    Internal (not exported): like :class:`trio.Cancelled` it is a :class:`BaseException`,
+    so ``except Exception`` lets it through, and application code must let it through
+    too. The runtime stops it where the object's code was entered (the constructor, a
+    handler's turn, a ``ctx.start_soon`` task), after resetting the object.
+    """

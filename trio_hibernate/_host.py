@@ -103,7 +103,8 @@ class Host(metaclass=_NoPublicConstructor):
     async def hibernate(self, namespace: str, name: str | ObjectId) -> bool:
         """Evict an object now (test hook), keeping its WebSockets connected.
 
-        Waits for the current turn to finish, cancels the object's background tasks and
+        Waits for the current turn (and a ``block_concurrency_while`` section of a
+        ``ctx.start_soon`` task) to finish, cancels the object's background tasks and
         drops the instance; the next event constructs a new one. Returns False when the
         object had no instance in memory. A checkpoint.
 
@@ -111,7 +112,7 @@ class Host(metaclass=_NoPublicConstructor):
             KeyError: the app has no namespace ``namespace``.
         """
         runtime = self._runtime
-        entry = runtime.known(namespace, runtime.object_id(namespace, name))
+        entry = runtime.objects.get(namespace, runtime.object_id(namespace, name))
         activation = entry.activation if entry is not None else None
         if activation is None:
             await trio.lowlevel.checkpoint()
@@ -149,7 +150,7 @@ class Host(metaclass=_NoPublicConstructor):
             KeyError: the app has no namespace ``namespace``.
         """
         runtime = self._runtime
-        return runtime.object_statistics(namespace, runtime.object_id(namespace, name))
+        return runtime.objects.statistics(namespace, runtime.object_id(namespace, name))
 
 
 def runtime_of(host: Host) -> Runtime:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Final
-from urllib.parse import urlsplit
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Final, final
+from urllib.parse import parse_qsl, urlsplit
 
 import attrs
 
 if TYPE_CHECKING:
     from ._websocket import WebSocket
 
-__all__ = ["Request", "Response"]
+__all__ = ["QueryParams", "Request", "Response"]
 
 Headers = tuple[tuple[str, str], ...]
 
@@ -58,6 +58,57 @@ def split_target(target: str) -> tuple[str, str]:
     return parts.path or "/", parts.query
 
 
+@final
+class QueryParams(Mapping[str, str]):
+    """The parsed query string of a request (:attr:`Request.query_params`): read-only.
+
+    A mapping from each name to its **first** value, as Cloudflare's
+    ``url.searchParams.get(name)`` (and werkzeug's and aiohttp's ``args[name]``) give;
+    :meth:`getlist` gives every value of a name, :meth:`multi_items` every pair in
+    order. Parsed as ``urllib.parse.parse_qsl(query, keep_blank_values=True)`` does:
+    ``+`` is a space, ``%xx`` escapes are UTF-8 (invalid bytes become U+FFFD), ``a``
+    and ``a=`` give ``""``, and ``;`` is not a separator.
+
+    Made by :attr:`Request.query_params`, or from a query string: ``QueryParams("a=1")``.
+    """
+
+    __slots__ = ("_first", "_items")
+
+    def __init__(self, query: str = "") -> None:
+        if not isinstance(query, str):
+            raise TypeError(f"QueryParams takes a query string, not {type(query).__name__}")
+        self._items: tuple[tuple[str, str], ...] = tuple(
+            parse_qsl(query, keep_blank_values=True, errors="replace")
+        )
+        first: dict[str, str] = {}
+        for name, value in self._items:
+            first.setdefault(name, value)
+        self._first = first
+
+    def __getitem__(self, name: str) -> str:
+        """The first value of ``name``. Raises KeyError if the query has none."""
+        return self._first[name]
+
+    def __iter__(self) -> Iterator[str]:
+        """The distinct names, in order of first appearance."""
+        return iter(self._first)
+
+    def __len__(self) -> int:
+        """How many distinct names the query has."""
+        return len(self._first)
+
+    def getlist(self, name: str) -> list[str]:
+        """Every value of ``name``, in order (Cloudflare's ``getAll``); ``[]`` if none."""
+        return [value for key, value in self._items if key == name]
+
+    def multi_items(self) -> list[tuple[str, str]]:
+        """Every (name, value) pair, repeated names included, in query order."""
+        return list(self._items)
+
+    def __repr__(self) -> str:
+        return f"QueryParams({self.multi_items()!r})"
+
+
 def _to_body(value: bytes | str) -> bytes:
     if isinstance(value, str):
         return value.encode("utf-8")
@@ -94,8 +145,15 @@ class Request:
 
     @property
     def query(self) -> str:
-        """The query string of :attr:`url`, without ``?``."""
+        """The query string of :attr:`url`, without ``?``, as sent (still escaped)."""
         return split_target(self.url)[1]
+
+    @property
+    def query_params(self) -> QueryParams:
+        """The query string parsed: ``request.query_params.get("room")`` is the first
+        value of ``room`` (None if absent), ``.getlist("tag")`` all of them (see
+        :class:`QueryParams`). Parsed anew on each access."""
+        return QueryParams(self.query)
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (case-insensitive), or None."""

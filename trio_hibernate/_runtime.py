@@ -10,107 +10,44 @@ private names.
 from __future__ import annotations
 
 import logging
-import math
 import socket
-import sqlite3
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-import attrs
 import trio
 
+from ._connections import ConnectionSet
 from ._core.budget import MemoryBudget
 from ._core.codec import encode_data
 from ._core.events import AlarmEvent, CallEvent, Event, FetchEvent, MessageEvent
 from ._core.frames import encode_message
-from ._core.lifecycle import ObjectCore, ObjectState
+from ._core.routing import parse_target
+from ._directory import ObjectDirectory, ObjectEntry
 from ._http import Request, Response
 from ._ids import ObjectId
 from ._limits import Limits
-from ._net.connection import ServerConnection, parse_target
+from ._net.channel import ByteChannel, SocketChannel, StreamChannel
+from ._net.connection import ServerConnection
 from ._net.operations import operations_response
+from ._net.owner import Connection
 from ._reaper import IdleReaper
-from ._statistics import Counters, HostStatistics, ObjectStatistics
+from ._statistics import Counters, HostStatistics
 from ._storage.alarms import AlarmIndex, AlarmKey, AlarmScheduler
 from ._storage.backend import StorageBackend
 from ._storage.settings import SettingsIndex
 from ._stubs import Namespace
-from ._supervisor import Activation, Supervisor
+from ._supervisor import Supervisor
 
 if TYPE_CHECKING:
     from ._app import App
-    from ._object import DurableObject
 
-__all__ = ["ObjectEntry", "Runtime", "is_same_origin"]
+__all__ = ["ObjectEntry", "Runtime"]
 
 log = logging.getLogger("trio_hibernate.host")
 
 #: Messages up to this size keep their encoded frame for the next send of the same object
 #: (a broadcast loop sends one ``str`` to many sockets: encode once).
 _FRAME_CACHE_MAX_BYTES: Final = 65536
-
-
-@attrs.define(eq=False)
-class ObjectEntry:
-    """What the runtime keeps for an object it knows (live, or hibernated with sockets).
-
-    It is also the object's address for connections and stubs: :meth:`deliver` queues
-    an event for it.
-    """
-
-    runtime: Runtime
-    namespace: str
-    object_id: ObjectId
-    cls: type[DurableObject]
-    """The class to construct on the next wake (replaced by live code updates)."""
-    core: ObjectCore
-    activation: Activation | None = None
-
-    @property
-    def alarm_key(self) -> AlarmKey:
-        """How the alarm index names this object."""
-        return (self.namespace, self.object_id.hex, self.object_id.name)
-
-    def deliver(self, event: Event) -> None:
-        """Queue ``event`` for the object, waking it if it is hibernated."""
-        self.runtime.deliver(self, event)
-
-    def forget_if_unused(self) -> None:
-        """Drop the object from memory if it has nothing left to do."""
-        self.runtime.forget_if_unused(self)
-
-    def fail(self, dropped: list[Event]) -> None:
-        """The constructor raised (see :meth:`Runtime.fail_object`)."""
-        self.runtime.fail_object(self, dropped)
-
-    def refuse_unrun_event(self, event: Event) -> None:
-        """Answer an event that will not run (see :meth:`Runtime.refuse_unrun_event`)."""
-        self.runtime.refuse_unrun_event(self, event)
-
-
-_DEFAULT_PORTS: Final = {"http": "80", "ws": "80", "https": "443", "wss": "443"}
-
-
-def is_same_origin(origin: str, host_header: str | None) -> bool:
-    """Whether ``origin`` (``scheme://host[:port]``) names the server that ``Host`` names.
-
-    Compared case-insensitively, with the scheme's default port made explicit; the
-    ``null`` origin and anything unparsable are never the same origin.
-    """
-    if host_header is None:
-        return False
-    scheme, sep, authority = origin.partition("://")
-    default = _DEFAULT_PORTS.get(scheme.lower())
-    if not sep or default is None or not authority or "/" in authority:
-        return False
-
-    def normal(value: str) -> str:
-        value = value.strip().lower()
-        if value.endswith("]") or ":" not in value.rpartition("]")[2]:
-            value = f"{value}:{default}"
-        return value
-
-    return normal(authority) == normal(host_header)
 
 
 class Runtime:
@@ -153,6 +90,8 @@ class Runtime:
             self.alarms.schedule(key, when)
         self.settings = SettingsIndex()
         """Auto-response pairs and event timeouts of objects the runtime forgot."""
+        self.objects = ObjectDirectory(self, limits, self.settings)
+        """The objects the runtime knows."""
         self.counters = Counters()
         """What happened so far (read through :meth:`statistics`)."""
         self.buffers = MemoryBudget(limits.max_buffered_bytes)
@@ -162,12 +101,8 @@ class Runtime:
         self.reaper = IdleReaper(idle_timeout)
         """Hibernates objects idle for ``idle_timeout`` (its task runs in the host nursery)."""
         self._nursery = nursery
-        self._objects: dict[tuple[str, str], ObjectEntry] = {}
-        self._connections: set[ServerConnection] = set()
-        self._all_done: trio.Event | None = None
-        self._shutdown_deadline: float | None = None  # trio time; set by shutdown
-        self._shutdown_wait: trio.CancelScope | None = None
-        self._shutdown_reported = False
+        self.connections = ConnectionSet()
+        """The open client connections."""
         self._last_message: str | bytes | None = None
         self._last_frame = b""
 
@@ -179,18 +114,27 @@ class Runtime:
             sock.close()
             return
         sock.setblocking(False)
-        conn = ServerConnection(self, sock)
-        self._connections.add(conn)
+        self._serve(SocketChannel(sock))
+
+    def serve_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve a client connected through ``stream``, as :meth:`serve_socket` does a
+        socket (tests drive connections over ``trio.testing`` memory streams). Takes
+        ownership of ``stream``: it is closed when the connection ends. Not a checkpoint.
+        """
+        if self.closing:
+            self._nursery.start_soon(trio.aclose_forcefully, stream)
+            return
+        self._serve(StreamChannel(stream))
+
+    def _serve(self, channel: ByteChannel) -> None:
+        conn = ServerConnection(self, channel)
+        self.connections.add(conn)
         self._nursery.start_soon(conn.run)
 
     @property
     def connection_count(self) -> int:
-        """Open client connections."""
-        return len(self._connections)
-
-    def known(self, namespace: str, object_id: ObjectId) -> ObjectEntry | None:
-        """The entry of an object the runtime knows, or None."""
-        return self._objects.get((namespace, object_id.hex))
+        """Open client connections (``_net.owner.ListenerOwner``)."""
+        return len(self.connections)
 
     def object_id(self, namespace: str, name: str | ObjectId) -> ObjectId:
         """The id of ``name`` in ``namespace``. Raises KeyError for an unknown namespace."""
@@ -211,7 +155,7 @@ class Runtime:
         self.app = app
         self.env = app.env
         waits = []
-        for entry in list(self._objects.values()):
+        for entry in self.objects:
             cls = app.objects.get(entry.namespace)
             if entry.activation is not None:
                 entry.activation.request_stop()
@@ -226,13 +170,13 @@ class Runtime:
 
     def statistics(self) -> HostStatistics:
         """Counts of objects, sockets, wakes and hibernations."""
-        live = sum(1 for e in self._objects.values() if e.activation is not None)
+        live, hibernated, websockets = self.objects.counts()
         counters = self.counters
         return HostStatistics(
             live_objects=live,
-            hibernated_objects=len(self._objects) - live,
-            websockets=sum(len(e.core.registry) for e in self._objects.values()),
-            connections=len(self._connections),
+            hibernated_objects=hibernated,
+            websockets=websockets,
+            connections=len(self.connections),
             wakes=counters.wakes,
             hibernations=counters.hibernations,
             auto_responses=counters.auto_responses,
@@ -243,22 +187,7 @@ class Runtime:
             internal_errors=counters.internal_errors,
         )
 
-    def object_statistics(self, namespace: str, object_id: ObjectId) -> ObjectStatistics:
-        """State and counts of one object (``HIBERNATED`` with zeros if unknown)."""
-        entry = self.known(namespace, object_id)
-        if entry is None:
-            return ObjectStatistics(
-                state=ObjectState.HIBERNATED, websockets=0, queued_events=0, activations=0
-            )
-        core = entry.core
-        return ObjectStatistics(
-            state=core.state,
-            websockets=len(core.registry),
-            queued_events=core.queued,
-            activations=core.generation,
-        )
-
-    # -- for connections (_net.connection.ConnectionOwner) --------------------------------
+    # -- for connections (_net.owner.ConnectionOwner) -------------------------------------
 
     def route(self, path: str) -> ObjectEntry | Response | None:
         """The object a path names; a Response for a bad path; None for no namespace."""
@@ -272,28 +201,11 @@ class Runtime:
         if self.closing:
             return Response(status=503, body="the server is shutting down\n")
         namespace, name = target
-        return self._entry(namespace, ObjectId.from_name(namespace, name), cls)
+        return self.objects.entry(namespace, ObjectId.from_name(namespace, name), cls)
 
     def operations(self, request: Request) -> Response:
         """The answer to a request for the server's own paths (``/_health``...)."""
         return operations_response(request, self.statistics(), self.closing)
-
-    def check_origin(self, request: Request) -> Response | None:
-        """Refuse cross-site WebSocket hijacking: a browser upgrade (it carries
-        ``Origin``) from another site than the ``Host`` it connects to, unless allowed."""
-        origin = request.header("origin")
-        if origin is None:
-            return None  # not a browser: Origin protects browser users only
-        allowed = self.allowed_origins
-        if allowed is not None and ("*" in allowed or origin in allowed):
-            return None
-        if allowed is None and is_same_origin(origin, request.header("host")):
-            return None
-        return Response(
-            status=403,
-            body=f"Forbidden: origin {origin!r} is not allowed to open a WebSocket here "
-            "(allowed_origins / --allowed-origin)\n",
-        )
 
     def encode_frame(self, message: str | bytes) -> bytes:
         """The WebSocket frame of ``message`` (the last one is cached for broadcasts)."""
@@ -309,11 +221,9 @@ class Runtime:
         """Run ``async_fn`` in the host nursery (a connection's helper task)."""
         self._nursery.start_soon(async_fn)
 
-    def connection_ended(self, conn: ServerConnection) -> None:
-        """``conn`` has ended and closed its socket."""
-        self._connections.discard(conn)
-        if self._all_done is not None and not self._connections:
-            self._all_done.set()
+    def connection_ended(self, conn: Connection) -> None:
+        """``conn`` has ended (it closes its byte channel right after)."""
+        self.connections.ended(conn)
 
     # -- for stubs (_stubs.Deliverer) ------------------------------------------------------
 
@@ -326,7 +236,7 @@ class Runtime:
         cls = self.app.objects.get(namespace)
         if cls is None:
             raise LookupError(f"namespace {namespace!r} is no longer in the app")
-        return self._entry(namespace, object_id, cls)
+        return self.objects.entry(namespace, object_id, cls)
 
     def encode_call(self, value: object) -> bytes:
         """A stub call's argument or result as data (checked against the size limit)."""
@@ -358,54 +268,19 @@ class Runtime:
         if cls is None:
             log.error("an alarm for unknown namespace %r was dropped", namespace)
             return
-        entry = self._entry(namespace, ObjectId(hex_id, name), cls)
+        entry = self.objects.entry(namespace, ObjectId(hex_id, name), cls)
         self.deliver(entry, AlarmEvent(when, retry_count))
-
-    def _entry(self, namespace: str, object_id: ObjectId, cls: type[DurableObject]) -> ObjectEntry:
-        key = (namespace, object_id.hex)
-        entry = self._objects.get(key)
-        if entry is None:
-            core = ObjectCore(self.limits)
-            try:
-                kept = self.settings.take(*key)
-            except sqlite3.Error:
-                log.exception(
-                    "could not read the kept settings of %s %s; they are lost",
-                    namespace,
-                    object_id,
-                )
-                kept = None
-            if kept is not None:
-                core.set_auto_response(kept[0])
-                core.set_event_timeout_ms(kept[1])
-            entry = ObjectEntry(self, namespace, object_id, cls, core)
-            self._objects[key] = entry
-        return entry
 
     # -- for supervisors (_supervisor.SupervisorServices) -----------------------------------
 
     def forget_if_unused(self, entry: ObjectEntry) -> None:
-        """Drop an object with nothing left to do from memory; settings that must
-        outlive it (spec 1) go to the settings index."""
-        core = entry.core
-        key = (entry.namespace, entry.object_id.hex)
-        if core.has_work or self._objects.get(key) is not entry:
-            return
-        del self._objects[key]
-        if core.auto_response is not None or core.event_timeout_ms is not None:
-            try:
-                self.settings.keep(*key, (core.auto_response, core.event_timeout_ms))
-            except sqlite3.Error:  # the temporary directory is full, say: not fatal
-                log.exception(
-                    "could not keep the auto-response and event timeout of %s %s; they "
-                    "are lost (the object must set them again)",
-                    entry.namespace,
-                    entry.object_id,
-                )
+        """Drop an object with nothing left to do from memory (see ``ObjectDirectory``)."""
+        self.objects.forget_if_unused(entry)
 
-    def fail_object(self, entry: ObjectEntry, dropped: list[Event]) -> None:
-        """The constructor raised: close every socket with 1011, answer fetches 500 and
-        stub calls with an error, retry a due alarm later.
+    def fail_object(self, entry: ObjectEntry, dropped: list[Event], why: str) -> None:
+        """The constructor raised, or the object was reset (``ctx.abort()``, a failed
+        ``block_concurrency_while``): close every socket with 1011, answer fetches 500
+        and stub calls with an error saying ``why``, retry a due alarm later.
 
         No handler can run (there is no instance), so the sockets are released at once.
         """
@@ -415,7 +290,7 @@ class Runtime:
             elif isinstance(event, FetchEvent):
                 event.reply.send(Response(status=500, body="Internal Server Error\n"))
             elif isinstance(event, CallEvent):
-                event.reply.fail(RuntimeError(f"the constructor of {entry.cls.__name__} raised"))
+                event.reply.fail(RuntimeError(why))
             elif isinstance(event, AlarmEvent):
                 self.alarms.retry(entry.alarm_key, event.retry_count)
                 if event.on_done is not None:
@@ -451,51 +326,20 @@ class Runtime:
 
     async def shutdown(self, grace: float) -> None:
         """Close every connection with :attr:`shutdown_close_code` and wait until each
-        has ended, at most ``grace`` seconds after the first call, logging how many
-        remain once a second.
+        has ended, at most ``grace`` seconds after the first call.
 
         Called again (the signal helper starts the shutdown, leaving ``open_host`` ends
         it), it only waits for what remains of the first call's grace period.
         """
         if not self.closing:
             self.closing = True
-            if self._shutdown_deadline is None:  # else stop_waiting came first
-                self._shutdown_deadline = trio.current_time() + grace
-            for entry in list(self._objects.values()):
+            for entry in self.objects:
                 if entry.activation is not None:
                     entry.activation.scope.cancel()
             code = self.shutdown_close_code
             reason = "service restart" if code == 1012 else "going away"
-            for conn in list(self._connections):
-                conn.begin_shutdown(code, reason)
-        with trio.CancelScope() as self._shutdown_wait:
-            while self._connections and trio.current_time() < self._deadline():
-                self._all_done = trio.Event()
-                with trio.move_on_at(min(self._deadline(), trio.current_time() + 1)):
-                    await self._all_done.wait()
-                if self._connections and trio.current_time() < self._deadline():
-                    log.info("shutdown: %d connection(s) still closing", len(self._connections))
-        if self._connections and not self._shutdown_reported:
-            self._shutdown_reported = True
-            log.warning(
-                "shutdown: %d connection(s) did not close within %g s (close_timeout); "
-                "dropping them",
-                len(self._connections),
-                grace,
-            )
-
-    def _deadline(self) -> float:
-        assert self._shutdown_deadline is not None
-        return self._shutdown_deadline
-
-    def stop_waiting(self) -> int:
-        """Forced exit: the shutdown stops waiting for connections (now and if called
-        again); they are dropped when the host exits. Returns how many there are."""
-        self._shutdown_deadline = -math.inf
-        self._shutdown_reported = True
-        if self._shutdown_wait is not None:
-            self._shutdown_wait.cancel()
-        return len(self._connections)
+            self.connections.begin_shutdown(code, reason, grace)
+        await self.connections.wait_closed(grace)
 
     def close(self) -> None:
         """Close the runtime's own files (once every task has finished)."""

@@ -65,14 +65,14 @@ async def wait_for_shutdown_signal(server: Server | Host) -> signal.Signals:
         log.info(
             "%s: shutting down (closing %d connection(s) with %d)",
             signum.name,
-            runtime.connection_count,
+            len(runtime.connections),
             host.shutdown_close_code,
         )
         forced: list[signal.Signals] = []
 
         async def stop_at_a_second_signal() -> None:
             forced.append(signal.Signals(await anext(received)))
-            dropped = runtime.stop_waiting()
+            dropped = runtime.connections.stop_waiting()
             log.warning("%s again: exiting now, dropping %d connection(s)", forced[0].name, dropped)
 
         async with open_owned_nursery() as nursery:

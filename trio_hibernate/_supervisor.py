@@ -9,7 +9,10 @@ host nursery, keep running.
 
 What an application handler raises is contained by :class:`~._containment.Containment`
 (logged once; the caller sees a 500, the socket stays open, the alarm is retried); a turn's
-writes are committed by :class:`~._storage.commit.TurnCommit`.
+writes are committed by :class:`~._storage.commit.TurnCommit`; critical sections
+(``ctx.block_concurrency_while``) and resets (``ctx.abort``) follow the rules of
+:mod:`._critical`: a reset activation runs no further event, and when it ends its queued
+events are answered with an error and its sockets closed with 1011.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 import outcome
 import trio
 
-from ._containment import Containment, ObjectLog, object_log
+from ._containment import Containment, ObjectLog, abort_ends_here, object_log
 from ._context import ObjectContext, handles_of
 from ._core.codec import decode_data
 from ._core.events import (
@@ -36,6 +39,7 @@ from ._core.events import (
     MessageEvent,
 )
 from ._core.gate import OutputGate
+from ._critical import CriticalSections
 from ._errors import ConnectionIdError, LimitExceededError, StorageCommitError
 from ._http import Response
 from ._storage.alarms import AlarmInfo
@@ -62,7 +66,6 @@ __all__ = ["Activation", "SupervisedEntry", "Supervisor", "SupervisorServices"]
 _TURNS_PER_CHECKPOINT: Final = 16
 
 _LOST_TEXT = "the storage commit of this turn failed; its writes were rolled back"
-_LOST = Response(status=500, body=f"Internal Server Error: {_LOST_TEXT}\n")
 _HANDLER_RAISED: Final = "%s handler of %s %s raised; the socket stays open"
 
 
@@ -83,8 +86,9 @@ class SupervisedEntry(Protocol):
     def forget_if_unused(self) -> None:
         """Drop the object from memory if it has nothing left to do."""
 
-    def fail(self, dropped: list[Event]) -> None:
-        """The constructor raised: answer ``dropped``, close the sockets with 1011."""
+    def fail(self, dropped: list[Event], why: str) -> None:
+        """The constructor raised, or the object is reset (``why``): answer ``dropped``,
+        close the sockets with 1011."""
 
     def refuse_unrun_event(self, event: Event) -> None:
         """Answer an event that will not run (shutdown, or its namespace was removed)."""
@@ -139,11 +143,13 @@ class Activation:
 
     __slots__ = (
         "background",
+        "blocking",
         "commit",
         "gate",
         "idle",
         "lot",
         "owner",
+        "reset_because",
         "scope",
         "stop_requested",
         "stopped",
@@ -163,6 +169,11 @@ class Activation:
         self.owner: trio.lowlevel.Task | None = None
         self.stop_requested = False  # hibernate after the current turn
         self.stopped = trio.Event()
+        #: Critical sections of ctx.start_soon tasks holding or waiting for the object:
+        #: a stop waits for them (an object is not evicted mid-section).
+        self.blocking = 0
+        #: Why the object is being reset (ctx.abort, a failed critical section), or None.
+        self.reset_because: str | None = None
 
     def request_stop(self) -> None:
         """Hibernate as soon as the current turn (if any) is over.
@@ -172,6 +183,17 @@ class Activation:
         """
         self.stop_requested = True
         self.lot.unpark_all()
+
+    def is_reset(self) -> bool:
+        """Whether the object is being reset (a method: the answer changes across awaits)."""
+        return self.reset_because is not None
+
+    def reset(self, why: str) -> None:
+        """Reset the object (see :mod:`._critical`): no event runs on this instance
+        again; the first reason given is kept."""
+        if self.reset_because is None:
+            self.reset_because = why
+        self.request_stop()
 
 
 class Supervisor:
@@ -248,6 +270,13 @@ class Supervisor:
             nursery.start_soon(self._background, activation, async_fn)
 
         async with trio.open_nursery() as nursery:
+            sections = CriticalSections(
+                activation,
+                label=f"{entry.namespace} {entry.object_id}",
+                holds=self._holds,
+                holding=self._holding,
+                log=self._log,
+            )
             ctx = ObjectContext(
                 namespace=entry.namespace,
                 object_id=entry.object_id,
@@ -257,19 +286,12 @@ class Supervisor:
                 storage=partial(self._open_storage, activation),
                 namespaces=services.get_namespace,
                 wall_clock=services.wall_clock,
+                block=sections.block,
+                abort=sections.abort,
             )
-            instance: DurableObject | None = None
-            with Containment(
-                self._log,
-                "constructor of %s %s raised; closing its WebSockets with 1011",
-                entry.namespace,
-                entry.object_id,
-            ):
-                instance = entry.cls(ctx, services.env)
+            instance = await self._construct(activation, ctx, sections)
             if instance is None:
-                entry.fail(core.on_failed())
                 return
-            core.on_started()
             services.counters.woke()
             try:
                 await self._run_turns(
@@ -281,9 +303,69 @@ class Supervisor:
                     # nursery's cancellation may carry the Cancelled past run's loop).
                     while (event := core.pop_event()) is not None:
                         entry.refuse_unrun_event(event)
+                elif activation.reset_because is not None:
+                    dropped = []
+                    while (event := core.pop_event()) is not None:
+                        dropped.append(event)
+                    entry.fail(
+                        dropped,
+                        f"{entry.namespace} {entry.object_id} was reset: "
+                        f"{activation.reset_because}",
+                    )
                 core.begin_stop()
                 services.counters.hibernated()
                 nursery.cancel_scope.cancel()
+
+    async def _construct(
+        self, activation: Activation, ctx: ObjectContext, sections: CriticalSections
+    ) -> DurableObject | None:
+        """Build the instance and run the critical sections its constructor scheduled.
+
+        STARTING -> LIVE; if the constructor raises or aborts, or a section fails (all
+        logged), STARTING -> STOPPING with the queued events answered and the sockets
+        closed with 1011 (spec 9), and None is returned.
+        """
+        services = self._services
+        entry = self._entry
+        core = entry.core
+        instance: DurableObject | None = None
+        why: str | None = None
+        try:
+            with (
+                abort_ends_here,
+                Containment(
+                    self._log,
+                    "constructor of %s %s raised; closing its WebSockets with 1011",
+                    entry.namespace,
+                    entry.object_id,
+                ),
+            ):
+                sections.constructing = True
+                try:
+                    instance = entry.cls(ctx, services.env)
+                finally:
+                    sections.constructing = False
+            if instance is None:
+                why = activation.reset_because or f"the constructor of {entry.cls.__name__} raised"
+            else:
+                why = await sections.run_startup()
+        except BaseException:
+            # The sections were cancelled: by shutdown, or by ctx.abort() in a task.
+            dropped = core.on_failed()
+            if activation.is_reset():
+                entry.fail(
+                    dropped,
+                    f"{entry.namespace} {entry.object_id} was reset: {activation.reset_because}",
+                )
+            else:
+                for event in dropped:
+                    entry.refuse_unrun_event(event)
+            raise
+        if why is not None:
+            entry.fail(core.on_failed(), why)
+            return None
+        core.on_started()
+        return instance
 
     def _open_storage(self, activation: Activation) -> Storage:
         commit = TurnCommit(
@@ -307,6 +389,14 @@ class Supervisor:
         finally:
             waiting_turns.reset(token)
 
+    def _holds(self) -> bool:
+        """Whether the current task holds the object: it runs a turn (or a task the turn
+        waits for), or a background transaction or critical section."""
+        entry = self._entry
+        return any(
+            ns == entry.namespace and oid == entry.object_id for ns, oid, _ in waiting_turns.get()
+        )
+
     async def _run_turns(self, activation: Activation, dispatcher: _Dispatcher) -> None:
         services = self._services
         core = self._entry.core
@@ -314,9 +404,11 @@ class Supervisor:
         dispatch = dispatcher.dispatch
         turns = 0
         while True:
+            if activation.stop_requested:  # asked for between turns, or a reset
+                if not activation.is_reset():
+                    await self._end_of_sections(activation)
+                return
             if not core.queued:
-                if activation.stop_requested:
-                    return
                 activation.idle = True
                 if not activation.background:
                     reaper.idle_from(activation)  # the reaper stops it when it expires
@@ -332,6 +424,8 @@ class Supervisor:
             else:
                 lock.acquire_nowait()  # the common case, without a trip through the scheduler
             try:
+                if activation.is_reset():
+                    return  # reset by a critical section that held the object
                 # Popped only once the turn is ours: a cancellation while waiting for the
                 # lock (shutdown) must not lose an event taken off the mailbox.
                 event = core.pop_event()
@@ -339,15 +433,21 @@ class Supervisor:
                     continue
                 activation.owner = trio.lowlevel.current_task()
                 try:
-                    await dispatch(event)
+                    with abort_ends_here:
+                        await dispatch(event)
                 finally:
                     activation.owner = None
                     commit = activation.commit
                     if commit is not None:
-                        await commit.end_turn()
+                        if not activation.is_reset():
+                            await commit.end_turn()
+                        else:
+                            commit.abandon()  # a reset: the turn's writes are not kept
             finally:
                 lock.release()
             if services.hibernate_after_every_event or activation.stop_requested:
+                if not activation.is_reset():
+                    await self._end_of_sections(activation)
                 return
             turns += 1
             if turns % _TURNS_PER_CHECKPOINT == 0:
@@ -355,17 +455,28 @@ class Supervisor:
                 # event loop for as long as its mailbox refills.
                 await trio.lowlevel.checkpoint()
 
+    @staticmethod
+    async def _end_of_sections(activation: Activation) -> None:
+        """Before a stop: wait for the critical sections of ``ctx.start_soon`` tasks that
+        hold or wait for the object (an object is not evicted mid-section)."""
+        while activation.blocking and not activation.is_reset():
+            async with activation.turn_lock:
+                pass
+
     async def _background(
         self, activation: Activation, async_fn: Callable[[], Awaitable[object]]
     ) -> None:
         entry = self._entry
         waiting_turns.set(())  # no turn waits for this task (its context is its own copy)
         try:
-            with Containment(
-                self._log,
-                "a task started by %s %s with ctx.start_soon raised",
-                entry.namespace,
-                entry.object_id,
+            with (
+                abort_ends_here,
+                Containment(
+                    self._log,
+                    "a task started by %s %s with ctx.start_soon raised",
+                    entry.namespace,
+                    entry.object_id,
+                ),
             ):
                 await async_fn()
         finally:
@@ -513,8 +624,19 @@ class _Dispatcher:
             # Output gate: the response waits for the turn's writes; if they fail, the
             # client gets a 500 instead of a reply whose effects were lost.
             self._activation.gate.hold(
-                partial(event.reply.send, response), partial(event.reply.send, _LOST)
+                partial(event.reply.send, response), partial(self._drop_fetch, event)
             )
+
+    def _drop_fetch(self, event: FetchEvent) -> None:
+        """The fetch's writes were not kept: the client gets a 500 saying so."""
+        event.reply.send(Response(status=500, body=f"Internal Server Error: {self._lost_text()}\n"))
+
+    def _lost_text(self) -> str:
+        """Why the turn's writes were not kept (a reply held for them is dropped)."""
+        why = self._activation.reset_because
+        if why is None:
+            return _LOST_TEXT
+        return f"the object was reset ({why}); the writes of this turn were rolled back"
 
     async def _call(self, event: CallEvent) -> None:
         entry = self._entry
@@ -533,17 +655,29 @@ class _Dispatcher:
             # Not contained: the caller's ``await stub.call(...)`` raises it.
             result = outcome.Error(exc)
         finally:
-            if result is None:  # cancelled: only shutdown cancels a turn
+            reset = self._activation.reset_because
+            if result is None:  # cancelled (shutdown), or unwound by ctx.abort()
+                what = "the host shut down" if reset is None else f"the object was reset ({reset})"
                 result = outcome.Error(
                     RuntimeError(
-                        f"the host shut down while {event.method}() of {entry.namespace} "
-                        f"{entry.object_id} ran"
+                        f"{what} while {event.method}() of {entry.namespace} {entry.object_id} ran"
                     )
                 )
-            lost = StorageCommitError(f"{entry.namespace} {entry.object_id}: {_LOST_TEXT}")
             self._activation.gate.hold(
-                partial(event.reply.settle, result), partial(event.reply.fail, lost)
+                partial(event.reply.settle, result), partial(self._drop_call, event, result)
             )
+
+    def _drop_call(self, event: CallEvent, result: outcome.Outcome[object]) -> None:
+        """The call's writes were not kept: the caller gets the method's own exception
+        if the object was reset while it raised (Cloudflare: it propagates), else a
+        :class:`StorageCommitError`."""
+        if self._activation.reset_because is not None and isinstance(result, outcome.Error):
+            event.reply.settle(result)
+            return
+        entry = self._entry
+        event.reply.fail(
+            StorageCommitError(f"{entry.namespace} {entry.object_id}: {self._lost_text()}")
+        )
 
     async def _alarm(self, event: AlarmEvent) -> None:
         entry = self._entry
@@ -569,16 +703,21 @@ class _Dispatcher:
                 retry_count,
             )
         current: float | None = None
-        with failed:
-            # Reading the alarm may fail too (the database cannot be opened: the pool is
-            # full of transactions, the disk is gone): that is a failed run, retried.
-            current = stored_alarm(storage)
-            if current is None or current > event.scheduled:
-                return  # deleted or moved since it was scheduled: a stale index entry
-            await self._instance.alarm(AlarmInfo(retry_count, retry_count > 0))
-            if stored_alarm(storage) == current:
-                await storage.delete_alarm()  # done; unless the handler set a new one
-            return
+        try:
+            with failed:
+                # Reading the alarm may fail too (the database cannot be opened: the pool
+                # is full of transactions, the disk is gone): that is a failed run, retried.
+                current = stored_alarm(storage)
+                if current is None or current > event.scheduled:
+                    return  # deleted or moved since it was scheduled: a stale index entry
+                await self._instance.alarm(AlarmInfo(retry_count, retry_count > 0))
+                if stored_alarm(storage) == current:
+                    await storage.delete_alarm()  # done; unless the handler set a new one
+                return
+        except BaseException:
+            if self._activation.reset_because is not None:
+                alarms.retry(entry.alarm_key, retry_count)  # interrupted by ctx.abort()
+            raise
         # The run failed (logged above): schedule the next retry, or give up.
         alarms.retry(entry.alarm_key, retry_count)
         if delay is None and current is not None:

@@ -4,4 +4,11 @@ Rule: this package knows the runtime only through the ``ConnectionOwner`` Protoc
 defines; it never imports ``_host``, ``_runtime`` or ``_supervisor``. It may import the
 sans-IO ``_core`` and the object-facing value types (``_http``, ``_websocket``,
 ``_errors``, ``_limits``). ``tests/test_layers.py`` enforces it.
+
+Modules: ``owner`` (the Protocols), ``channel`` (an OS socket or a ``trio.abc.Stream``),
+``connection`` (the per-connection task and its phases), ``http`` (one request and its
+response, the 101), ``gatekeeper`` (what a request gets before and from its object),
+``websocket`` (the WebSocket transport), ``writer`` (synchronous writes, the backlog,
+the lingering close), ``listener`` (the accept loop), ``operations`` (``/_health``,
+``/_metrics``).
 """

@@ -28,7 +28,7 @@ import sqlite3
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, TypeVar, final, overload
+from typing import TYPE_CHECKING, Final, TypeVar, final, overload
 
 import trio
 
@@ -205,10 +205,10 @@ class SqlStorage:
     """``ctx.storage.sql``: SQL on the object's own SQLite database (Cloudflare's
     ``SqlStorage``)."""
 
-    __slots__ = ("_storage",)
+    __slots__ = ("_state",)
 
-    def __init__(self, storage: Storage) -> None:
-        self._storage = storage
+    def __init__(self, state: StorageState) -> None:
+        self._state = state
 
     def exec(self, query: str, *bindings: SqlValue) -> SqlCursor:
         """Run the SQL statements of ``query`` inside the turn's transaction.
@@ -239,8 +239,8 @@ class SqlStorage:
             RuntimeError: a commit is in flight (from a ``ctx.start_soon`` task).
             Nothing the call did is kept when it raises.
         """
-        storage = self._storage
-        limits = storage._limits
+        state = self._state
+        limits = state.limits
         if not isinstance(query, str):
             raise TypeError(f"sql.exec() takes the query as a str, not {type(query).__name__}")
         _check_sql_limit(
@@ -250,9 +250,9 @@ class SqlStorage:
         for number, value in enumerate(bindings, start=1):
             size = _value_bytes(value, limits.max_sql_row_bytes)
             _check_sql_limit(limits, "max_sql_row_bytes", size, f"bytes in binding {number}")
-        source = storage._database().execute_user(query, bindings, limits)
+        source = state.database().execute_user(query, bindings, limits)
         if source.wrote:
-            storage._wrote()
+            state.wrote()
         return SqlCursor(source)
 
     @property
@@ -264,7 +264,7 @@ class SqlStorage:
         Raises:
             RuntimeError: a commit is in flight (from a ``ctx.start_soon`` task).
         """
-        return self._storage._database().database_size()
+        return self._state.database().database_size()
 
 
 def _value_bytes(value: object, limit: int) -> int:
@@ -292,26 +292,26 @@ def _check_sql_limit(limits: Limits, name: str, value: int, what: str) -> None:
 
 
 @final
-class Storage:
-    """Durable key-value storage, SQL and the alarm of one object (``ctx.storage``).
+class StorageState:
+    """The runtime's side of one activation's storage: the database connection, the
+    turn's writes and alarm change, a commit in flight, the checks of keys and values.
 
-    Keys are strings ordered by their UTF-8 bytes; values are data (the attachment codec).
-    Every method is a checkpoint.
+    Not for object code (:class:`Storage` is the API it sees); the commit protocol
+    (``commit.py``) drives it.
     """
 
     __slots__ = (
-        "_alarm_set",
         "_commit_done",
         "_db",
-        "_dirty",
-        "_exclusive",
-        "_finish_outside_turn",
-        "_gate",
-        "_in_turn",
-        "_limits",
         "_open_db",
-        "_savepoints",
-        "sql",
+        "alarm_set",
+        "dirty",
+        "exclusive",
+        "finish_outside_turn",
+        "gate",
+        "in_turn",
+        "limits",
+        "savepoints",
     )
 
     def __init__(
@@ -324,25 +324,31 @@ class Storage:
         in_turn: Callable[[], bool],
         exclusive: Callable[[], AbstractAsyncContextManager[None]],
     ) -> None:
-        # Made by the runtime for each activation.
         self._open_db = open_db
         self._db: ObjectDatabase | None = None
-        self._limits = limits
-        self._gate = gate
-        self._finish_outside_turn = finish_outside_turn
-        self._dirty = False
         self._commit_done: trio.Event | None = None
-        self._savepoints = 0
-        #: The alarm value written in this turn (float or None), or ``...`` if untouched.
-        self._alarm_set: float | object | None = ...
-        self._in_turn = in_turn
-        self._exclusive = exclusive
-        self.sql = SqlStorage(self)
-        """SQL on this object's database."""
+        self.limits = limits
+        self.gate = gate
+        self.finish_outside_turn = finish_outside_turn
+        """Commit a write made outside any turn (a background task's)."""
+        self.in_turn = in_turn
+        """True when the calling task runs the object's current turn."""
+        self.exclusive = exclusive
+        """A background task's transaction: a turn of its own, committed at the end."""
+        self.dirty = False
+        """True when writes are waiting for the turn's commit."""
+        self.savepoints = 0
+        """Nested ``transaction()`` calls open now."""
+        self.alarm_set: float | object | None = ...
+        """The alarm value written in this turn (float or None), or ``...`` if untouched."""
 
-    # -- bookkeeping for the runtime -----------------------------------------------------
+    def database(self) -> ObjectDatabase:
+        """The object's database, opened on first use.
 
-    def _database(self) -> ObjectDatabase:
+        Raises:
+            RuntimeError: a commit is in flight (storage used synchronously from a
+                ``ctx.start_soon`` task).
+        """
         if self._commit_done is not None:
             raise RuntimeError(
                 "storage used synchronously while a commit is in flight (from a "
@@ -352,17 +358,19 @@ class Storage:
             self._db = self._open_db()
         return self._db
 
-    def _wrote(self) -> None:
-        self._dirty = True
-        self._gate.closed = True
+    def wrote(self) -> None:
+        """A write happened: it waits for the commit, and so do outgoing messages."""
+        self.dirty = True
+        self.gate.closed = True
 
-    async def _after_write(self) -> None:
-        if self._in_turn():
+    async def after_write(self) -> None:
+        """A write's checkpoint; outside a turn, its commit."""
+        if self.in_turn():
             await trio.lowlevel.checkpoint()
         else:
-            await self._finish_outside_turn()
+            await self.finish_outside_turn()
 
-    async def _settled(self) -> None:
+    async def settled(self) -> None:
         """Wait for an in-flight commit (only a background task can meet one)."""
         while self._commit_done is not None:
             await self._commit_done.wait()
@@ -380,14 +388,9 @@ class Storage:
             self._commit_done.set()
             self._commit_done = None
 
-    @property
-    def dirty(self) -> bool:
-        """True when writes are waiting for the turn's commit."""
-        return self._dirty
-
     def take_alarm_change(self) -> float | object | None:
         """The alarm written since the last call (``...`` if none); resets it."""
-        change, self._alarm_set = self._alarm_set, ...
+        change, self.alarm_set = self.alarm_set, ...
         return change
 
     def commit_sync(self) -> None:
@@ -397,20 +400,20 @@ class Storage:
 
     def committed(self) -> None:
         """The commit succeeded: release the held messages."""
-        self._dirty = False
-        self._gate.open()
+        self.dirty = False
+        self.gate.open()
 
     def failed(self) -> int:
         """The commit failed: roll back, drop held messages. Returns how many."""
-        self._dirty = False
-        self._alarm_set = ...
+        self.dirty = False
+        self.alarm_set = ...
         if self._db is not None:
             self._db.rollback()
-        return self._gate.drop()
+        return self.gate.drop()
 
     def end_read_only_turn(self) -> None:
         """Close a transaction that only read (no disk flush needed)."""
-        if self._db is not None and not self._dirty and self._db.in_transaction:
+        if self._db is not None and not self.dirty and self._db.in_transaction:
             self._db.commit()
 
     def detach(self) -> ObjectDatabase | None:
@@ -420,11 +423,12 @@ class Storage:
 
     # -- validation ----------------------------------------------------------------------
 
-    def _key(self, key: object) -> str:
+    def key(self, key: object) -> str:
+        """``key``, checked: a str within ``Limits.max_storage_key_bytes``."""
         if not isinstance(key, str):
             raise TypeError(f"storage keys are str, not {type(key).__name__}: {key!r}")
         size = len(key.encode("utf-8"))
-        limit = self._limits.max_storage_key_bytes
+        limit = self.limits.max_storage_key_bytes
         if size > limit:
             raise LimitExceededError(
                 f"a storage key cannot be larger than {limit} bytes; this one is {size} "
@@ -435,11 +439,12 @@ class Storage:
             )
         return key
 
-    def _keys(self, keys: Sequence[str]) -> list[str]:
+    def keys(self, keys: Sequence[str]) -> list[str]:
+        """``keys``, checked one by one and as a batch (``max_storage_keys_per_call``)."""
         if isinstance(keys, str | bytes):
             raise TypeError("expected a key or a sequence of keys")
-        checked = [self._key(k) for k in keys]
-        limit = self._limits.max_storage_keys_per_call
+        checked = [self.key(k) for k in keys]
+        limit = self.limits.max_storage_keys_per_call
         if len(checked) > limit:
             raise LimitExceededError(
                 f"at most {limit} keys per call; got {len(checked)} "
@@ -450,13 +455,31 @@ class Storage:
             )
         return checked
 
-    def _encode(self, value: object) -> bytes:
+    def encode(self, value: object) -> bytes:
+        """``value`` as data, within ``Limits.max_storage_value_bytes``."""
         return encode_data(
             value,
             what="A storage value",
             limit_name="max_storage_value_bytes",
-            limit_bytes=self._limits.max_storage_value_bytes,
+            limit_bytes=self.limits.max_storage_value_bytes,
         )
+
+
+@final
+class Storage:
+    """Durable key-value storage, SQL and the alarm of one object (``ctx.storage``).
+
+    Keys are strings ordered by their UTF-8 bytes; values are data (the attachment codec).
+    Every method is a checkpoint.
+    """
+
+    __slots__ = ("_state", "sql")
+
+    def __init__(self, state: StorageState) -> None:
+        # Made by the runtime for each activation.
+        self._state = state
+        self.sql = SqlStorage(state)
+        """SQL on this object's database."""
 
     # -- key-value -----------------------------------------------------------------------
 
@@ -470,14 +493,14 @@ class Storage:
 
         The dict holds the keys that exist, in key order. Values are fresh copies.
         """
-        await self._settled()
+        await self._state.settled()
         if isinstance(key, str):
-            found = self._database().get_many([self._key(key)])
+            found = self._state.database().get_many([self._state.key(key)])
             await trio.lowlevel.checkpoint()
             raw = found.get(key)
             return None if raw is None else decode_data(raw)
-        keys = self._keys(key)
-        found = self._database().get_many(keys)
+        keys = self._state.keys(key)
+        found = self._state.database().get_many(keys)
         await trio.lowlevel.checkpoint()
         return {k: decode_data(v) for k, v in found.items()}
 
@@ -494,17 +517,17 @@ class Storage:
             LimitExceededError: a key, a value or the batch is over its limit.
             Nothing is stored when any of these is raised.
         """
-        await self._settled()
+        await self._state.settled()
         if isinstance(key, str):
-            items = [(self._key(key), self._encode(value))]
+            items = [(self._state.key(key), self._state.encode(value))]
         elif isinstance(key, Mapping):
-            keys = self._keys(list(key))
-            items = [(k, self._encode(key[k])) for k in keys]
+            keys = self._state.keys(list(key))
+            items = [(k, self._state.encode(key[k])) for k in keys]
         else:
             raise TypeError(f"put() takes a key and a value, or a mapping; got {key!r}")
-        self._database().put_many(items)
-        self._wrote()
-        await self._after_write()
+        self._state.database().put_many(items)
+        self._state.wrote()
+        await self._state.after_write()
 
     @overload
     async def delete(self, key: str) -> bool: ...
@@ -513,15 +536,15 @@ class Storage:
 
     async def delete(self, key: str | Sequence[str]) -> bool | int:
         """Delete ``key`` (returns whether it existed) or keys (returns how many did)."""
-        await self._settled()
+        await self._state.settled()
         if isinstance(key, str):
-            count = self._database().delete_many([self._key(key)])
+            count = self._state.database().delete_many([self._state.key(key)])
             result: bool | int = count > 0
         else:
-            count = self._database().delete_many(self._keys(key))
+            count = self._state.database().delete_many(self._state.keys(key))
             result = count
-        self._wrote()
-        await self._after_write()
+        self._state.wrote()
+        await self._state.after_write()
         return result
 
     async def list(
@@ -537,7 +560,7 @@ class Storage:
 
         ``reverse`` lists from the highest key down; ``limit`` caps the count.
         """
-        await self._settled()
+        await self._state.settled()
         for name, bound in (("prefix", prefix), ("start", start), ("end", end)):
             if bound is not None and not isinstance(bound, str):
                 raise TypeError(f"list({name}=...) takes a str, not {bound!r}")
@@ -545,7 +568,7 @@ class Storage:
             raise TypeError(f"list(limit=...) takes an int, not {limit!r}")
         if limit is not None and limit < 1:
             raise ValueError(f"list(limit=...) must be at least 1, got {limit}")
-        rows = self._database().list(
+        rows = self._state.database().list(
             prefix=prefix, start=start, end=end, reverse=reverse, limit=limit
         )
         await trio.lowlevel.checkpoint()
@@ -553,11 +576,11 @@ class Storage:
 
     async def delete_all(self) -> None:
         """Delete every key, every SQL table and the alarm."""
-        await self._settled()
-        self._database().delete_all()
-        self._alarm_set = None
-        self._wrote()
-        await self._after_write()
+        await self._state.settled()
+        self._state.database().delete_all()
+        self._state.alarm_set = None
+        self._state.wrote()
+        await self._state.after_write()
 
     async def transaction(self, fn: Callable[[Storage], Awaitable[T]]) -> T:
         """Run ``await fn(storage)`` all or nothing: if it raises, its writes are undone.
@@ -566,76 +589,119 @@ class Storage:
         task, the transaction waits for the current turn to end and no turn starts until
         it is over and committed (so it is all or nothing there too).
         """
-        await self._settled()
-        if self._in_turn():
+        await self._state.settled()
+        if self._state.in_turn():
             return await self._in_savepoint(fn)
-        async with self._exclusive():
+        async with self._state.exclusive():
             return await self._in_savepoint(fn)
 
     async def _in_savepoint(self, fn: Callable[[Storage], Awaitable[T]]) -> T:
-        db = self._database()
-        name = f"th_txn_{self._savepoints}"
-        alarm_before = self._alarm_set
+        db = self._state.database()
+        name = f"th_txn_{self._state.savepoints}"
+        alarm_before = self._state.alarm_set
         db.savepoint(name)
-        self._savepoints += 1
+        self._state.savepoints += 1
         try:
             result = await fn(self)
         except BaseException:
             db.rollback_to(name)
-            self._alarm_set = alarm_before
+            self._state.alarm_set = alarm_before
             raise
         finally:
-            self._savepoints -= 1
+            self._state.savepoints -= 1
         db.release(name)
         await trio.lowlevel.checkpoint()
         return result
 
     async def sync(self) -> None:
         """Wait until every write so far is durable."""
-        if self._dirty and not self._in_turn():
-            await self._finish_outside_turn()
+        if self._state.dirty and not self._state.in_turn():
+            await self._state.finish_outside_turn()
         else:
             await trio.lowlevel.checkpoint()
 
     # -- alarm ---------------------------------------------------------------------------
 
     async def get_alarm(self) -> datetime | None:
-        """When the alarm is set to fire (UTC), or None."""
-        await self._settled()
-        when = self._database().get_alarm()
+        """When the alarm is set to fire (UTC), or None. (One stored past the year 9999,
+        by a version that took milliseconds, reads as ``datetime.max``.)"""
+        await self._state.settled()
+        when = self._state.database().get_alarm()
         await trio.lowlevel.checkpoint()
-        return None if when is None else datetime.fromtimestamp(when, UTC)
+        return None if when is None else _alarm_datetime(when)
 
     async def set_alarm(self, when: datetime | float) -> None:
-        """Run the object's ``alarm()`` at ``when`` (an aware datetime or epoch seconds).
+        """Run the object's ``alarm()`` at ``when``: an aware datetime, or epoch
+        **seconds** (``ctx.now() + 60``; Cloudflare's ``setAlarm`` takes milliseconds).
 
         One alarm per object: setting replaces the previous one. The alarm wakes a
         hibernated object and survives restarts; a past time fires at once.
+
+        Raises:
+            TypeError: ``when`` is neither a datetime nor a number.
+            ValueError: a naive datetime, a time before 1970 or not finite, or over 1e11
+                s (year 5138): milliseconds, the message says what to pass.
         """
-        await self._settled()
-        value: object = when
-        if isinstance(value, datetime):
-            if value.tzinfo is None:
-                raise ValueError("set_alarm() needs an aware datetime (add a tzinfo)")
-            seconds = value.timestamp()
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            seconds = float(value)
-        else:
-            raise TypeError(f"set_alarm() takes a datetime or epoch seconds, not {when!r}")
-        if not math.isfinite(seconds):
-            raise ValueError(f"the alarm time must be finite, got {seconds}")
-        self._database().set_alarm(seconds)
-        self._alarm_set = seconds
-        self._wrote()
-        await self._after_write()
+        await self._state.settled()
+        seconds = _alarm_seconds(when)
+        self._state.database().set_alarm(seconds)
+        self._state.alarm_set = seconds
+        self._state.wrote()
+        await self._state.after_write()
 
     async def delete_alarm(self) -> None:
         """Cancel the alarm, if any."""
-        await self._settled()
-        self._database().set_alarm(None)
-        self._alarm_set = None
-        self._wrote()
-        await self._after_write()
+        await self._state.settled()
+        self._state.database().set_alarm(None)
+        self._state.alarm_set = None
+        self._state.wrote()
+        await self._state.after_write()
+
+
+#: Epoch seconds above this (year 5138) are taken for milliseconds (Cloudflare's unit).
+_MAX_ALARM_SECONDS: Final = 1e11
+
+
+def _alarm_datetime(when: float) -> datetime:
+    try:
+        return datetime.fromtimestamp(when, UTC)
+    except (OverflowError, OSError, ValueError):  # "year 59009 is out of range"
+        return (datetime.max if when > 0 else datetime.min).replace(tzinfo=UTC)
+
+
+def _alarm_seconds(when: object) -> float:
+    """``set_alarm``'s argument as epoch seconds, or an error saying what to pass."""
+    if isinstance(when, datetime):
+        if when.tzinfo is None:
+            raise ValueError("set_alarm() needs an aware datetime (add a tzinfo)")
+        seconds = when.timestamp()
+    elif isinstance(when, int | float) and not isinstance(when, bool):
+        try:
+            seconds = float(when)
+        except OverflowError:
+            seconds = math.inf
+    else:
+        raise TypeError(f"set_alarm() takes a datetime or epoch seconds, not {when!r}")
+    if not math.isfinite(seconds):
+        raise ValueError(f"set_alarm() needs a finite time in epoch seconds, got {when!r}")
+    if seconds < 0:
+        raise ValueError(
+            f"set_alarm() got {when!r}, a time before 1970; pass epoch seconds, e.g. ctx.now() + 60"
+        )
+    if isinstance(when, datetime):
+        return seconds  # a datetime is at most year 9999
+    if seconds > _MAX_ALARM_SECONDS:
+        if seconds / 1000 <= _MAX_ALARM_SECONDS:
+            raise ValueError(
+                f"set_alarm() takes epoch seconds, not milliseconds as Cloudflare's "
+                f"setAlarm does: {when!r} would be after the year 5138 (over "
+                f"{_MAX_ALARM_SECONDS:.0e} s); pass {seconds / 1000!r} (the value / 1000)"
+            )
+        raise ValueError(
+            f"set_alarm() takes epoch seconds up to {_MAX_ALARM_SECONDS:.0e} (the year "
+            f"5138), got {when!r}; pass e.g. ctx.now() + 60"
+        )
+    return seconds
 
 
 def stored_alarm(storage: Storage) -> float | None:
@@ -649,4 +715,4 @@ def stored_alarm(storage: Storage) -> float | None:
         RuntimeError: a commit is in flight.
         sqlite3.Error, OSError: the database cannot be opened or read.
     """
-    return storage._database().get_alarm()
+    return storage._state.database().get_alarm()

@@ -18,7 +18,9 @@ The rules, in the order they apply:
    transaction raises the storage error to the task.
 5. **Unacknowledged writes are dropped.** An activation that ends with writes not yet
    committed (it was cancelled mid-turn: shutdown, a forced eviction) rolls them back:
-   the output gate held every reply that could have acknowledged them.
+   the output gate held every reply that could have acknowledged them. So does an
+   object being reset (``ctx.abort()``, a failed ``block_concurrency_while``), at once
+   (:meth:`TurnCommit.abandon`); a commit already in flight still completes.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING, Protocol, final
 
 import trio
 
-from .api import Storage
+from .api import Storage, StorageState
 
 if TYPE_CHECKING:
     from .._containment import ObjectLog
@@ -104,6 +106,7 @@ class TurnCommit:
         "_obj",
         "_on_committed",
         "_services",
+        "state",
         "storage",
     )
 
@@ -123,7 +126,7 @@ class TurnCommit:
         self._holding = holding
         self._on_committed = on_committed
         self._log = log
-        self.storage = Storage(
+        self.state = StorageState(
             open_db=self._open,
             limits=services.limits,
             gate=activation.gate,
@@ -131,6 +134,8 @@ class TurnCommit:
             in_turn=self._in_turn,
             exclusive=self.exclusive,
         )
+        """The runtime's side of the storage (what this protocol drives)."""
+        self.storage = Storage(self.state)
         """The activation's ``ctx.storage``."""
 
     def _open(self) -> ObjectDatabase:
@@ -147,7 +152,7 @@ class TurnCommit:
             sqlite3.Error, OSError: the commit failed; the writes are rolled back, the
                 held messages dropped and the activation asked to stop (logged here).
         """
-        storage = self.storage
+        storage = self.state
         if not storage.dirty:
             return
         services = self._services
@@ -197,7 +202,7 @@ class TurnCommit:
 
         A failed commit was logged and reset the instance (rule 4); it is not raised.
         """
-        storage = self.storage
+        storage = self.state
         if storage.dirty:
             with contextlib.suppress(sqlite3.Error, OSError):  # logged and reset by commit()
                 await self.commit()
@@ -223,10 +228,22 @@ class TurnCommit:
         async with self._activation.turn_lock:
             await self.commit()
 
+    def abandon(self) -> int:
+        """The object is being reset: roll back the writes not yet committed and drop
+        the messages the output gate holds (rule 5). Returns how many were dropped.
+
+        A commit in flight (in a worker thread) is left to complete: its writes are
+        durable and its messages released as usual.
+        """
+        storage = self.state
+        if storage.committing or not storage.dirty:
+            return 0
+        return storage.failed()
+
     def release(self) -> None:
         """The activation has ended: drop unacknowledged writes (rule 5), hand the
         database back to the backend."""
-        storage = self.storage
+        storage = self.state
         if storage.dirty:
             storage.failed()
         db = storage.detach()

@@ -1,0 +1,101 @@
+"""What the connection layer needs from the runtime that runs it, as Protocols.
+
+This is the only way ``_net`` knows the runtime: the runtime meets these structurally,
+with public methods. Nothing here blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .._app import App
+    from .._core.budget import MemoryBudget
+    from .._core.events import Event
+    from .._core.lifecycle import ObjectCore
+    from .._http import Request, Response
+    from .._limits import Limits
+    from .._statistics import Counters
+
+__all__ = ["Connection", "ConnectionOwner", "ListenerOwner", "ObjectLink"]
+
+
+class Connection(Protocol):
+    """A connection, as the runtime that owns it sees it."""
+
+    def begin_shutdown(self, code: int, reason: str) -> None:
+        """Host shutdown: close with ``code`` and run no handler."""
+
+
+class ObjectLink(Protocol):
+    """The object a request was routed to, as a connection sees it."""
+
+    @property
+    def core(self) -> ObjectCore:
+        """The object's sans-IO core (its sockets, auto-response, mailbox)."""
+        ...
+
+    def deliver(self, event: Event) -> None:
+        """Queue ``event`` for the object, waking it if it is hibernated."""
+
+    def forget_if_unused(self) -> None:
+        """Drop the object from memory if it has nothing left to do."""
+
+
+class ConnectionOwner(Protocol):
+    """What a connection needs from the runtime that runs it."""
+
+    @property
+    def app(self) -> App: ...
+    @property
+    def limits(self) -> Limits: ...
+    @property
+    def counters(self) -> Counters: ...
+    @property
+    def buffers(self) -> MemoryBudget: ...
+    @property
+    def handshake_timeout(self) -> float: ...
+    @property
+    def request_timeout(self) -> float: ...
+    @property
+    def partial_message_timeout(self) -> float: ...
+    @property
+    def close_timeout(self) -> float: ...
+    @property
+    def wall_clock(self) -> Callable[[], float]: ...
+    @property
+    def allowed_origins(self) -> frozenset[str] | None:
+        """Origins whose pages may open WebSockets (None: the same origin only)."""
+        ...
+
+    def operations(self, request: Request) -> Response:
+        """The answer for the server's own paths (``/_health``, ``/_metrics``)."""
+        ...
+
+    def route(self, path: str) -> ObjectLink | Response | None:
+        """The object ``path`` names, a refusal, or None when no namespace matches."""
+        ...
+
+    def encode_frame(self, message: str | bytes) -> bytes:
+        """The WebSocket frame of a data message."""
+        ...
+
+    def spawn(self, async_fn: Callable[[], Awaitable[Any]]) -> None:
+        """Run a helper task of the connection (a flusher, a watchdog)."""
+
+    def connection_ended(self, conn: Connection) -> None:
+        """The connection has ended (it closes its byte channel right after)."""
+
+
+class ListenerOwner(Protocol):
+    """What the accept loop asks the runtime it feeds clients to."""
+
+    @property
+    def connection_count(self) -> int:
+        """Open client connections."""
+        ...
+
+    def operations(self, request: Request) -> Response:
+        """The answer for the server's own paths (``/_health``, ``/_metrics``)."""
+        ...

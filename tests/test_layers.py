@@ -606,3 +606,30 @@ def test_no_long_class() -> None:
                 f"now (0: gone), within {MAX_CLASS_LINES}; delete the entry"
             )
     assert not faults, "\n".join(faults)
+
+
+# -- every exception class in _errors.py ---------------------------------------------------
+
+
+def exception_classes_outside_errors() -> list[str]:
+    """Classes deriving (by name) from an exception class, defined outside ``_errors``."""
+    known = {"Exception", "BaseException"}
+    errors = modules()[f"{PACKAGE}._errors"]
+    known |= {node.name for node in ast.walk(errors.tree) if isinstance(node, ast.ClassDef)}
+    found = []
+    for module in modules().values():
+        if module.short == "_errors":
+            continue
+        for node in ast.walk(module.tree):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            bases = {ast.unparse(base).rpartition(".")[2] for base in node.bases}
+            if bases & known or any(b.endswith(("Error", "Exception")) for b in bases):
+                found.append(f"{module.where(node)}: class {node.name}")
+    return found
+
+
+def test_every_exception_class_is_in_errors() -> None:
+    """One place to read what can be raised, split by fault (see ``_errors.py``)."""
+    found = exception_classes_outside_errors()
+    assert not found, "define exception classes in trio_hibernate/_errors.py:\n" + "\n".join(found)

@@ -9,12 +9,15 @@
   propagate out of ``fetch``, it refuses the upgrade with its HTTP status.
 - The *peer's*: never raised into object code. :class:`WebSocketProtocolError` arrives
   as the ``error`` of a ``websocket_error`` event (a closed connection as
-  ``websocket_close``); a malformed HTTP request is answered with a 4xx.
+  ``websocket_close``); a malformed HTTP request (:class:`BadRequest`, internal) is
+  answered with a 4xx.
 - The *operator's*: :class:`StorageError` (the data directory, or a file in it, cannot be
   used), :class:`AppLoadError` (the CLI's app spec names no App).
 - The *runtime's* own (a bug; please report): :class:`InvalidTransition`.
 - Not an error: :class:`ObjectAborted` unwinds the code that called ``ctx.abort()``.
 - The *storage's*: :class:`StorageCommitError` (a turn's writes were lost).
+- The test kit's (``trio_hibernate.testing``, raised to the test): :class:`UpgradeRejected`,
+  :class:`WebSocketClosed`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AppLoadError",
+    "BadRequest",
     "ConnectionIdError",
     "DataCloneError",
     "HibernateError",
@@ -38,6 +42,8 @@ __all__ = [
     "ReentrantCallError",
     "StorageCommitError",
     "StorageError",
+    "UpgradeRejected",
+    "WebSocketClosed",
     "WebSocketProtocolError",
     "WebSocketStateError",
 ]
@@ -163,6 +169,15 @@ class WebSocketProtocolError(HibernateError):
         self.reason = reason
 
 
+class BadRequest(Exception):
+    """Internal: the peer's HTTP request cannot be served; the connection answers
+    ``status`` with the message and closes. Never raised into application code."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class AppLoadError(HibernateError):
     """The CLI's app spec could not be turned into an :class:`~trio_hibernate.App`."""
 
@@ -195,3 +210,22 @@ class ObjectAborted(BaseException):
     too. The runtime stops it where the object's code was entered (the constructor, a
     handler's turn, a ``ctx.start_soon`` task), after resetting the object.
     """
+
+
+class UpgradeRejected(Exception):
+    """The test kit's WebSocket upgrade got another answer than 101 (the object's
+    ``fetch`` refused it, or the server did)."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(f"upgrade rejected with HTTP {status}: {body!r}")
+        self.status = status
+        self.body = body
+
+
+class WebSocketClosed(Exception):
+    """The server closed the test kit's WebSocket (or the connection dropped: 1006)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"WebSocket closed with {code} {reason!r}")
+        self.code = code
+        self.reason = reason

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, final
 import h11
 import trio
 
+from .._errors import BadRequest
 from .gatekeeper import Answer, Gatekeeper
-from .http import BadRequest, HttpExchange, raw_response, simple_response
+from .http import HttpExchange, raw_response, simple_response
 from .websocket import WebSocketTransport
 from .writer import REFUSAL_LINGER_SECONDS
 

@@ -14,6 +14,7 @@ import h11
 from wsproto.connection import Connection as WSConnection, ConnectionType
 from wsproto.utilities import generate_accept_token
 
+from .._errors import BadRequest
 from .._http import Request, Response, split_target
 from .._websocket import WebSocket
 from .writer import over_budget_text
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_HEAD_BYTES",
-    "BadRequest",
     "HttpExchange",
     "is_upgrade",
     "raw_response",
@@ -36,14 +36,6 @@ __all__ = [
 
 #: Bytes of a request line and headers (h11 buffers them whole). Larger: 431.
 MAX_HEAD_BYTES: Final = 16384
-
-
-class BadRequest(Exception):
-    """The peer's request cannot be served: answer ``status`` and close."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def reason_phrase(status: int) -> bytes:

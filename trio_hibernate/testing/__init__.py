@@ -8,11 +8,8 @@ in memory fails your tests instead of production. The pytest plugin (registered
 automatically) provides the ``hibernate_host`` fixture; see ``docs/testing.md``.
 """
 
-from ._client import (
-    TestWebSocket as TestWebSocket,
-    UpgradeRejected as UpgradeRejected,
-    WebSocketClosed as WebSocketClosed,
-)
+from .._errors import UpgradeRejected as UpgradeRejected, WebSocketClosed as WebSocketClosed
+from ._client import TestWebSocket as TestWebSocket
 from ._host import EPOCH as EPOCH, TestHost as TestHost, open_test_host as open_test_host
 
 __all__ = [
@@ -28,7 +25,8 @@ __all__ = [
 def _fix_module_names() -> None:
     for name in __all__:
         obj = globals()[name]
-        if getattr(obj, "__module__", "").startswith("trio_hibernate.testing._"):
+        module = getattr(obj, "__module__", "")
+        if module.startswith(("trio_hibernate.testing._", "trio_hibernate._")):
             obj.__module__ = "trio_hibernate.testing"
 
 

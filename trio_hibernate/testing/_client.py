@@ -22,27 +22,11 @@ from wsproto.events import (
 )
 from wsproto.frame_protocol import CloseReason
 
-__all__ = ["TestWebSocket", "UpgradeRejected", "WebSocketClosed", "handshake"]
+from .._errors import UpgradeRejected, WebSocketClosed
+
+__all__ = ["TestWebSocket", "handshake"]
 
 _RECV_BYTES = 65536
-
-
-class UpgradeRejected(Exception):
-    """The object's ``fetch`` answered the upgrade with something other than 101."""
-
-    def __init__(self, status: int, body: bytes) -> None:
-        super().__init__(f"upgrade rejected with HTTP {status}: {body!r}")
-        self.status = status
-        self.body = body
-
-
-class WebSocketClosed(Exception):
-    """The server closed the WebSocket (or the connection dropped: code 1006)."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(f"WebSocket closed with {code} {reason!r}")
-        self.code = code
-        self.reason = reason
 
 
 @final

@@ -7,6 +7,7 @@ import trio_hibernate
 EXPECTED = {
     "AlarmInfo",
     "App",
+    "ConnectionIdError",
     "DataCloneError",
     "DurableObject",
     "HibernateError",

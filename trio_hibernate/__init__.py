@@ -17,8 +17,8 @@ a :func:`open_host` and hand it sockets.
 # tests/test_layers.py checks.
 #
 # The object-facing API is plain Python too, flat: _app, _object, _context, _websocket,
-# _http, _limits, _ids, _autoresponse, _errors (every exception, split by fault),
-# _statistics.
+# _broadcast, _http, _limits, _ids, _autoresponse, _errors (every exception, split by
+# fault), _statistics.
 #
 # The runtime is the Trio layer for objects, flat as trio keeps its high-level modules:
 # _host (the public Host facade and open_host), _runtime (the internal Runtime behind
@@ -42,6 +42,7 @@ from ._context import ObjectContext as ObjectContext
 from ._core.lifecycle import ObjectState as ObjectState
 from ._core.sockets import ReadyState as ReadyState
 from ._errors import (
+    ConnectionIdError as ConnectionIdError,
     DataCloneError as DataCloneError,
     HibernateError as HibernateError,
     InvalidCloseCodeError as InvalidCloseCodeError,
@@ -69,6 +70,7 @@ from ._websocket import WebSocket as WebSocket
 __all__ = [
     "AlarmInfo",
     "App",
+    "ConnectionIdError",
     "DataCloneError",
     "DurableObject",
     "HibernateError",

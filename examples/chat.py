@@ -63,7 +63,7 @@ class ChatRoom(DurableObject):
         history = await self.ctx.storage.list(prefix="msg:", reverse=True, limit=HISTORY)
         for line in reversed(history.values()):
             ws.send(str(line))  # queued; delivered right after the 101 response
-        self.broadcast(f"* {nick} joined")
+        self.ctx.broadcast(f"* {nick} joined")
         return Response(status=101, websocket=ws)
 
     async def websocket_message(self, ws: WebSocket, message: str | bytes) -> None:
@@ -75,21 +75,21 @@ class ChatRoom(DurableObject):
             ws.send("* here: " + ", ".join(sorted(self.nick(s) for s in self.present())))
         elif message.startswith("/msg "):
             _, target, text = ([*message.split(" ", 2), ""])[:3]
-            peers = self.ctx.get_websockets(f"user:{target}")
-            for peer in peers:
-                peer.send(f"(whisper) {nick}: {text}")
-            if not peers:
+            # broadcast() returns how many open sockets got it: 0 if nobody has the tag
+            # (or its socket is closing).
+            if not self.ctx.broadcast(f"(whisper) {nick}: {text}", tag=f"user:{target}"):
                 ws.send(f"* no {target} here")
         else:
             line = f"{nick}: {message}"
             await self.remember(line)
-            self.broadcast(line)  # held by the output gate until the write is durable
+            self.ctx.broadcast(line)  # held by the output gate until the write is durable
 
+    # A socket that ended is no longer open: broadcast() skips it, no exclude needed.
     async def websocket_close(self, ws: WebSocket, code: int, reason: str, was_clean: bool) -> None:
-        self.broadcast(f"* {self.nick(ws)} left", exclude=ws)
+        self.ctx.broadcast(f"* {self.nick(ws)} left")
 
     async def websocket_error(self, ws: WebSocket, error: Exception) -> None:
-        self.broadcast(f"* {self.nick(ws)} dropped", exclude=ws)
+        self.ctx.broadcast(f"* {self.nick(ws)} dropped")
 
     async def remember(self, line: str) -> None:
         """Append ``line`` to the room's history, keeping the last HISTORY lines."""
@@ -103,11 +103,6 @@ class ChatRoom(DurableObject):
     def present(self) -> list[WebSocket]:
         """Sockets that are still open (closing ones are still listed until they end)."""
         return [ws for ws in self.ctx.get_websockets() if ws.ready_state == 1]
-
-    def broadcast(self, text: str, exclude: WebSocket | None = None) -> None:
-        for ws in self.present():
-            if ws is not exclude:
-                ws.send(text)
 
     @staticmethod
     def nick(ws: WebSocket) -> str:

@@ -73,3 +73,21 @@ async def test_nicknames_are_checked(hibernate_host: TestHost) -> None:
     with pytest.raises(UpgradeRejected) as taken:
         await hibernate_host.connect("chat", "lobby", "?nick=ada")
     assert taken.value.status == 409
+
+
+async def test_whispers_and_departures(
+    hibernate_host: TestHost, autojump_clock: trio.abc.Clock
+) -> None:
+    ada = await hibernate_host.connect("chat", "lobby", "?nick=ada")
+    bob = await hibernate_host.connect("chat", "lobby", "?nick=bob")
+    assert [await ada.receive(), await ada.receive(), await bob.receive()] == [
+        "* ada joined",
+        "* bob joined",
+        "* bob joined",
+    ]
+    await ada.send("/msg bob psst")
+    assert await bob.receive() == "(whisper) ada: psst"
+    await ada.send("/msg carol hello?")
+    assert await ada.receive() == "* no carol here"
+    await bob.close()
+    assert await ada.receive() == "* bob left"  # sent to the open sockets: not bob's

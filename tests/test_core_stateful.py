@@ -24,7 +24,12 @@ decision functions wherever the runtime does, never a copy of them:
   and call answers are held until the commit opens it, or dropped when it fails (a held
   ``close()`` is then undone) and the instance is reset;
 * host shutdown closes every socket with 1001 or 1012 and no handler, answers what is
-  queued without running it, and starts a new host (every object forgotten).
+  queued without running it, and starts a new host (every object forgotten);
+* ``ctx.broadcast`` reaches exactly the ``OPEN`` sockets (of a tag, not excluded), in
+  whatever state the others are, and is held by the gate as one action;
+* connection ids: an upgrade may ask for one (``?_pk=``, from a small pool, so that
+  duplicates and malformed ones are frequent); ``ws.id`` makes a random one on first
+  use; the model knows every id and where ``get_websocket`` must find it.
 
 The model predicts from the spec alone (its own flags, counts and orders); the
 invariants compare it with the real records (``SocketRecord.state`` included), and run
@@ -71,6 +76,7 @@ from trio_hibernate._core.sockets import (
     should_pause_reading,
 )
 from trio_hibernate._errors import (
+    ConnectionIdError,
     DataCloneError,
     InvalidCloseCodeError,
     LimitExceededError,
@@ -166,6 +172,7 @@ class Refusal:
     error: type[Exception]
     limit_name: str | None = None
     value: int | None = None
+    status: int | None = None  # a ConnectionIdError's
 
 
 @attrs.frozen
@@ -176,14 +183,15 @@ class Upgrade:
     transport: FakeTransport
     tags: object
     pre_attachment: AttachmentArg | None
+    pk: str | None  # the _pk query value asked for (PK_TWICE: two of them)
 
 
 @attrs.define(eq=False)
 class Held:
     """A ``send``, ``close`` or call answer held by the output gate, in the model."""
 
-    kind: str  # "send", "close" or "answer"
-    key: int  # the socket id, or the request id of an answer
+    kind: str  # "send", "close", "answer" or "broadcast"
+    key: int  # the socket id, or the request id of an answer (-1 for a broadcast)
     payload: object = None
 
 
@@ -197,6 +205,7 @@ class SocketModel:
     record: SocketRecord
     owner: ObjectSim
     tags: tuple[str, ...]
+    cid: str | None = None  # its connection id, once given (_pk) or asked for (ws.id)
     attachment: object = UNSET
     server_close: tuple[int | None, str] | None = None
     terminal_queued: bool = False
@@ -266,6 +275,25 @@ def model_tags(tags: object) -> tuple[str, ...] | Refusal:
         if tag not in distinct:
             distinct.append(tag)
     return tuple(distinct)
+
+
+PK_TWICE: Final = "\x00twice"  # draws the query "_pk=p1&_pk=p2"
+PKS: Final = (None, None, "p1", "p2", "", "a.B_c-9~", "a%20b", "x" * 129, PK_TWICE)
+
+
+def pk_query(pk: str | None) -> str:
+    if pk is None:
+        return ""
+    return "&_pk=p1&_pk=p2" if pk == PK_TWICE else f"&_pk={pk}"
+
+
+def model_pk(pk: str | None) -> str | Refusal | None:
+    """Rule 5 of sockets.py: the id asked for, None (none or empty), or a 400."""
+    if pk is None or pk == "":
+        return None
+    if pk in (PK_TWICE, "a%20b", "x" * 129):
+        return Refusal(ConnectionIdError, status=400)
+    return pk
 
 
 def close_args_valid(code: int | None, reason: str | None) -> bool:
@@ -670,15 +698,15 @@ class HibernationMachine(RuleBasedStateMachine):
         return kept
 
     def _new_upgrade(
-        self, obj: ObjectSim, tags: object, pre_attachment: AttachmentArg | None
+        self, obj: ObjectSim, tags: object, pre_attachment: AttachmentArg | None, pk: str | None
     ) -> Request:
         """What the connection makes for an upgrade request: a socket, not yet accepted."""
         sid = self.next_sid
         self.next_sid += 1
         transport = FakeTransport()
-        url = f"/room/{obj.name}?socket={sid}"
+        url = f"/room/{obj.name}?socket={sid}{pk_query(pk)}"
         ws = WebSocket(transport=transport, url=url, limits=LIMITS)
-        obj.upgrades[url] = Upgrade(sid, transport, tags, pre_attachment)
+        obj.upgrades[url] = Upgrade(sid, transport, tags, pre_attachment, pk)
         return Request(method="GET", url=url, websocket=ws)
 
     def _fetch(self, obj: ObjectSim, request: Request) -> Response:
@@ -703,15 +731,25 @@ class HibernationMachine(RuleBasedStateMachine):
             attachment = self._write(ws, UNSET, pre_attachment)
         before = obj.core.registry.sockets()
         listed = len(self._listed(obj))
+        # workerd's checks first (tags, then ours: the _pk's form, the capacity, the _pk's use).
         expected = model_tags(tags)
+        cid = model_pk(upgrade.pk)
+        if not isinstance(expected, Refusal) and isinstance(cid, Refusal):
+            expected = cid
         if not isinstance(expected, Refusal) and listed >= LIMITS.max_websockets_per_object:
             expected = Refusal(LimitExceededError, "max_websockets_per_object", listed + 1)
+        in_use = {s.cid for s in self._listed(obj)}
+        if not isinstance(expected, Refusal) and cid is not None and cid in in_use:
+            expected = Refusal(ConnectionIdError, status=409)
         if isinstance(expected, Refusal):
-            event(f"accept refused: {expected.limit_name or expected.error.__name__}")
+            what = expected.limit_name or expected.error.__name__
+            event(f"accept refused: {what}{f' {expected.status}' if expected.status else ''}")
             with pytest.raises(expected.error) as info:
                 ctx.accept_websocket(ws, tags)  # type: ignore[arg-type]
             if isinstance(info.value, LimitExceededError):
                 check_limit_error(info.value, expected)
+            if isinstance(info.value, ConnectionIdError):
+                assert info.value.status == expected.status
             # A failed accept changes nothing: the socket is still unaccepted.
             assert obj.core.registry.sockets() == before
             assert ready_state(ws) is ReadyState.CONNECTING
@@ -732,6 +770,7 @@ class HibernationMachine(RuleBasedStateMachine):
             record=record,
             owner=obj,
             tags=expected,
+            cid=None if isinstance(cid, Refusal) else cid,
             attachment=attachment,
         )
         self.sockets[sid] = sock
@@ -845,16 +884,18 @@ class HibernationMachine(RuleBasedStateMachine):
                 self.set_auto_response(0, request, "pong")
             self.set_event_timeout(0, timeout_ms)
             for tags in sockets:
-                self.accept(0, tags, None)
+                self.accept(0, tags, None, None)
 
     # -- rules: object code (only while LIVE) -------------------------------------------------
 
     @precondition(lambda self: bool(self._live()))
-    @rule(o=OBJECT, tags=TAGS, pre_attachment=st.none() | ATTACHMENTS)
-    def accept(self, o: int, tags: object, pre_attachment: AttachmentArg | None) -> None:
+    @rule(o=OBJECT, tags=TAGS, pre_attachment=st.none() | ATTACHMENTS, pk=st.sampled_from(PKS))
+    def accept(
+        self, o: int, tags: object, pre_attachment: AttachmentArg | None, pk: str | None
+    ) -> None:
         """``fetch`` for an upgrade, running now."""
         obj = _pick(self._live(), o)
-        response = self._fetch(obj, self._new_upgrade(obj, tags, pre_attachment))
+        response = self._fetch(obj, self._new_upgrade(obj, tags, pre_attachment, pk))
         assert response.status in (101, 400)
 
     @precondition(lambda self: bool(self._reachable()))
@@ -879,6 +920,70 @@ class HibernationMachine(RuleBasedStateMachine):
             sock.owner.held.append(Held("send", sock.sid, message))
         else:
             sock.sent.append(message)
+
+    @precondition(lambda self: bool(self._live()))
+    @rule(
+        o=OBJECT,
+        message=st.text(max_size=4) | st.binary(max_size=4),
+        tag=st.none() | st.sampled_from(_VALID_TAGS),
+        exclude=st.lists(SOCKET, max_size=2),
+        by_id=st.booleans(),
+    )
+    def broadcast(
+        self, o: int, message: str | bytes, tag: str | None, exclude: list[int], by_id: bool
+    ) -> None:
+        """``ctx.broadcast``: exactly the OPEN sockets (of ``tag``, not excluded by handle
+        or by id), whatever state the others are in; held by the gate as one action."""
+        obj = _pick(self._live(), o)
+        assert obj.ctx is not None
+        mine = [s for s in self._reachable() if s.owner is obj]
+        excluded = [_pick(mine, i) for i in exclude] if mine else []
+        skip = [self._learn_id(s) if by_id else self._handle(s) for s in excluded]
+        count = obj.ctx.broadcast(message, tag=tag, exclude=skip)
+        listed = [s for s in self._listed(obj) if tag is None or tag in s.tags]
+        targets = [
+            s for s in listed if not (s.server_closed or s.terminal_queued) and s not in excluded
+        ]
+        assert count == len(targets)
+        for state in {s.expected_state() for s in listed if s not in targets}:
+            event(f"broadcast skipped a socket {state.name}")
+        if not targets:
+            return
+        if obj.gate_closed():
+            event("broadcast held by the gate")
+            obj.held.append(Held("broadcast", -1, (message, [s.sid for s in targets])))
+        else:
+            for sock in targets:
+                sock.sent.append(message)
+
+    def _learn_id(self, sock: SocketModel) -> str:
+        """``ws.id``: the id the socket was given, or a new random one (kept for good)."""
+        cid = self._handle(sock).id
+        if sock.cid is None:
+            event("a random connection id was made")
+            assert len(cid) == 22
+            assert all(cid != s.cid for s in self.sockets.values())
+            sock.cid = cid
+        assert cid == sock.cid, "a connection id changed"
+        return cid
+
+    @precondition(lambda self: bool(self._reachable()))
+    @rule(index=SOCKET)
+    def ask_id(self, index: int) -> None:
+        """``ws.id`` then ``ctx.get_websocket(id)``: the socket while it is listed, then
+        whichever listed socket was given that id since."""
+        sock = _pick(self._reachable(), index)
+        cid = self._learn_id(sock)
+        ctx = sock.owner.ctx
+        assert ctx is not None
+        found = ctx.get_websocket(cid)
+        if not sock.released:
+            assert found is self._handle(sock)
+        else:  # its id is free again: a later socket may have been given it
+            holders = [s for s in self._listed(sock.owner) if s.cid == cid]
+            assert (None if found is None else found.url) == (holders[0].url if holders else None)
+            if holders:
+                event("a released socket's id was given to a later one")
 
     @precondition(lambda self: bool(self._reachable()))
     @rule(index=SOCKET, code=CLOSE_CODES, reason=CLOSE_REASONS)
@@ -1067,12 +1172,14 @@ class HibernationMachine(RuleBasedStateMachine):
         self._terminal(sock, "error", ErrorEvent(sock.record, PeerProtocolError("1002: bad frame")))
 
     @precondition(lambda self: bool(self._not_busy(2 * MAX_WAITING)))
-    @rule(o=OBJECT, tags=TAGS, pre_attachment=st.none() | ATTACHMENTS)
-    def queue_upgrade(self, o: int, tags: object, pre_attachment: AttachmentArg | None) -> None:
+    @rule(o=OBJECT, tags=TAGS, pre_attachment=st.none() | ATTACHMENTS, pk=st.sampled_from(PKS))
+    def queue_upgrade(
+        self, o: int, tags: object, pre_attachment: AttachmentArg | None, pk: str | None
+    ) -> None:
         """An HTTP upgrade: a ``fetch`` event that accepts the socket when dispatched."""
         obj = _pick(self._not_busy(2 * MAX_WAITING), o)
         rid = self._request("fetch")
-        request = self._new_upgrade(obj, tags, pre_attachment)
+        request = self._new_upgrade(obj, tags, pre_attachment, pk)
         self._enqueue(obj, Queued("fetch", rid, FetchEvent(request, self._reply(rid))))
 
     @precondition(lambda self: bool(self._not_busy()))
@@ -1249,6 +1356,11 @@ class HibernationMachine(RuleBasedStateMachine):
             elif held.kind == "close":
                 assert isinstance(held.payload, tuple)
                 self.sockets[held.key].closes.append(held.payload)
+            elif held.kind == "broadcast":
+                assert isinstance(held.payload, tuple)
+                message, sids = held.payload
+                for sid in sids:
+                    self.sockets[sid].sent.append(message)
             else:
                 assert self.answers[held.key] == [(True, held.payload)]
         obj.held = []
@@ -1302,6 +1414,16 @@ class HibernationMachine(RuleBasedStateMachine):
                 if obj.ctx is not None:
                     urls = [ws.url for ws in obj.ctx.get_websockets(tag)]
                     assert urls == [s.url for s in expected], f"get_websockets({tag!r})"
+            # Connection ids: unique among the listed sockets, found by get_websocket.
+            holders = {s.cid: s for s in listed if s.cid is not None}
+            assert len(holders) == len([s for s in listed if s.cid is not None])
+            known = {s.cid for s in self.sockets.values() if s.owner is obj and s.cid is not None}
+            for cid in known:
+                holder = holders.get(cid)  # None: its socket was released
+                assert obj.core.registry.by_id(cid) is (None if holder is None else holder.record)
+                if obj.ctx is not None:
+                    found = obj.ctx.get_websocket(cid)
+                    assert (None if found is None else found.url) == (holder and holder.url)
             if obj.ctx is not None:
                 # The same handle for the same socket, everywhere in one activation.
                 by_url = {s.url: s for s in listed}
@@ -1316,8 +1438,9 @@ class HibernationMachine(RuleBasedStateMachine):
         for sock in self.sockets.values():
             record = sock.record
             record.check_valid(LIMITS)
-            # Tags: immutable, as accepted.
+            # Tags: immutable, as accepted. The id: as given, or as first asked for.
             assert record.tags == sock.tags
+            assert record.id == sock.cid
             # Attachment: the last successful write.
             if sock.attachment is UNSET:
                 assert record.attachment is None

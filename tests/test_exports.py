@@ -8,6 +8,7 @@ EXPECTED = {
     "AlarmInfo",
     "App",
     "AppContext",
+    "ConnectionIdError",
     "DataCloneError",
     "DurableObject",
     "HibernateError",

@@ -17,8 +17,8 @@ a :func:`open_host` and hand it sockets.
 # tests/test_layers.py checks.
 #
 # The object-facing API is plain Python too, flat: _app, _object, _context, _websocket,
-# _http, _limits, _ids, _autoresponse, _errors (every exception, split by fault),
-# _statistics.
+# _broadcast, _http, _limits, _ids, _autoresponse, _errors (every exception, split by
+# fault), _statistics.
 #
 # The runtime is the Trio layer for objects, flat as trio keeps its high-level modules:
 # _host (the public Host facade and open_host), _runtime (the internal Runtime behind
@@ -36,12 +36,13 @@ a :func:`open_host` and hand it sockets.
 # alarms, the turn commit protocol. _server, _signals, _descriptors and _cli put a host
 # on a port and in a process; trio_hibernate/testing/ is the test kit.
 
-from ._app import App as App, AppContext as AppContext
+from ._app import App as App
 from ._autoresponse import WebSocketRequestResponsePair as WebSocketRequestResponsePair
 from ._context import ObjectContext as ObjectContext
 from ._core.lifecycle import ObjectState as ObjectState
 from ._core.sockets import ReadyState as ReadyState
 from ._errors import (
+    ConnectionIdError as ConnectionIdError,
     DataCloneError as DataCloneError,
     HibernateError as HibernateError,
     InvalidCloseCodeError as InvalidCloseCodeError,
@@ -52,6 +53,7 @@ from ._errors import (
     WebSocketProtocolError as WebSocketProtocolError,
     WebSocketStateError as WebSocketStateError,
 )
+from ._hooks import AppContext as AppContext
 from ._host import Host as Host, open_host as open_host
 from ._http import QueryParams as QueryParams, Request as Request, Response as Response
 from ._ids import ObjectId as ObjectId
@@ -70,6 +72,7 @@ __all__ = [
     "AlarmInfo",
     "App",
     "AppContext",
+    "ConnectionIdError",
     "DataCloneError",
     "DurableObject",
     "HibernateError",

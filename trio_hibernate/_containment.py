@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING, Final, TypeAlias, final
 
 import trio
 
-from ._app import hook_takes_context
 from ._errors import ObjectAborted
+from ._hooks import hook_takes_context
 from ._http import Request, Response
 
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from ._app import AppContext
+    from ._hooks import AppContext
     from ._ids import ObjectId
 
 __all__ = ["Containment", "ObjectLog", "abort_ends_here", "object_log", "run_app_hook"]

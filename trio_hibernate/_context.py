@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, NoReturn, Protocol, TypeVar, final
 
 from ._autoresponse import WebSocketRequestResponsePair
+from ._broadcast import broadcast
 from ._core.sockets import SocketRecord, normalize_tags
 from ._errors import LimitExceededError, WebSocketStateError
 from ._limits import MAX_EVENT_TIMEOUT_MS
@@ -30,6 +31,45 @@ class Blocker(Protocol):
     """What runs ``ctx.block_concurrency_while`` (the supervisor's critical sections)."""
 
     def __call__(self, async_fn: Callable[[], Awaitable[T]], /) -> Awaitable[T]: ...
+
+
+def _check_pair(pair: WebSocketRequestResponsePair, limit: int) -> None:
+    """Raise unless ``pair`` is a pair whose strings are within ``limit`` UTF-8 bytes
+    (``Limits.max_auto_response_bytes``; the request is checked first, as workerd)."""
+    if not isinstance(pair, WebSocketRequestResponsePair):
+        raise TypeError(f"expected a WebSocketRequestResponsePair, got {pair!r}")
+    for what, text in (("request", pair.request), ("response", pair.response)):
+        size = len(text.encode("utf-8"))
+        if size > limit:
+            raise LimitExceededError(
+                f"{what.capitalize()} cannot be larger than {limit} bytes. A {what} of "
+                f"size {size} was provided (Limits.max_auto_response_bytes).",
+                limit_name="max_auto_response_bytes",
+                limit=limit,
+                value=size,
+            )
+
+
+def _event_timeout_ms(timeout_ms: object) -> int | None:
+    """The event timeout ``timeout_ms`` stands for (None: unset), checked as workerd does
+    (see :meth:`ObjectContext.set_hibernatable_websocket_event_timeout`)."""
+    value = timeout_ms
+    if isinstance(value, bool) or not isinstance(value, int | float | None):
+        raise TypeError(f"the event timeout is a number of ms, not {timeout_ms!r}")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise TypeError(f"the event timeout must be finite, got {value}")
+        value = int(value)  # workerd truncates fractions of a millisecond
+    if value is None or value == 0:
+        return None
+    assert isinstance(value, int)
+    if value < 0:
+        raise ValueError(f"the event timeout cannot be negative, got {value}")
+    if value > MAX_EVENT_TIMEOUT_MS:
+        raise ValueError(
+            f"Event timeout should not exceed {MAX_EVENT_TIMEOUT_MS} ms (got {value})."
+        )
+    return value
 
 
 @final
@@ -117,7 +157,7 @@ class ObjectContext:
     def _handle(self, record: SocketRecord) -> WebSocket:
         handle = self._handles.get(record)
         if handle is None:
-            handle = handle_for(record, self._core.limits, self._gate)
+            handle = handle_for(record, self._core.registry, self._core.limits, self._gate)
             self._handles[record] = handle
         return handle
 
@@ -140,16 +180,20 @@ class ObjectContext:
         From now on its messages, close and error go to this object's handlers, also
         after hibernation. Call it in ``fetch`` and return
         ``Response(status=101, websocket=ws)``. Tags are fixed for the socket's life.
-        The upgrade may have come through a stub (``App.fetch`` or another object
-        forwarded the request): this object owns the socket all the same. If the
-        request was already answered without an upgrade (it outlived the host's
-        ``request_timeout``), the socket is let go at once: ``send`` does nothing.
+        The request may have come through stubs: this object owns the socket. If it was
+        answered already (a 504), the socket is let go at once: ``send`` does nothing.
+
+        The socket's connection id (:attr:`WebSocket.id`) is the URL's ``_pk`` query
+        parameter when the client gives one.
 
         Raises:
             WebSocketStateError: ``ws`` was already accepted.
             TypeError: ``tags`` is a string or holds a non-string.
             LimitExceededError: too many tags, a tag too long, or the object already holds
-                ``Limits.max_websockets_per_object`` sockets. Nothing is changed.
+                ``Limits.max_websockets_per_object`` sockets.
+            ConnectionIdError: the ``_pk`` is malformed (status 400) or another socket of
+                this object has it (409); raised out of ``fetch``, it refuses the upgrade
+                with that status. Nothing is changed when this method raises.
         """
         if not isinstance(ws, WebSocket):
             raise TypeError(f"expected a WebSocket, got {type(ws).__name__}")
@@ -160,9 +204,7 @@ class ObjectContext:
         clean = normalize_tags(tags, self._core.limits)
         record = accept(ws, clean, self._core.registry, self._gate, (self.namespace, self.id))
         self._handles[record] = ws
-        if upgrade_ended(ws):
-            # Its request was answered already (a 504 after the request timeout, say):
-            # nobody will complete the upgrade, so the socket is let go, with no event.
+        if upgrade_ended(ws):  # answered already: nobody will complete the upgrade
             self._core.release(record)
 
     def get_websockets(self, tag: str | None = None) -> list[WebSocket]:
@@ -176,6 +218,40 @@ class ObjectContext:
             raise TypeError(f"a tag is a str, not {type(tag).__name__}")
         handle = self._handle
         return [handle(record) for record in self._core.registry.sockets(tag)]
+
+    def get_websocket(self, connection_id: str) -> WebSocket | None:
+        """The listed socket whose :attr:`WebSocket.id` is ``connection_id``, or None.
+
+        Listed as in :meth:`get_websockets`: until its close or error handler has run.
+        """
+        if not isinstance(connection_id, str):
+            raise TypeError(f"a connection id is a str, not {type(connection_id).__name__}")
+        record = self._core.registry.by_id(connection_id)
+        return None if record is None else self._handle(record)
+
+    def broadcast(
+        self,
+        message: str | bytes | bytearray | memoryview,
+        *,
+        tag: str | None = None,
+        exclude: WebSocket | str | Iterable[WebSocket | str] = (),
+    ) -> int:
+        """Send ``message`` to every open socket (with ``tag``, if given); returns how many.
+
+        Skips, where a loop of :meth:`WebSocket.send` would raise part way, the sockets
+        this object closed and those whose peer ended them; skips ``exclude`` too
+        (WebSockets, connection ids, or one of either). Encodes the frame once; a send
+        that fails in one connection is logged, the others still get it. Not a
+        checkpoint. Held by the output gate like ``send`` (then counts the sockets it
+        waits for).
+
+        Raises:
+            TypeError: ``message`` is not ``str`` or bytes-like; a bad ``tag`` or ``exclude``.
+            UnicodeEncodeError: ``message`` holds a lone surrogate. Nothing is sent.
+        """
+        return broadcast(
+            self._core.registry, self._gate, message, tag, exclude, (self.namespace, self.id)
+        )
 
     def get_tags(self, ws: WebSocket) -> list[str]:
         """The tags ``ws`` was accepted with (also inside close and error handlers).
@@ -200,22 +276,8 @@ class ObjectContext:
             LimitExceededError: the request or the response is over
                 ``Limits.max_auto_response_bytes`` UTF-8 bytes (request checked first).
         """
-        if pair is None:
-            self._core.set_auto_response(None)
-            return
-        if not isinstance(pair, WebSocketRequestResponsePair):
-            raise TypeError(f"expected a WebSocketRequestResponsePair, got {pair!r}")
-        limit = self._core.limits.max_auto_response_bytes
-        for what, text in (("request", pair.request), ("response", pair.response)):
-            size = len(text.encode("utf-8"))
-            if size > limit:
-                raise LimitExceededError(
-                    f"{what.capitalize()} cannot be larger than {limit} bytes. A {what} of "
-                    f"size {size} was provided (Limits.max_auto_response_bytes).",
-                    limit_name="max_auto_response_bytes",
-                    limit=limit,
-                    value=size,
-                )
+        if pair is not None:
+            _check_pair(pair, self._core.limits.max_auto_response_bytes)
         self._core.set_auto_response(pair)
 
     def get_websocket_auto_response(self) -> WebSocketRequestResponsePair | None:
@@ -245,25 +307,7 @@ class ObjectContext:
                 truncated, as workerd does.
             ValueError: negative, or over 604,800,000 ms (a week).
         """
-        value: object = timeout_ms
-        if isinstance(value, bool) or not isinstance(value, int | float | None):
-            raise TypeError(f"the event timeout is a number of ms, not {timeout_ms!r}")
-        if isinstance(value, float):
-            if not math.isfinite(value):
-                raise TypeError(f"the event timeout must be finite, got {value}")
-            value = int(value)  # workerd truncates fractions of a millisecond
-        if value is None or value == 0:
-            self._core.set_event_timeout_ms(None)
-            return
-        assert isinstance(value, int)
-        timeout_ms = value
-        if timeout_ms < 0:
-            raise ValueError(f"the event timeout cannot be negative, got {timeout_ms}")
-        if timeout_ms > MAX_EVENT_TIMEOUT_MS:
-            raise ValueError(
-                f"Event timeout should not exceed {MAX_EVENT_TIMEOUT_MS} ms (got {timeout_ms})."
-            )
-        self._core.set_event_timeout_ms(timeout_ms)
+        self._core.set_event_timeout_ms(_event_timeout_ms(timeout_ms))
 
     def get_hibernatable_websocket_event_timeout(self) -> int | None:
         """The event timeout in ms, or None when unset."""

@@ -4,6 +4,9 @@
   :class:`LimitExceededError`, :class:`DataCloneError`, :class:`InvalidCloseCodeError`,
   :class:`WebSocketStateError`, :class:`ReentrantCallError`. Nothing has changed when
   they are raised.
+- The *client's request*, found when object code acts on it: :class:`ConnectionIdError`
+  (``accept_websocket`` of an upgrade whose ``_pk`` is malformed or taken). Left to
+  propagate out of ``fetch``, it refuses the upgrade with its HTTP status.
 - The *peer's*: never raised into object code. :class:`WebSocketProtocolError` arrives
   as the ``error`` of a ``websocket_error`` event (a closed connection as
   ``websocket_close``); a malformed HTTP request (:class:`BadRequest`, internal) is
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AppLoadError",
     "BadRequest",
+    "ConnectionIdError",
     "DataCloneError",
     "HibernateError",
     "InvalidCloseCodeError",
@@ -73,6 +77,27 @@ class DataCloneError(HibernateError, TypeError):
     the like, with shared references and cycles. Functions, sockets and arbitrary class
     instances are not data.
     """
+
+
+class ConnectionIdError(HibernateError, ValueError):
+    """The connection id a client asked for (the ``_pk`` query parameter) cannot be used.
+
+    Raised by ``ctx.accept_websocket``; nothing is changed and the socket is still not
+    accepted. If ``fetch`` lets it propagate, the runtime answers the upgrade with
+    :attr:`status` and the message (nothing is logged: the client is at fault).
+
+    Attributes:
+        status: 400 when the id is malformed (given twice, over 128 characters, or a
+            character other than ``A-Z a-z 0-9 - . _ ~``); 409 when another socket of
+            the object still has it (it is free again once that socket's close or error
+            handler has run).
+        connection_id: The id asked for.
+    """
+
+    def __init__(self, message: str, *, status: int, connection_id: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.connection_id = connection_id
 
 
 class StorageError(HibernateError):

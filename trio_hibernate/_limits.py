@@ -12,6 +12,9 @@ __all__ = ["Limits"]
 MAX_CLOSE_REASON_BYTES: Final = 123
 #: ``set_hibernatable_websocket_event_timeout`` accepts at most a week, as workerd does.
 MAX_EVENT_TIMEOUT_MS: Final = 604_800_000
+#: A connection id a client gives (``?_pk=``) has at most this many characters (all ASCII).
+#: A UUID has 36, partyserver's nanoid 21, ours 22.
+MAX_CONNECTION_ID_LENGTH: Final = 128
 
 
 def _positive(instance: object, attribute: attrs.Attribute[int], value: int) -> None:

@@ -12,18 +12,19 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from ._app import AppContext
 from ._connections import ConnectionSet
 from ._core.budget import MemoryBudget
 from ._core.codec import encode_data
+from ._core.directory import ObjectDirectory
 from ._core.events import AlarmEvent, CallEvent, Event, FetchEvent, MessageEvent
 from ._core.frames import encode_message
 from ._core.routing import parse_target
-from ._directory import ObjectDirectory, ObjectEntry
+from ._directory import LoggedSettings, ObjectEntry
 from ._http import Request, Response
 from ._ids import ObjectId
 from ._limits import Limits
@@ -41,7 +42,7 @@ from ._supervisor import Supervisor
 
 if TYPE_CHECKING:
     from ._app import App
-    from ._websocket import WebSocket
+    from ._object import DurableObject
 
 __all__ = ["ObjectEntry", "Runtime"]
 
@@ -75,7 +76,6 @@ class Runtime:
     ) -> None:
         self.app = app
         self.env = app.env
-        self.app_context = AppContext(self)  # for App.authorize and App.fetch
         self.limits = limits
         self.hibernate_after_every_event = hibernate_after_every_event
         self.handshake_timeout = handshake_timeout
@@ -93,7 +93,9 @@ class Runtime:
             self.alarms.schedule(key, when)
         self.settings = SettingsIndex()
         """Auto-response pairs and event timeouts of objects the runtime forgot."""
-        self.objects = ObjectDirectory(self, limits, self.settings)
+        self.objects: ObjectDirectory[ObjectEntry, type[DurableObject]] = ObjectDirectory(
+            partial(ObjectEntry, self), limits, LoggedSettings(self.settings)
+        )
         """The objects the runtime knows."""
         self.counters = Counters()
         """What happened so far (read through :meth:`statistics`)."""
@@ -205,10 +207,6 @@ class Runtime:
             return Response(status=503, body="the server is shutting down\n")
         namespace, name = target
         return self.objects.entry(namespace, ObjectId.from_name(namespace, name), cls)
-
-    def acceptor(self, ws: WebSocket) -> ObjectEntry | None:
-        """The object that accepted the upgrading ``ws``, or None (``ConnectionOwner``)."""
-        return self.objects.acceptor(ws)
 
     def operations(self, request: Request) -> Response:
         """The answer to a request for the server's own paths (``/_health``...)."""

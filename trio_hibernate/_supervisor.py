@@ -40,7 +40,7 @@ from ._core.events import (
 )
 from ._core.gate import OutputGate
 from ._critical import CriticalSections
-from ._errors import LimitExceededError, StorageCommitError
+from ._errors import ConnectionIdError, LimitExceededError, StorageCommitError
 from ._http import Response
 from ._storage.alarms import AlarmInfo
 from ._storage.api import stored_alarm
@@ -604,6 +604,10 @@ class _Dispatcher:
                         raise
                     # Spec 2, Rule: refuse the upgrade clearly, disturb nothing else.
                     response = Response(status=503, body=f"Service Unavailable: {exc}\n")
+                except ConnectionIdError as exc:
+                    # The client's _pk: a malformed one gets 400, one in use 409.
+                    what = "Conflict" if exc.status == 409 else "Bad Request"
+                    response = Response(status=exc.status, body=f"{what}: {exc}\n")
                 else:
                     if isinstance(result, Response):
                         response = result

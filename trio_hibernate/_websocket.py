@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from functools import partial
 from typing import TYPE_CHECKING, Final, final
 
 from ._core.codec import decode_data, encode_data
-from ._core.sockets import ReadyState, SocketRecord, SocketRegistry, SocketState, Transport
+from ._core.sockets import (
+    ReadyState,
+    SocketRecord,
+    SocketRegistry,
+    SocketState,
+    Transport,
+    connection_id_from_url,
+)
 from ._errors import InvalidCloseCodeError, WebSocketStateError
 from ._limits import MAX_CLOSE_REASON_BYTES
 
@@ -20,6 +28,7 @@ __all__ = [
     "accept",
     "acceptor_of",
     "check_close_args",
+    "check_text",
     "end_upgrade",
     "handle_for",
     "record_of",
@@ -27,7 +36,15 @@ __all__ = [
 ]
 
 _RESERVED_CLOSE_CODES: Final = frozenset({1004, 1005, 1006, 1015})
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 _OPEN: Final = SocketState.OPEN  # a module constant: Enum class attributes are slow to read
+
+
+def check_text(message: str) -> None:
+    """Raise :class:`UnicodeEncodeError` (naming the position) if ``message`` holds a
+    lone surrogate, which has no UTF-8 form: a text frame could not carry it."""
+    if not message.isascii() and _SURROGATE.search(message) is not None:
+        message.encode("utf-8")
 
 
 def check_close_args(code: int | None, reason: str | None) -> None:
@@ -71,6 +88,7 @@ class WebSocket:
         "_limits",
         "_pending_attachment",
         "_record",
+        "_registry",
         "_transport",
         "_upgrade_ended",
         "_url",
@@ -82,6 +100,7 @@ class WebSocket:
         self._url = url
         self._limits = limits
         self._record: SocketRecord | None = None
+        self._registry: SocketRegistry | None = None
         self._pending_attachment: bytes | None = None
         self._gate: OutputGate | None = None
         # The upgrade handle only: the (namespace, id) of the object that accepted it,
@@ -98,6 +117,29 @@ class WebSocket:
         return self._url
 
     @property
+    def id(self) -> str:
+        """The socket's connection id: stable for its whole life, across hibernation.
+
+        It is what the client asked for with the ``_pk`` query parameter (as
+        partyserver's clients send it), else a random 22-character id, made on first use.
+        Unique among the object's listed sockets: :meth:`ObjectContext.get_websocket`
+        finds the socket by it. Still readable in the close and error handlers.
+
+        Raises:
+            WebSocketStateError: the socket is not accepted yet.
+        """
+        record = self._record
+        if record is None:
+            raise WebSocketStateError(
+                "a WebSocket gets its id when accepted: call ctx.accept_websocket() first"
+            )
+        connection_id = record.id
+        if connection_id is None:
+            assert self._registry is not None
+            connection_id = self._registry.id_of(record)
+        return connection_id
+
+    @property
     def ready_state(self) -> ReadyState:
         """``OPEN``; ``CLOSING`` after :meth:`close`; ``CLOSED`` once the socket is done.
 
@@ -112,12 +154,26 @@ class WebSocket:
     def send(self, message: str | bytes | bytearray | memoryview) -> None:
         """Queue a text (``str``) or binary (``bytes``) message.
 
-        Not a checkpoint; never blocks. Messages to a socket whose peer has gone are
-        dropped silently (the close event is on its way).
+        Not a checkpoint; never blocks. After a storage write in this turn the message
+        waits until the write is durable, and is dropped if it fails (the output gate).
+
+        What it does depends on how far the socket is in its closing (spec 7, as workerd):
+
+        * ``OPEN``: the message is queued.
+        * This object called :meth:`close` (``CLOSING``, and after): raises
+          :class:`WebSocketStateError`: sending after your own close is a bug.
+        * The peer ended the socket (its Close, which the runtime has already answered,
+          a drop or a protocol error), or the runtime let it go (shutdown, a failed
+          constructor): the message is dropped silently; the close or error event is on
+          its way (``ready_state`` is ``CLOSED``).
+
+        To send to many sockets, use :meth:`ObjectContext.broadcast`: it skips the
+        sockets in the last two cases instead of raising part way through.
 
         Raises:
             WebSocketStateError: the socket was not accepted, or ``close()`` was called.
             TypeError: ``message`` is neither ``str`` nor bytes-like.
+            UnicodeEncodeError: ``message`` holds a lone surrogate (no UTF-8 for it).
         """
         record = self._record
         if record is None:
@@ -139,6 +195,8 @@ class WebSocket:
             return  # the end is decided (or the socket let go): the close event is on its way
         gate = self._gate
         if gate is not None and gate.closed:
+            if isinstance(data, str):
+                check_text(data)  # here, not in the commit that opens the gate
             # Spec 10, output gate: this message waits until the object's writes are durable.
             gate.hold(partial(record.transport.send_message, data))
         else:
@@ -209,10 +267,13 @@ def record_of(ws: WebSocket) -> SocketRecord | None:
     return ws._record
 
 
-def handle_for(record: SocketRecord, limits: Limits, gate: OutputGate | None) -> WebSocket:
-    """A new handle on an accepted socket (one per socket per activation)."""
+def handle_for(
+    record: SocketRecord, registry: SocketRegistry, limits: Limits, gate: OutputGate | None
+) -> WebSocket:
+    """A new handle on an accepted socket of ``registry`` (one per socket per activation)."""
     handle = WebSocket(transport=record.transport, url=record.url, limits=limits)
     handle._record = record
+    handle._registry = registry
     handle._gate = gate
     return handle
 
@@ -225,23 +286,30 @@ def accept(
     acceptor: tuple[str, ObjectId],
 ) -> SocketRecord:
     """Register the upgrading ``ws`` in ``registry`` with (normalized) ``tags``, carrying
-    the attachment it got before; ``ws`` becomes a handle on the new record, and
-    remembers ``acceptor`` (the accepting object's namespace and id: its connection
-    delivers the socket's events there, whichever object the request was routed to).
+    the attachment it got before and the connection id its URL asks for (``_pk``);
+    ``ws`` becomes a handle on the new record, and remembers ``acceptor`` (the accepting
+    object's namespace and id: its connection delivers the socket's events there,
+    whichever object the request was routed to).
 
     Raises:
         WebSocketStateError: ``ws`` was already accepted.
-        LimitExceededError: the registry is full. Nothing is changed then.
+        ConnectionIdError: the URL's ``_pk`` is malformed (400) or in use (409).
+        LimitExceededError: the registry is full. Nothing is changed when it raises.
     """
     if ws._record is not None:
         raise WebSocketStateError(
             "Cannot call accept_websocket() if the WebSocket was already accepted."
         )
     record = SocketRecord(
-        transport=ws._transport, tags=tags, url=ws._url, attachment=ws._pending_attachment
+        transport=ws._transport,
+        tags=tags,
+        url=ws._url,
+        attachment=ws._pending_attachment,
+        id=connection_id_from_url(ws._url),
     )
     registry.add(record)
     ws._record = record
+    ws._registry = registry
     ws._pending_attachment = None
     ws._gate = gate
     ws._acceptor = acceptor

@@ -1,10 +1,10 @@
 """The sockets accepted by one object: their close state, tags and backpressure.
 
 Plain Python: no Trio, no clock. A :class:`SocketRecord` is everything about an accepted
-socket that survives hibernation: its tags, attachment, URL, close state, queued-message
-counts and auto-response timestamp. The registry outlives every instance of the object;
-the Python ``WebSocket`` handles that object code sees are made per activation (see
-``_websocket.py``).
+socket that survives hibernation: its tags, attachment, URL, connection id, close state,
+queued-message counts and auto-response timestamp. The registry outlives every instance
+of the object; the Python ``WebSocket`` handles that object code sees are made per
+activation (see ``_websocket.py``).
 
 Rule 1: a socket's close state is one :class:`SocketState`, and it moves only through
 :data:`SOCKET_TRANSITIONS`, by the record's methods (:meth:`SocketRecord.close_by_object`,
@@ -31,10 +31,19 @@ Rule 4 (backpressure): a connection stops reading a socket whose queued messages
 once the object has taken enough off its mailbox that both are below
 (:func:`should_resume_reading`, acted on by ``ObjectCore.pop_event``).
 
+Rule 5 (connection ids): a socket's id is the client's ``_pk`` query parameter
+(:func:`connection_id_from_url` validates it) or, without one, a random id made on first
+use (:meth:`SocketRegistry.id_of`: a socket whose id nobody asked for costs no memory for
+it). Once set, it never changes. Among the registered sockets of one object an id is
+unique: :meth:`SocketRegistry.add` refuses a second one (:class:`ConnectionIdError`, 409),
+and the id is free again once its socket is released.
+
 Invariants (:meth:`SocketRecord.check_valid`, :meth:`SocketRegistry.check_valid`, run by
 the state-machine tests after every step):
 
 * a record is in ``_by_tag[t]`` exactly when it is registered and carries tag ``t``;
+* ``_by_id[i]`` is a record exactly when it is registered and its id is ``i``: registered
+  records with an id have distinct ids, and every id is a valid connection id;
 * no tag index is empty; the registry holds at most ``limits.max_websockets_per_object``;
 * a registered record is never ``RELEASED``/``RELEASED_AFTER_CLOSE``;
 * a record's queued counts are never negative, and bytes are queued only with messages;
@@ -43,14 +52,17 @@ the state-machine tests after every step):
 
 from __future__ import annotations
 
+import re
+import secrets
 from collections.abc import Iterable
 from enum import Enum, IntEnum
 from typing import Final, Protocol
+from urllib.parse import parse_qsl, urlsplit
 
 import attrs
 
-from .._errors import InvalidTransition, LimitExceededError
-from .._limits import Limits
+from .._errors import ConnectionIdError, InvalidTransition, LimitExceededError
+from .._limits import MAX_CONNECTION_ID_LENGTH, Limits
 
 __all__ = [
     "SOCKET_REFUSALS",
@@ -61,6 +73,9 @@ __all__ = [
     "SocketRegistry",
     "SocketState",
     "Transport",
+    "connection_id_from_url",
+    "is_connection_id",
+    "new_connection_id",
     "normalize_tags",
     "should_pause_reading",
     "should_resume_reading",
@@ -205,10 +220,17 @@ class SocketRecord:
     attachment: bytes | None = None
     #: Wall-clock seconds of the latest auto-response match, or None.
     auto_response_at: float | None = None
+    #: The connection id (Rule 5): given at creation (``id=``), or set once by the registry.
+    _id: str | None = None
     _state: SocketState = attrs.field(default=SocketState.OPEN, init=False)
     _queued: int = attrs.field(default=0, init=False)
     _queued_bytes: int = attrs.field(default=0, init=False)
     _reading_paused: bool = attrs.field(default=False, init=False)
+
+    @property
+    def id(self) -> str | None:
+        """The connection id, or None until :meth:`SocketRegistry.id_of` makes one."""
+        return self._id
 
     # -- reading the state ------------------------------------------------------------------
 
@@ -323,6 +345,7 @@ class SocketRecord:
         assert self._queued or not self._queued_bytes, "bytes queued without a message"
         assert isinstance(self.tags, tuple)
         assert len(set(self.tags)) == len(self.tags), self.tags
+        assert self._id is None or is_connection_id(self._id), self._id
         if limits is not None:
             assert len(self.tags) <= limits.max_tags_per_websocket
             assert all(len(t.encode("utf-8")) <= limits.max_tag_bytes for t in self.tags)
@@ -384,16 +407,76 @@ def normalize_tags(tags: Iterable[str], limits: Limits) -> tuple[str, ...]:
     return tuple(seen)
 
 
-class SocketRegistry:
-    """The accepted sockets of one object, in acceptance order, indexed by tag."""
+#: What a connection id may hold: RFC 3986's unreserved characters (safe in a URL
+#: unescaped, in a log line and in a tag).
+_CONNECTION_ID: Final = re.compile(r"[A-Za-z0-9._~-]+")
+_QUERY_KEY: Final = "_pk"
 
-    __slots__ = ("_all", "_by_tag", "_limits")
+
+def is_connection_id(value: str) -> bool:
+    """Whether ``value`` is a valid connection id (Rule 5): 1 to
+    ``MAX_CONNECTION_ID_LENGTH`` of the characters ``A-Z a-z 0-9 - . _ ~``."""
+    return len(value) <= MAX_CONNECTION_ID_LENGTH and _CONNECTION_ID.fullmatch(value) is not None
+
+
+def connection_id_from_url(url: str) -> str | None:
+    """The connection id a client asked for with the ``_pk`` query parameter of ``url``
+    (as partyserver's clients do), or None when it gives none or an empty one.
+
+    Raises:
+        ConnectionIdError: (status 400) ``_pk`` is given more than once, is longer than
+            ``MAX_CONNECTION_ID_LENGTH`` characters, or holds a character other than
+            ``A-Z a-z 0-9 - . _ ~`` (after percent-decoding).
+    """
+    if _QUERY_KEY not in url:
+        return None  # the common case, without parsing the query
+    given = [v for k, v in parse_qsl(urlsplit(url).query, keep_blank_values=True) if k == "_pk"]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ConnectionIdError(
+            f"the query gives _pk {len(given)} times; a connection id is given once",
+            status=400,
+            connection_id=given[0],
+        )
+    value = given[0]
+    if not value:
+        return None  # partyserver makes a random id for an empty _pk too
+    if len(value) > MAX_CONNECTION_ID_LENGTH:
+        raise ConnectionIdError(
+            f"the connection id (_pk) is {len(value)} characters long; at most "
+            f"{MAX_CONNECTION_ID_LENGTH} are allowed",
+            status=400,
+            connection_id=value,
+        )
+    if _CONNECTION_ID.fullmatch(value) is None:
+        bad = next(c for c in value if _CONNECTION_ID.fullmatch(c) is None)
+        raise ConnectionIdError(
+            f"the connection id (_pk) {value!r} holds {bad!r}; only A-Z, a-z, 0-9 and "
+            "'-', '.', '_', '~' are allowed",
+            status=400,
+            connection_id=value,
+        )
+    return value
+
+
+def new_connection_id() -> str:
+    """A random connection id: 128 bits, 22 URL-safe characters."""
+    return secrets.token_urlsafe(16)
+
+
+class SocketRegistry:
+    """The accepted sockets of one object, in acceptance order, indexed by tag and by
+    connection id."""
+
+    __slots__ = ("_all", "_by_id", "_by_tag", "_limits")
 
     def __init__(self, limits: Limits) -> None:
         self._limits = limits
         # dicts as ordered sets: O(1) add and remove, acceptance order kept.
         self._all: dict[SocketRecord, None] = {}
         self._by_tag: dict[str, dict[SocketRecord, None]] = {}
+        self._by_id: dict[str, SocketRecord] = {}
 
     def __len__(self) -> int:
         return len(self._all)
@@ -415,20 +498,55 @@ class SocketRegistry:
             )
 
     def add(self, record: SocketRecord) -> None:
-        """Register ``record``. Raises :class:`LimitExceededError` when full."""
+        """Register ``record``. Nothing is changed when it raises.
+
+        Raises:
+            LimitExceededError: the registry is full.
+            ConnectionIdError: (status 409) another registered socket has ``record``'s id.
+        """
         self.check_capacity()
+        connection_id = record.id
+        if connection_id is not None:
+            if connection_id in self._by_id:
+                raise ConnectionIdError(
+                    f"the connection id (_pk) {connection_id!r} is in use by another socket "
+                    "of this object; it is free again once that socket's close has been "
+                    "handled",
+                    status=409,
+                    connection_id=connection_id,
+                )
+            self._by_id[connection_id] = record
         self._all[record] = None
         for tag in record.tags:
             self._by_tag.setdefault(tag, {})[record] = None
 
     def remove(self, record: SocketRecord) -> None:
-        """Unregister ``record`` (idempotent)."""
+        """Unregister ``record`` (idempotent). Its id is free again."""
         if self._all.pop(record, 0) is None:
             for tag in record.tags:
                 members = self._by_tag[tag]
                 del members[record]
                 if not members:
                     del self._by_tag[tag]
+            if record.id is not None:
+                del self._by_id[record.id]
+
+    def by_id(self, connection_id: str) -> SocketRecord | None:
+        """The registered socket whose connection id is ``connection_id``, or None."""
+        return self._by_id.get(connection_id)
+
+    def id_of(self, record: SocketRecord) -> str:
+        """``record``'s connection id; a socket that has none yet gets a random one now
+        (and keeps it: Rule 5). A registered record's new id is indexed."""
+        connection_id = record.id
+        if connection_id is None:
+            connection_id = new_connection_id()
+            while connection_id in self._by_id:  # 128 random bits: never, but cheap to say
+                connection_id = new_connection_id()
+            record._id = connection_id
+            if record in self._all:
+                self._by_id[connection_id] = record
+        return connection_id
 
     def sockets(self, tag: str | None = None) -> list[SocketRecord]:
         """Registered sockets: all of them newest first, or those carrying ``tag``
@@ -447,8 +565,13 @@ class SocketRegistry:
             for record in members:
                 assert record in self._all
                 assert tag in record.tags
+        for connection_id, record in self._by_id.items():
+            assert record in self._all, f"id {connection_id!r} indexes an unregistered socket"
+            assert record.id == connection_id, (connection_id, record.id)
         for record in self._all:
             assert not record.released, f"{record.url} is registered but {record.state.name}"
             record.check_valid(self._limits)
             for tag in record.tags:
                 assert record in self._by_tag[tag]
+            if record.id is not None:
+                assert self._by_id[record.id] is record, f"id {record.id!r} is not indexed"

@@ -24,13 +24,15 @@ import attrs
 
 from .._containment import run_app_hook
 from .._core.events import FetchEvent
+from .._hooks import AppContext
 from .._http import Request, Response
 from .._oneshot import OneShot
-from .._websocket import end_upgrade, record_of
+from .._websocket import acceptor_of, end_upgrade, record_of
 from .http import simple_response
 
 if TYPE_CHECKING:
     from .._core.sockets import SocketRecord
+    from .._websocket import WebSocket
     from .owner import ConnectionOwner, ObjectLink
 
 __all__ = [
@@ -147,7 +149,7 @@ class Gatekeeper:
         record = None if ws is None else record_of(ws)
         link = None
         if ws is not None and record is not None and not record.released:
-            link = self._owner.acceptor(ws)
+            link = self._acceptor(ws)
         if response.websocket is ws and link is not None:
             assert record is not None
             return Answer(response, link, record)
@@ -173,10 +175,16 @@ class Gatekeeper:
         record = record_of(ws)
         if record is None or record.released:
             return
-        link = self._owner.acceptor(ws)
+        link = self._acceptor(ws)
         if link is not None:
             link.core.release(record)
             link.forget_if_unused()
+
+    def _acceptor(self, ws: WebSocket) -> ObjectLink | None:
+        """The object that accepted the upgrading ``ws``, whichever object the request
+        was routed or forwarded to (an object holding a socket is known), or None."""
+        address = acceptor_of(ws)
+        return None if address is None else self._owner.objects.get(*address)
 
     async def gatekeep(self, request: Request) -> tuple[Request, ObjectLink | Response]:
         """Everything decided before an object wakes: the server's own paths, the
@@ -201,7 +209,7 @@ class Gatekeeper:
                 )
                 return request, refused
         app = owner.app
-        ctx = owner.app_context
+        ctx = AppContext(owner)
         if app.authorize is not None:
             verdict = await run_app_hook(
                 "App.authorize", app.authorize, request, ctx, may_pass=True

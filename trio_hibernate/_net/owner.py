@@ -10,16 +10,17 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from .._app import App, AppContext
+    from .._app import App
     from .._core.budget import MemoryBudget
     from .._core.events import Event
     from .._core.lifecycle import ObjectCore
     from .._http import Request, Response
+    from .._ids import ObjectId
     from .._limits import Limits
     from .._statistics import Counters
-    from .._websocket import WebSocket
+    from .._stubs import Namespace
 
-__all__ = ["Connection", "ConnectionOwner", "ListenerOwner", "ObjectLink"]
+__all__ = ["Connection", "ConnectionOwner", "ListenerOwner", "ObjectLink", "ObjectTable"]
 
 
 class Connection(Protocol):
@@ -43,6 +44,14 @@ class ObjectLink(Protocol):
 
     def forget_if_unused(self) -> None:
         """Drop the object from memory if it has nothing left to do."""
+
+
+class ObjectTable(Protocol):
+    """The objects a runtime knows, by namespace and id."""
+
+    def get(self, namespace: str, object_id: ObjectId) -> ObjectLink | None:
+        """The object, or None if the runtime does not know it (it has no socket then)."""
+        ...
 
 
 class ConnectionOwner(Protocol):
@@ -72,8 +81,17 @@ class ConnectionOwner(Protocol):
         ...
 
     @property
-    def app_context(self) -> AppContext:
-        """What the app's hooks get besides the request (the namespaces, ``env``)."""
+    def env(self) -> Any:
+        """The app's ``env`` (for the hooks' ``AppContext``)."""
+        ...
+
+    @property
+    def objects(self) -> ObjectTable:
+        """The objects the runtime knows (to find the one that accepted a socket)."""
+        ...
+
+    def get_namespace(self, name: str) -> Namespace:
+        """The namespace ``name`` (for the hooks' ``AppContext``). KeyError if unknown."""
         ...
 
     def operations(self, request: Request) -> Response:
@@ -82,11 +100,6 @@ class ConnectionOwner(Protocol):
 
     def route(self, path: str) -> ObjectLink | Response | None:
         """The object ``path`` names, a refusal, or None when no namespace matches."""
-        ...
-
-    def acceptor(self, ws: WebSocket) -> ObjectLink | None:
-        """The object that accepted the upgrading ``ws`` (whichever object the request
-        was routed or forwarded to), or None if none did."""
         ...
 
     def encode_frame(self, message: str | bytes) -> bytes:

@@ -16,9 +16,9 @@ a :func:`open_host` and hand it sockets.
 # routing a path). It never imports trio, never reads a clock, never awaits;
 # tests/test_layers.py checks.
 #
-# The object-facing API is plain Python too, flat: _app, _object, _context, _websocket,
-# _broadcast, _http, _limits, _ids, _autoresponse, _errors (every exception, split by
-# fault), _statistics.
+# The object-facing API is plain Python too, flat: _app, _hooks (what App.authorize and
+# App.fetch receive), _object, _context, _websocket, _broadcast, _http, _limits, _ids,
+# _autoresponse, _errors (every exception, split by fault), _statistics.
 #
 # The runtime is the Trio layer for objects, flat as trio keeps its high-level modules:
 # _host (the public Host facade and open_host), _runtime (the internal Runtime behind

@@ -14,8 +14,7 @@ a :func:`open_host` and hand it sockets.
 # functions (an object's lifecycle and mailbox, the sockets' close states and tags, the
 # output gate, events and their one-shot replies, codecs, frames, the byte budget, the
 # table of known objects, routing a path). It never imports trio, never reads a clock,
-# never awaits;
-# tests/test_layers.py checks.
+# never awaits; tests/test_layers.py checks.
 #
 # The object-facing API is plain Python too, flat: _app, _object, _context, _websocket,
 # _broadcast, _http, _limits, _ids, _autoresponse, _errors (every exception, split by

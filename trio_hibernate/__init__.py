@@ -12,9 +12,9 @@ a :func:`open_host` and hand it sockets.
 #
 # trio_hibernate/_core/ is the sans-IO core: what the runtime decides, as plain data and
 # functions (an object's lifecycle and mailbox, the sockets' close states and tags, the
-# output gate, events and their one-shot replies, codecs, frames, the byte budget,
-# routing a path). It never imports trio, never reads a clock, never awaits;
-# tests/test_layers.py checks.
+# output gate, events and their one-shot replies, codecs, frames, the byte budget, the
+# table of known objects, routing a path). It never imports trio, never reads a clock,
+# never awaits; tests/test_layers.py checks.
 #
 # The object-facing API is plain Python too, flat: _app, _hooks (what App.authorize and
 # App.fetch receive), _object, _context, _websocket, _broadcast, _http, _limits, _ids,
@@ -22,7 +22,7 @@ a :func:`open_host` and hand it sockets.
 #
 # The runtime is the Trio layer for objects, flat as trio keeps its high-level modules:
 # _host (the public Host facade and open_host), _runtime (the internal Runtime behind
-# it), _directory (the objects it knows), _connections (the connections it serves),
+# it), _directory (an object's entry, its address), _connections (the connections it serves),
 # _supervisor (one object's activations and turns), _critical (critical sections and
 # resets: ctx.block_concurrency_while, ctx.abort), _reaper (idle objects), _containment
 # (the one place application code's exceptions are caught), _stubs, _oneshot.

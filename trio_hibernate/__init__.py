@@ -54,7 +54,7 @@ from ._errors import (
     WebSocketStateError as WebSocketStateError,
 )
 from ._hooks import AppContext as AppContext
-from ._host import Host as Host, open_host as open_host
+from ._host import Host as Host, HostOptions as HostOptions, open_host as open_host
 from ._http import QueryParams as QueryParams, Request as Request, Response as Response
 from ._ids import ObjectId as ObjectId
 from ._limits import Limits as Limits
@@ -77,6 +77,7 @@ __all__ = [
     "DurableObject",
     "HibernateError",
     "Host",
+    "HostOptions",
     "HostStatistics",
     "InvalidCloseCodeError",
     "LimitExceededError",

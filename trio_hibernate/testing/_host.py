@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Final, final
 
 import trio
+from trio.testing import wait_all_tasks_blocked
 
 from .._app import App
 from .._core.events import AlarmEvent
@@ -15,6 +17,7 @@ from .._host import Host, open_host, runtime_of
 from .._http import Request, Response
 from .._ids import ObjectId
 from .._limits import Limits
+from .._settling import busy_objects, committing
 from .._statistics import HostStatistics
 from ._client import TestWebSocket, handshake
 
@@ -23,6 +26,12 @@ __all__ = ["TestHost", "open_test_host"]
 #: The virtual wall clock starts here (2027-01-15T08:00:00Z), so timestamps in tests
 #: are the same on every run.
 EPOCH: Final = 1_800_000_000.0
+
+#: How long (Trio seconds) a test client or :meth:`TestHost.settle` waits by default.
+DEFAULT_WAIT_TIMEOUT: Final = 10.0
+
+#: Real seconds between two looks at a storage commit running in a worker thread.
+_THREAD_POLL_SECONDS: Final = 0.001
 
 
 @final
@@ -34,10 +43,16 @@ class TestHost:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, host: Host) -> None:
+    def __init__(self, host: Host, *, wait_timeout: float = DEFAULT_WAIT_TIMEOUT) -> None:
         self.host = host
         """The real host underneath."""
-        self._clients: list[TestWebSocket] = []
+        self.wait_timeout = wait_timeout
+        """Trio seconds that :meth:`settle` and the clients' ``receive``, ``ping`` and
+        ``close`` wait before raising :class:`trio.TooSlowError` (each takes a
+        ``timeout=`` of its own too)."""
+        # The clients whose sockets are still open (closed at exit); a client that
+        # closes or is dropped leaves at once.
+        self._clients: dict[TestWebSocket, None] = {}
 
     @property
     def strict(self) -> bool:
@@ -86,12 +101,62 @@ class TestHost:
         self.host.serve_socket(server_end)
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(client_end))
         try:
-            client = await handshake(stream, target, list((headers or {}).items()))
+            client = await handshake(stream, target, list((headers or {}).items()), self)
         except BaseException:
             await stream.aclose()
             raise
-        self._clients.append(client)
+        self._clients[client] = None
         return client
+
+    def forget(self, client: TestWebSocket) -> None:
+        """``client`` released its socket (the clients call this): nothing to close at
+        exit. Not for tests."""
+        self._clients.pop(client, None)
+
+    @property
+    def open_clients(self) -> int:
+        """How many clients made by :meth:`connect` still hold their socket."""
+        return len(self._clients)
+
+    async def settle(self, *, timeout: float | None = None) -> None:
+        """Wait until every event delivered so far has been handled.
+
+        Returns once the bytes every client has sent are read, every object's mailbox
+        is empty and no turn (nor its storage commit) runs: each object is hibernated or
+        parked waiting for its next event. What those turns sent is on its way to the
+        clients. Tasks started with ``ctx.start_soon`` are not waited for. Takes no
+        Trio time unless a turn itself waits (a ``trio.sleep`` in a handler, a commit in
+        a worker thread); never sleeps.
+
+        Use it between a client's ``send`` and ``run_alarm()``, ``hibernate()``,
+        ``statistics()`` or a look at storage (or ``await ws.send(m, settle=True)``).
+
+        Raises:
+            trio.TooSlowError: objects were still busy after ``timeout`` Trio seconds
+                (default :attr:`wait_timeout`); the message names them.
+        """
+        seconds = self.wait_timeout if timeout is None else timeout
+        runtime = runtime_of(self.host)
+        with trio.move_on_after(seconds):
+            while True:
+                # Every task blocked: the connections have read what the clients sent
+                # (a socket pair delivers at once) and handed it to the objects.
+                await wait_all_tasks_blocked()
+                if not busy_objects(runtime.objects):
+                    return
+                if committing(runtime.objects):
+                    # A worker thread commits: every task looks blocked, and the autojump
+                    # clock would jump, but not while a task is in wait_all_tasks_blocked.
+                    await wait_all_tasks_blocked(cushion=_THREAD_POLL_SECONDS)
+                    continue
+                # A turn waits (on the clock, a thread, another object): let the clock
+                # move, and look again when an object comes to rest.
+                await runtime.rests.wait()
+        busy = "; ".join(busy_objects(runtime.objects)) or "none any more"
+        raise trio.TooSlowError(
+            f"settle() waited {seconds:g} s of Trio time and objects were still busy "
+            f"({busy}); a turn that waits that long needs timeout="
+        )
 
     async def fetch(
         self,
@@ -136,7 +201,7 @@ class TestHost:
         assert woken == 0, f"{woken} object(s) were woken"
 
     async def _aclose_clients(self) -> None:
-        for client in self._clients:
+        for client in list(self._clients):
             await client.drop()
 
 
@@ -146,8 +211,9 @@ async def open_test_host(
     *,
     strict: bool = False,
     idle_timeout: float = 10.0,
-    data_dir: str | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
     limits: Limits | None = None,
+    wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
     **options: Any,
 ) -> AsyncIterator[TestHost]:
     """Run ``app`` in a host made for tests.
@@ -156,6 +222,9 @@ async def open_test_host(
     pytest-trio's ``autojump_clock`` idle timeouts *and* alarms take no real time.
     ``strict=True`` drops every instance after each event, so an object that keeps
     state only in memory fails its tests instead of failing in production.
+    ``wait_timeout`` bounds :meth:`TestHost.settle` and the clients' waits (Trio
+    seconds, see :attr:`TestHost.wait_timeout`); the other options go to
+    :func:`~trio_hibernate.open_host`.
     """
     start = trio.current_time()
     async with open_host(
@@ -167,7 +236,7 @@ async def open_test_host(
         wall_clock=lambda: EPOCH + (trio.current_time() - start),
         **options,
     ) as host:
-        test_host = TestHost(host)
+        test_host = TestHost(host, wait_timeout=wait_timeout)
         try:
             yield test_host
         finally:

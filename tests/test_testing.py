@@ -75,9 +75,7 @@ async def test_client_roundtrip_close_and_drop(autojump_clock: trio.abc.Clock) -
             with pytest.raises(WebSocketClosed) as closed:
                 await third.receive()
             assert (closed.value.code, closed.value.reason) == (4000, "see you")
-            # Virtual time (autojump): wait until the object has run all three handlers.
-            while len(closes) < 3:  # noqa: ASYNC110
-                await trio.sleep(0.1)
+            await th.settle()  # the object has run all three close handlers
     assert sorted(closes) == [
         (1006, "WebSocket disconnected without sending Close frame.", False),
         (4000, "see you", True),  # the client echoed the object's close

@@ -550,3 +550,12 @@ def test_query_params_are_read_only_and_lenient() -> None:
     with pytest.raises(TypeError, match="query string"):
         QueryParams(b"a=1")  # type: ignore[arg-type]
     assert repr(QueryParams("a=1&a=2")) == "QueryParams([('a', '1'), ('a', '2')])"
+
+
+def test_request_header_names_are_lower_cased_whoever_builds_it() -> None:
+    """A Request the app builds (to forward with stub.fetch) finds its headers by any
+    case, as one from the network does (found by review: "X-User" was not found)."""
+    request = Request(method="GET", url="/x", headers={"X-User": "ann", "Accept": "*/*"})
+    assert request.headers == (("x-user", "ann"), ("accept", "*/*"))
+    assert request.header("x-user") == request.header("X-User") == "ann"
+    assert request.with_headers({"X-Other": "1"}).header("x-other") == "1"

@@ -39,6 +39,12 @@ def _to_headers(value: Mapping[str, str] | Iterable[tuple[str, str]]) -> Headers
     return tuple(out)
 
 
+def _to_request_headers(value: Mapping[str, str] | Iterable[tuple[str, str]]) -> Headers:
+    """Request headers, checked, with names lower-cased (what :meth:`Request.header`
+    and the network side expect)."""
+    return tuple((name.lower(), val) for name, val in _to_headers(value))
+
+
 def split_target(target: str) -> tuple[str, str]:
     """The (path, query) of a request target, without raising.
 
@@ -134,7 +140,7 @@ class Request:
     """The method, upper case (``"GET"``)."""
     url: str
     """The request target as sent, e.g. ``"/chat/lobby?x=1"``."""
-    headers: Headers = attrs.field(default=(), converter=_to_headers)
+    headers: Headers = attrs.field(default=(), converter=_to_request_headers)
     """Header (name, value) pairs in arrival order; names lower-cased."""
     body: bytes = attrs.field(default=b"", converter=_to_body)
     """The whole body (empty for upgrades)."""

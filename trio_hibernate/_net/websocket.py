@@ -335,16 +335,29 @@ class WebSocketTransport:
             self.abort()
 
     def begin_shutdown(self, code: int, reason: str) -> None:
-        """Host shutdown: close with ``code`` and run no handler."""
+        """Close with ``code`` and run no handler (host shutdown, or the object was reset
+        or removed).
+
+        Before the upgrade (the object accepted the socket, then was reset while its
+        fetch is answered) nothing is written: the HTTP answer (a 500) must still go
+        out, and the upgrade will not happen since the socket was let go.
+        """
         decided, self._terminal = self._terminal, True
         self.resume_reading()
         ws = self._ws
+        if ws is None and not self._channel.dead:
+            return
         if ws is not None and ws.state is ConnectionState.OPEN and not self._channel.dead:
             self.writer.write(ws.send(CloseConnection(code=code, reason=reason)))
             if self._record is not None and not decided:
                 self._record.decide_end()
         else:
             self.abort()
+
+    @property
+    def is_upgraded(self) -> bool:
+        """The 101 went out: this is a WebSocket now."""
+        return self._ws is not None
 
     def abort(self) -> None:
         """Drop the connection now; its task wakes up and ends."""

@@ -34,6 +34,7 @@ EXPECTED = {
     "StorageCommitError",
     "StorageError",
     "WebSocket",
+    "WebSocketCompression",
     "WebSocketProtocolError",
     "WebSocketRequestResponsePair",
     "WebSocketStateError",

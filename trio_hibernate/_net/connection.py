@@ -155,7 +155,7 @@ class ServerConnection:
             if answer.record is not None:
                 assert answer.link is not None
                 transport.accept(answer.link, answer.record)
-                transport.upgraded(http.upgrade(request, answer.response))
+                transport.upgraded(*http.upgrade(request, answer.response, answer.record))
                 return True
             transport.end_exchange()  # nothing may follow (a late frame)
             http.send_response(request, answer.response)

@@ -22,7 +22,7 @@ from .._containment import run_app_hook
 from .._core.events import FetchEvent
 from .._http import Request, Response
 from .._oneshot import OneShot
-from .._websocket import record_of
+from .._websocket import record_of, settle_protocol
 from .http import simple_response
 
 if TYPE_CHECKING:
@@ -137,22 +137,22 @@ class Gatekeeper:
         entry = routed
         response = await self._fetch(entry, request)
         record = record_of(ws) if ws is not None else None
+        wrong = "a WebSocket it did not accept for this request"
         if (
             ws is not None
             and response.status == 101
             and response.websocket is ws
             and record is not None
         ):
-            return Answer(response, entry, record)
+            # A subprotocol chosen in the 101's headers (as on Cloudflare) is the socket's.
+            wrong = settle_protocol(record, response.headers) or ""
+            if not wrong:
+                return Answer(response, entry, record)
         if record is not None:
             entry.core.release(record)  # accepted, then refused: undo without any event
             entry.forget_if_unused()
         if response.status == 101:
-            log.error(
-                "fetch() for %s returned 101 with a WebSocket it did not accept for this "
-                "request; answering 500",
-                request.path,
-            )
+            log.error("fetch() for %s returned 101 with %s; answering 500", request.path, wrong)
             response = simple_response(500, "Internal Server Error")
         return Answer(response)
 

@@ -111,6 +111,31 @@ class Endpoint:
         scheme = "wss" if parts.scheme == "https" else "ws"
         return f"{scheme}://{parts.netloc}/{NAMESPACE}/{quote(name, safe='')}"
 
+    def ws_url_of_id(self, hex_id: str) -> str:
+        """The WebSocket URL that reaches the reference object ``hex_id`` (an id from
+        :meth:`new_unique_id`) through the Worker, which forwards it with a stub."""
+        parts = urlsplit(self.base_url)
+        scheme = "wss" if parts.scheme == "https" else "ws"
+        return f"{scheme}://{parts.netloc}/{NAMESPACE}-id/{hex_id}"
+
+    def new_unique_id(self) -> str:
+        """A new unique object id (``newUniqueId()``), as a string (capability
+        ``forward``)."""
+        status, body = _http_json("POST", f"{self.base_url}/conformance/unique/{NAMESPACE}")
+        assert status == 200, f"unique id: HTTP {status} {body}"
+        assert isinstance(body, dict), body
+        assert isinstance(body.get("id"), str), body
+        return str(body["id"])
+
+    def evict_id(self, hex_id: str) -> bool:
+        """:meth:`evict` for the object ``hex_id`` (a unique id)."""
+        status, body = _http_json(
+            "POST", f"{self.base_url}/conformance/evict-id/{NAMESPACE}/{hex_id}"
+        )
+        assert status == 200, f"evict hook failed: HTTP {status} {body}"
+        assert body.get("ok"), f"evict hook failed: {body}"
+        return bool(body["evicted"])
+
     def evict(self, name: str) -> bool:
         """Hibernate the object now (test hook); True if it had an instance in memory."""
         status, body = _http_json(
@@ -174,11 +199,14 @@ class Client:
         tags: list[str] | None = None,
         attachment: object = ...,
         twice: bool = False,
+        url: str | None = None,
     ) -> Client:
         """Open a WebSocket to object ``name``; the object accepts it with these options.
 
         ``tags=None`` calls accept without tags; ``attachment`` (if given) is serialized
         before accepting; ``twice`` makes the object try to accept the socket again.
+        ``url`` replaces the object's URL (``Endpoint.ws_url_of_id``); ``name`` then only
+        labels the client.
 
         Raises:
             UpgradeRefused: the object answered the upgrade with an error (a bad tag...).
@@ -194,7 +222,7 @@ class Client:
         try:
             ws = stack.enter_context(
                 connect(
-                    endpoint.ws_url(name),
+                    url or endpoint.ws_url(name),
                     additional_headers={"x-accept": json.dumps(options)},
                     open_timeout=REPLY_TIMEOUT_S,
                     close_timeout=CLOSE_TIMEOUT_S,

@@ -17,7 +17,11 @@ Routes:
 
 * ``GET /conformance/info``: the implementation and its capabilities (``evict``,
   ``idle_timeout_s``), so that the suite can skip what an endpoint cannot do, visibly.
-* ``POST /conformance/evict/<ns>/<name>``: hibernate that object now (``{"evicted": bool}``).
+* ``POST /conformance/evict/<ns>/<name>``: hibernate that object now (``{"evicted": bool}``);
+  ``/conformance/evict-id/<ns>/<hex>`` for an object of a unique id.
+* ``POST /conformance/unique/<ns>``: a new unique id (``{"ok": true, "id": hex}``).
+* ``/ref-id/<hex>[/...]``: forwarded by ``App.fetch`` with a stub to the object of that id
+  (upgrades included), as a Worker forwards to ``env.REF.get(id)``.
 * ``GET /ref/<name>`` with a WebSocket upgrade: accepted with the options in the
   ``x-accept`` header (JSON: ``tags``, ``attachment`` set before accepting, ``twice``).
 * ``GET /ref/<name>/events`` and ``/ref/<name>/stats``: the ``events`` and ``stats`` replies.
@@ -37,12 +41,14 @@ import trio
 
 from trio_hibernate import (
     App,
+    AppContext,
     DataCloneError,
     DurableObject,
     Host,
     InvalidCloseCodeError,
     LimitExceededError,
     ObjectContext,
+    ObjectId,
     Request,
     Response,
     WebSocket,
@@ -404,9 +410,17 @@ class Reference(DurableObject):
         }
 
 
-async def _site(request: Request) -> Response:
-    """The Worker-level routes: ``/conformance/info`` and the eviction hook."""
+async def _site(request: Request, ctx: AppContext) -> Response:
+    """The Worker-level routes: ``/conformance/...`` (info, the test hooks, new unique ids)
+    and ``/ref-id/<hex>[/...]``, forwarded with a stub to the object of that id."""
     parts = request.path.split("/")
+    if len(parts) >= 3 and parts[1] == f"{NAMESPACE}-id":
+        namespace = ctx.get_namespace(NAMESPACE)
+        try:
+            object_id = namespace.id_from_string(parts[2])
+        except ValueError as exc:
+            return _json_response({"ok": False, "error": "bad_id", "message": str(exc)}, 400)
+        return await namespace.get(object_id).fetch(request)
     if len(parts) >= 3 and parts[1] == "conformance":
         if parts[2] == "info" and request.method == "GET":
             return _json_response(
@@ -416,17 +430,28 @@ async def _site(request: Request) -> Response:
                     "capabilities": {
                         "evict": _Hooks.host is not None,
                         "idle_timeout_s": _Hooks.idle_timeout_s,
+                        "forward": True,
                     },
                 }
             )
-        if parts[2] == "evict" and request.method == "POST" and len(parts) == 5:
+        if parts[2] == "unique" and request.method == "POST" and len(parts) == 4:
+            try:
+                namespace = ctx.get_namespace(parts[3])
+            except KeyError:
+                return _json_response({"ok": False, "error": "not_found"}, 404)
+            return _json_response({"ok": True, "id": str(namespace.new_unique_id())})
+        if parts[2] in ("evict", "evict-id") and request.method == "POST" and len(parts) == 5:
             host = _Hooks.host
             if host is None:
                 return _json_response({"ok": False, "error": "no_evict_hook"}, 501)
             try:
-                evicted = await host.hibernate(parts[3], unquote(parts[4]))
+                name = unquote(parts[4])
+                target = ObjectId(name) if parts[2] == "evict-id" else name
+                evicted = await host.hibernate(parts[3], target)
             except KeyError:
                 return _json_response({"ok": False, "error": "not_found"}, 404)
+            except ValueError as exc:
+                return _json_response({"ok": False, "error": "bad_id", "message": str(exc)}, 400)
             return _json_response({"ok": True, "evicted": evicted})
     return _json_response({"ok": False, "error": "not_found"}, 404)
 

@@ -611,6 +611,51 @@ def test_event_timeout_cancels_handler(open_client: OpenClient) -> None:
     client.request("set_event_timeout", ms=0)
 
 
+# -- routing through stubs -----------------------------------------------------------------
+
+
+def test_upgrade_through_a_stub_to_a_unique_id_object(endpoint: Endpoint) -> None:
+    """The Worker (``App.fetch``) forwards the upgrade with ``stub.fetch`` to an object made
+    by ``newUniqueId()``: that object owns the socket, with its tags, attachment,
+    auto-response, hibernation and close events."""
+    require(endpoint, "forward")
+    object_id = endpoint.new_unique_id()
+    url = endpoint.ws_url_of_id(object_id)
+    first = Client.connect(endpoint, object_id, url=url, tags=["a", "shared"], attachment={"n": 1})
+    second = Client.connect(endpoint, object_id, url=url, tags=["shared"])
+    try:
+        assert tags_of(first) == ["a", "shared"]
+        assert first.request("get_attachment") == {"ok": True, "value": {"n": 1}}
+        assert constructor_runs(first) == 1
+        assert first.request("broadcast", tag="shared", data="hi") == {"ok": True, "count": 2}
+        assert first.next_json() == second.next_json() == {"push": "broadcast", "data": "hi"}
+        first.request("set_auto_response", request="ping", response="pong")
+        second.send("ping")
+        assert second.next_message() == "pong"
+        if endpoint.has("evict"):
+            first.request("remember", value=1)
+            assert endpoint.evict_id(object_id) is True
+            assert first.request("recall") == {"ok": True, "value": None}
+            assert constructor_runs(second) == 2  # the same object, woken again
+            assert tags_of(first) == ["a", "shared"]
+            assert first.request("get_attachment")["value"] == {"n": 1}
+        answer = first.close(4000, "done")
+        assert answer is not None
+        assert answer.code == 4000
+        deadline = time.monotonic() + REPLY_TIMEOUT_S
+        while not (events := second.request("events")["events"]):
+            assert time.monotonic() < deadline, "no close event recorded"
+            time.sleep(0.02)
+        assert [(e["kind"], e["tags"], e["code"], e["reason"]) for e in events] == [
+            ("close", ["a", "shared"], 4000, "done")
+        ]
+        assert events[0]["attachment"] == {"n": 1}
+        assert [s["tags"] for s in listed(second)] == [["shared"]]
+    finally:
+        first.shutdown()
+        second.shutdown()
+
+
 # -- the property-based model -----------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -24,6 +25,13 @@ import pytest
 import trio
 from hypothesis import HealthCheck, settings
 from trio.testing import MockClock
+
+# Tests send real SIGINTs (to this process and to servers they start). A shell starts a
+# background job (`nox &`, nohup) with SIGINT ignored, and an ignored signal stays ignored
+# in every child: Python would then never raise KeyboardInterrupt and those tests would
+# hang. Restore Python's handler (a handler, unlike SIG_IGN, is reset to the default in
+# children, where Python installs its own again).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 T = TypeVar("T")
 

@@ -300,7 +300,7 @@ def test_ctrl_c_while_the_app_loads_exits_130(tmp_path: Path) -> None:
         _, stderr = process.communicate(timeout=20)
     finally:
         process.kill()
-        process.wait()
+        process.communicate()  # reaps it and closes the pipes
     assert process.returncode == 130
     assert stderr == b"trio-hibernate: interrupted\n"
 

@@ -7,11 +7,13 @@ import trio_hibernate
 EXPECTED = {
     "AlarmInfo",
     "App",
+    "AppContext",
     "ConnectionIdError",
     "DataCloneError",
     "DurableObject",
     "HibernateError",
     "Host",
+    "HostOptions",
     "HostStatistics",
     "InvalidCloseCodeError",
     "LimitExceededError",
@@ -89,3 +91,23 @@ def test_testing_surface_is_pinned() -> None:
         if name != "EPOCH":
             assert obj.__module__ == "trio_hibernate.testing", name
             assert obj.__doc__, name
+
+
+def test_host_options_are_open_hosts_keywords() -> None:
+    """``HostOptions`` (what serve_objects and open_server pass on) never drifts from
+    ``open_host``'s signature: same names, same annotations."""
+    import inspect
+
+    from trio_hibernate._host import open_host
+
+    signature = inspect.signature(open_host.__wrapped__)  # type: ignore[attr-defined]
+    keywords = {
+        name: parameter.annotation
+        for name, parameter in signature.parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    options = {
+        name: getattr(hint, "__forward_arg__", hint)
+        for name, hint in trio_hibernate.HostOptions.__annotations__.items()
+    }
+    assert options == keywords

@@ -18,6 +18,7 @@ from trio.testing import MockClock
 
 from trio_hibernate import (
     App,
+    AppContext,
     DurableObject,
     ObjectContext,
     ObjectState,
@@ -242,4 +243,25 @@ async def test_bad_arguments(autojump_clock: MockClock) -> None:
         )
         assert client.accepted
         assert client.protocol.subprotocol == "chat.v1"
+        await client.close()
+
+
+async def test_through_a_stub(autojump_clock: MockClock) -> None:
+    """The Worker pattern: ``App.fetch`` forwards the upgrade with ``stub.fetch``; the
+    object that accepts it chooses the protocol, and the 101 it returns names it."""
+
+    async def worker(request: Request, ctx: AppContext) -> Response:
+        stub = ctx.get_namespace("c").get_by_name("forwarded")
+        return await stub.fetch(request)
+
+    probe = Probe()
+    app = App({"c": Chooser}, env=probe, fetch=worker, route_by_path=False)
+    async with in_memory_host(app) as (_host, connect):
+        client = await WebsocketsClient.connect(
+            connect(), "/api/join?header=chat.v1", subprotocols=["chat.v1"], deflate=False
+        )
+        assert client.accepted, client.response
+        assert chosen_header(client) == ["chat.v1"]
+        await client.send("which?")
+        assert await client.recv() == "'chat.v1' 'chat.v1'"
         await client.close()

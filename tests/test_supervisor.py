@@ -21,7 +21,9 @@ from trio.testing import MockClock
 from trio_hibernate import (
     AlarmInfo,
     App,
+    AppContext,
     DurableObject,
+    Namespace,
     ObjectContext,
     ObjectId,
     Request,
@@ -140,22 +142,48 @@ async def _hook_passes(request: Request) -> Response | None:
     return None
 
 
+async def _hook_with_context(request: Request, ctx: AppContext) -> Response | None:
+    return Response(body=f"env={ctx.env}")
+
+
+class _Bindings:
+    env = "bound"
+    wall_clock = staticmethod(lambda: 0.0)
+
+    def get_namespace(self, name: str) -> Namespace:
+        raise KeyError(name)
+
+
 @pytest.mark.parametrize(
-    ("hook", "status", "logged"),
+    ("what", "hook", "status", "logged"),
     [
-        (_hook_raises, 500, "App.fetch raised for GET /x; answering 500"),
-        (_hook_returns_text, 500, "App.fetch returned 'not a response', not a Response or None"),
-        (_hook_passes, None, None),
+        ("App.fetch", _hook_raises, 500, "App.fetch raised for GET /x; answering 500"),
+        (
+            "App.authorize",
+            _hook_returns_text,
+            500,
+            "App.authorize returned 'not a response', not a Response, a Request or None",
+        ),
+        ("App.fetch", _hook_passes, 500, "App.fetch returned None, not a Response; answering"),
+        ("App.authorize", _hook_passes, None, None),
+        ("App.fetch", _hook_with_context, 200, None),
     ],
 )
 async def test_run_app_hook(
-    hook: Callable[[Request], Awaitable[Response | None]],
+    what: str,
+    hook: Callable[..., Awaitable[Response | None]],
     status: int | None,
     logged: str | None,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    response = await run_app_hook("App.fetch", hook, Request(method="GET", url="/x"))
+    request = Request(method="GET", url="/x")
+    ctx = AppContext(_Bindings())
+    response = await run_app_hook(what, hook, request, ctx, may_pass=what == "App.authorize")
+    assert not isinstance(response, Request)
     assert (None if response is None else response.status) == status
+    if hook is _hook_with_context:
+        assert response is not None
+        assert response.body == b"env=bound"
     messages = [record.getMessage() for record in caplog.records]
     assert len(messages) == (logged is not None)
     if logged is not None:

@@ -16,9 +16,9 @@ a :func:`open_host` and hand it sockets.
 # table of known objects, routing a path). It never imports trio, never reads a clock,
 # never awaits; tests/test_layers.py checks.
 #
-# The object-facing API is plain Python too, flat: _app, _object, _context, _websocket,
-# _broadcast, _http, _limits, _ids, _autoresponse, _errors (every exception, split by
-# fault), _statistics.
+# The object-facing API is plain Python too, flat: _app, _hooks (what App.authorize and
+# App.fetch receive), _object, _context, _websocket, _broadcast, _http, _limits, _ids,
+# _autoresponse, _errors (every exception, split by fault), _statistics.
 #
 # The runtime is the Trio layer for objects, flat as trio keeps its high-level modules:
 # _host (the public Host facade and open_host), _runtime (the internal Runtime behind
@@ -54,7 +54,8 @@ from ._errors import (
     WebSocketProtocolError as WebSocketProtocolError,
     WebSocketStateError as WebSocketStateError,
 )
-from ._host import Host as Host, open_host as open_host
+from ._hooks import AppContext as AppContext
+from ._host import Host as Host, HostOptions as HostOptions, open_host as open_host
 from ._http import QueryParams as QueryParams, Request as Request, Response as Response
 from ._ids import ObjectId as ObjectId
 from ._limits import Limits as Limits
@@ -71,11 +72,13 @@ from ._websocket import WebSocket as WebSocket
 __all__ = [
     "AlarmInfo",
     "App",
+    "AppContext",
     "ConnectionIdError",
     "DataCloneError",
     "DurableObject",
     "HibernateError",
     "Host",
+    "HostOptions",
     "HostStatistics",
     "InvalidCloseCodeError",
     "LimitExceededError",

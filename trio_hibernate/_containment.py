@@ -24,11 +24,13 @@ from typing import TYPE_CHECKING, Final, TypeAlias, final
 import trio
 
 from ._errors import ObjectAborted
+from ._hooks import hook_takes_context
 from ._http import Request, Response
 
 if TYPE_CHECKING:
     from types import TracebackType
 
+    from ._hooks import AppContext
     from ._ids import ObjectId
 
 __all__ = ["Containment", "ObjectLog", "abort_ends_here", "object_log", "run_app_hook"]
@@ -128,16 +130,29 @@ _ERROR_500: Final = "Internal Server Error\n"
 
 
 async def run_app_hook(
-    what: str, hook: Callable[[Request], Awaitable[Response | None]], request: Request
-) -> Response | None:
+    what: str,
+    hook: Callable[..., Awaitable[object]],
+    request: Request,
+    ctx: AppContext,
+    *,
+    may_pass: bool,
+) -> Response | Request | None:
     """Run an app-level hook (``App.authorize``, ``App.fetch``), containing its crash.
 
-    Returns what the hook returned; a 500 if it raised or returned something that is
-    neither a :class:`Response` nor None (both logged).
+    The hook is called ``hook(request, ctx)`` or ``hook(request)``, as it is declared.
+    Returns what the hook returned: a :class:`Response`, or, with ``may_pass`` (a hook
+    that may let the request through: ``App.authorize``), None or a :class:`Request`.
+    A 500 if it raised or returned anything else (both logged).
     """
     with Containment(log, "%s raised for %s %s; answering 500", what, request.method, request.path):
-        result: object = await hook(request)
-        if result is None or isinstance(result, Response):
+        if hook_takes_context(hook):
+            result: object = await hook(request, ctx)
+        else:
+            result = await hook(request)
+        if isinstance(result, Response) or (
+            may_pass and (result is None or isinstance(result, Request))
+        ):
             return result
-        log.error("%s returned %r, not a Response or None; answering 500", what, result)
+        wanted = "a Response, a Request or None" if may_pass else "a Response"
+        log.error("%s returned %r, not %s; answering 500", what, result, wanted)
     return Response(status=500, body=_ERROR_500)

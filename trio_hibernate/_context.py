@@ -13,7 +13,7 @@ from ._broadcast import broadcast
 from ._core.sockets import SocketRecord, SocketRegistry, normalize_tags
 from ._errors import LimitExceededError, WebSocketStateError
 from ._limits import MAX_EVENT_TIMEOUT_MS
-from ._websocket import WebSocket, accept, handle_for, record_of
+from ._websocket import WebSocket, accept, handle_for, record_of, upgrade_ended
 
 if TYPE_CHECKING:
     from ._core.gate import OutputGate
@@ -184,6 +184,8 @@ class ObjectContext:
         From now on its messages, close and error go to this object's handlers, also
         after hibernation. Call it in ``fetch`` and return
         ``Response(status=101, websocket=ws)``. Tags are fixed for the socket's life.
+        The request may have come through stubs: this object owns the socket. If it was
+        answered already (a 504), the socket is let go at once: ``send`` does nothing.
 
         The socket's connection id (:attr:`WebSocket.id`) is the URL's ``_pk`` query
         parameter when the client gives one. ``protocol`` chooses one of the subprotocols
@@ -207,8 +209,12 @@ class ObjectContext:
                 "Cannot call accept_websocket() if the WebSocket was already accepted."
             )
         clean = normalize_tags(tags, self._core.limits)
-        record = accept(ws, clean, self._core.registry, self._gate, protocol)
+        record = accept(
+            ws, clean, self._core.registry, self._gate, (self.namespace, self.id), protocol
+        )
         self._handles[record] = ws
+        if upgrade_ended(ws):  # answered already: nobody will complete the upgrade
+            self._core.release(record)
 
     def get_websockets(self, tag: str | None = None) -> list[WebSocket]:
         """Accepted sockets, the most recently accepted first; with ``tag``, those

@@ -7,7 +7,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, final
+from typing import TYPE_CHECKING, Any, NoReturn, TypedDict, TypeVar, final
 
 import trio
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ._app import App
     from ._stubs import Namespace
 
-__all__ = ["Host", "open_host", "runtime_of"]
+__all__ = ["Host", "HostOptions", "open_host", "runtime_of"]
 
 T = TypeVar("T")
 
@@ -157,6 +157,28 @@ class Host(metaclass=_NoPublicConstructor):
 def runtime_of(host: Host) -> Runtime:
     """The runtime behind ``host`` (for this package's CLI, server and test kit)."""
     return host._runtime
+
+
+class HostOptions(TypedDict, total=False):
+    """The keyword arguments of :func:`open_host` (see there), as
+    :func:`~trio_hibernate.serve_objects` and :func:`~trio_hibernate.open_server` take
+    them: a type checker then catches a misspelt option."""
+
+    limits: Limits | None
+    idle_timeout: float
+    hibernate_after_every_event: bool
+    handshake_timeout: float
+    request_timeout: float
+    partial_message_timeout: float
+    close_timeout: float
+    shutdown_close_code: int
+    wall_clock: Callable[[], float]
+    data_dir: str | os.PathLike[str] | None
+    allowed_origins: Iterable[str] | None
+    storage_backend: StorageBackend | None
+    call_timeout: float
+    max_open_databases: int | None
+    websocket_compression: WebSocketCompression | None
 
 
 @asynccontextmanager

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Any, Final, final
 from urllib.parse import parse_qsl, urlsplit
 
 import attrs
@@ -127,12 +127,15 @@ def _to_body(value: bytes | str) -> bytes:
 
 @attrs.frozen(kw_only=True)
 class Request:
-    """An HTTP request routed to an object.
+    """An HTTP request, for ``App.authorize``, ``App.fetch`` or an object's ``fetch``.
 
     For a WebSocket upgrade, :attr:`websocket` is the server end, not yet accepted: call
     ``ctx.accept_websocket(request.websocket, tags)`` and return
     ``Response(status=101, websocket=request.websocket)``; any other response refuses the
-    upgrade (and undoes the accept).
+    upgrade (and undoes the accept). ``App.fetch``, or an object, may forward the
+    request (or a copy made with :meth:`with_headers` / :meth:`with_context`) to any
+    object with ``await stub.fetch(request)`` and return the 101 it gets: the object
+    that accepted the socket owns it.
     """
 
     method: str
@@ -144,7 +147,15 @@ class Request:
     body: bytes = attrs.field(default=b"", converter=_to_body)
     """The whole body (empty for upgrades)."""
     websocket: WebSocket | None = attrs.field(default=None, eq=False)
-    """The WebSocket to accept, when this is an upgrade request."""
+    """The WebSocket to accept, when this is an upgrade request. It stays the same object
+    in every copy (:meth:`with_headers`, :meth:`with_context`), so a copy forwarded with
+    ``stub.fetch`` carries the upgrade."""
+    context: Any = attrs.field(default=None, eq=False)
+    """A value the app attached for the object (:meth:`with_context`): the verified
+    user, say. None on a request from the network: no client can set it, unlike a
+    header. Kept in memory and handed over as it is (never copied, never encoded: a
+    request never leaves its process), so make it a value nobody mutates (a frozen
+    dataclass, a str, a tuple)."""
 
     @property
     def path(self) -> str:
@@ -176,7 +187,44 @@ class Request:
         """The subprotocols the client offers (its ``Sec-WebSocket-Protocol`` headers),
         in its order of preference; ``()`` if none. Choose one with
         ``ctx.accept_websocket(ws, protocol=...)``."""
-        return header_list(v for k, v in self.headers if k == "sec-websocket-protocol")
+        return header_list(v for k, v in self.headers if k.lower() == "sec-websocket-protocol")
+
+    def with_headers(
+        self,
+        headers: Mapping[str, str] | Iterable[tuple[str, str]] = (),
+        *,
+        remove: Iterable[str] = (),
+    ) -> Request:
+        """A copy with ``headers`` set and the headers named in ``remove`` taken out.
+
+        A name in ``headers`` replaces every header of that name (case-insensitive);
+        the other headers keep their order, the new ones come last, names lower-cased.
+        Everything else (the WebSocket of an upgrade, the context) is the same. To
+        forward an upgrade with the identity the app verified::
+
+            forwarded = request.with_headers({"x-user": user}, remove=["authorization"])
+            return await stub.fetch(forwarded)
+
+        Raises:
+            TypeError, ValueError: a name or value that cannot be an HTTP header.
+        """
+        added = _to_headers(headers)
+        if isinstance(remove, str):
+            raise TypeError(f"remove takes an iterable of header names, not a str: {remove!r}")
+        dropped = {name.lower() for name in remove} | {name.lower() for name, _ in added}
+        kept = [(name, value) for name, value in self.headers if name.lower() not in dropped]
+        return attrs.evolve(
+            self, headers=(*kept, *((name.lower(), value) for name, value in added))
+        )
+
+    def with_context(self, context: Any) -> Request:
+        """A copy carrying ``context`` (see :attr:`context`) for the object it is sent to.
+
+        Use it in ``App.authorize`` (return the copy) or ``App.fetch`` (forward the copy
+        with ``stub.fetch``) to hand the object what the app verified, without a header
+        a client could forge.
+        """
+        return attrs.evolve(self, context=context)
 
 
 def _status(instance: object, attribute: attrs.Attribute[int], value: object) -> None:

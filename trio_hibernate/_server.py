@@ -6,14 +6,14 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, NoReturn, final
+from typing import NoReturn, Unpack, final
 
 import trio
 
 from ._app import App
 from ._descriptors import default_max_connections, descriptor_limit, fd_reserve
 from ._groups import open_owned_nursery
-from ._host import Host, open_host, runtime_of
+from ._host import Host, HostOptions, open_host, runtime_of
 from ._net.listener import Acceptor, listen
 from ._storage.backend import StorageBackend
 
@@ -51,7 +51,7 @@ async def serve_objects(
     backlog: int = 1024,
     max_connections: int | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
-    **host_options: Any,
+    **host_options: Unpack[HostOptions],
 ) -> NoReturn:
     """Serve ``app`` over HTTP and WebSocket on ``address:port`` until cancelled.
 
@@ -68,7 +68,7 @@ async def serve_objects(
             of 256 (a quarter of a limit under 1024) less the descriptors object
             databases may hold (``3 * max_open_databases`` with a ``data_dir``). An
             explicit value must fit in that budget too (ValueError otherwise).
-        host_options: Passed to :func:`open_host`, e.g. ``data_dir`` and
+        host_options: Passed to :func:`open_host` (:class:`HostOptions`), e.g. ``data_dir`` and
             ``max_open_databases`` (default: an eighth of the limit less the reserve,
             in databases of 3 descriptors).
 
@@ -130,7 +130,13 @@ def _connection_budget(backend: StorageBackend, max_connections: int | None) -> 
 
 @asynccontextmanager
 async def open_server(
-    app: App, address: str = "127.0.0.1", port: int = 0, **options: Any
+    app: App,
+    address: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    backlog: int = 1024,
+    max_connections: int | None = None,
+    **host_options: Unpack[HostOptions],
 ) -> AsyncIterator[Server]:
     """Serve ``app`` for the duration of the ``async with`` block; yields the Server.
 
@@ -140,7 +146,13 @@ async def open_server(
     async with open_owned_nursery() as nursery:
         server: Server = await nursery.start(
             lambda task_status: serve_objects(
-                app, address, port, task_status=task_status, **options
+                app,
+                address,
+                port,
+                backlog=backlog,
+                max_connections=max_connections,
+                task_status=task_status,
+                **host_options,
             )
         )
         try:

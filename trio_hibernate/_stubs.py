@@ -126,7 +126,8 @@ class ObjectStub:
 
     ``await stub.call("method", *args)`` (or ``await stub.method(*args)``) runs a public
     method of the object and returns its result; ``await stub.fetch(...)`` runs its
-    ``fetch``. Arguments and results are copied as data, as between separate objects.
+    ``fetch``, WebSocket upgrades included. Arguments and results are copied as data,
+    as between separate objects.
 
     Calls are not re-entrant: an object runs one turn at a time, so a turn that calls
     its own object, directly or through others (A -> B -> A), could never be answered.
@@ -194,8 +195,12 @@ class ObjectStub:
     ) -> Response:
         """Send an HTTP request (a :class:`Request`, or a URL path) to the object's fetch.
 
-        WebSocket upgrades cannot go through a stub. While the host shuts down the
-        answer is a 503.
+        A WebSocket upgrade goes through too: forward the upgrade request (or a copy
+        made with ``request.with_context(...)`` or ``with_headers``) from ``App.fetch``
+        or from another object's ``fetch``, and return the 101 it answers. The object
+        that accepts the socket owns it (its tags, attachment, hibernation and close
+        events), whichever object or hook the request passed through first. While the
+        host shuts down the answer is a 503.
 
         Raises:
             ReentrantCallError: the object's turn is waiting for this call.
@@ -205,8 +210,6 @@ class ObjectStub:
         chain = _check_reentry(self.namespace, self.id, "fetch()", waiting)
         if isinstance(request, str):
             request = Request(method=method, url=request, headers=headers, body=body)
-        elif request.websocket is not None:
-            raise ValueError("a stub cannot carry a WebSocket upgrade")
         answer: OneShot[Response] = OneShot()
         entry = self._host.entry_for(self.namespace, self.id)
         entry.deliver(FetchEvent(request, answer.reply, chain))

@@ -22,17 +22,21 @@ from ._limits import MAX_CLOSE_REASON_BYTES
 
 if TYPE_CHECKING:
     from ._core.gate import OutputGate
+    from ._ids import ObjectId
     from ._limits import Limits
 
 __all__ = [
     "WebSocket",
     "accept",
+    "acceptor_of",
     "check_close_args",
     "check_text",
     "check_upgrade_headers",
+    "end_upgrade",
     "handle_for",
     "record_of",
     "settle_protocol",
+    "upgrade_ended",
 ]
 
 _RESERVED_CLOSE_CODES: Final = frozenset({1004, 1005, 1006, 1015})
@@ -83,6 +87,7 @@ class WebSocket:
     """
 
     __slots__ = (
+        "_acceptor",
         "_gate",
         "_limits",
         "_pending_attachment",
@@ -90,6 +95,7 @@ class WebSocket:
         "_record",
         "_registry",
         "_transport",
+        "_upgrade_ended",
         "_url",
     )
 
@@ -105,6 +111,10 @@ class WebSocket:
         self._registry: SocketRegistry | None = None
         self._pending_attachment: bytes | None = None
         self._gate: OutputGate | None = None
+        # The upgrade handle only: the (namespace, id) of the object that accepted it,
+        # and whether its request was answered without an upgrade (see end_upgrade).
+        self._acceptor: tuple[str, ObjectId] | None = None
+        self._upgrade_ended = False
 
     def __repr__(self) -> str:
         return f"<WebSocket {self._url} {self.ready_state.name}>"
@@ -300,11 +310,14 @@ def accept(
     tags: tuple[str, ...],
     registry: SocketRegistry,
     gate: OutputGate | None,
+    acceptor: tuple[str, ObjectId],
     protocol: str | None = None,
 ) -> SocketRecord:
     """Register the upgrading ``ws`` in ``registry`` with (normalized) ``tags``, carrying
     the attachment it got before, the connection id its URL asks for (``_pk``) and the
-    subprotocol chosen; ``ws`` becomes a handle on the new record.
+    subprotocol chosen; ``ws`` becomes a handle on the new record, and remembers
+    ``acceptor`` (the accepting object's namespace and id: its connection delivers the
+    socket's events there, whichever object the request was routed to).
 
     Raises:
         WebSocketStateError: ``ws`` was already accepted.
@@ -334,7 +347,26 @@ def accept(
     ws._registry = registry
     ws._pending_attachment = None
     ws._gate = gate
+    ws._acceptor = acceptor
     return record
+
+
+def acceptor_of(ws: WebSocket) -> tuple[str, ObjectId] | None:
+    """The (namespace, id) of the object that accepted the upgrading ``ws``, or None."""
+    return ws._acceptor
+
+
+def end_upgrade(ws: WebSocket) -> None:
+    """The connection answered ``ws``'s request without an upgrade (a refusal, a 504, an
+    error): an accept from now on is let go at once (see :func:`upgrade_ended`)."""
+    ws._upgrade_ended = True
+
+
+def upgrade_ended(ws: WebSocket) -> bool:
+    """Whether the request of ``ws`` was answered without an upgrade: an object that
+    accepts it now (a turn that outlived the request timeout, a forgotten forward) lets
+    the socket go at once, with no event."""
+    return ws._upgrade_ended
 
 
 def check_upgrade_headers(ws: WebSocket, headers: Iterable[tuple[str, str]]) -> None:

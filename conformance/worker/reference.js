@@ -5,6 +5,9 @@
 // Routes (served by the Worker below):
 //   GET  /conformance/info                  -> {"implementation", "capabilities"}
 //   POST /conformance/evict/<ns>/<name>     -> {"ok": true, "evicted": bool}  (workerd:unsafe)
+//   POST /conformance/evict-id/<ns>/<hex>   -> the same, for an object of a unique id
+//   POST /conformance/unique/<ns>           -> {"ok": true, "id": newUniqueId().toString()}
+//   GET  /ref-id/<hex>[/...]                -> forwarded with a stub to the object of that id
 //   GET  /<ns>/<name>  (WebSocket upgrade)  -> accepted as a hibernatable WebSocket, with the
 //                                              tags/attachment in the x-accept header (JSON)
 //   GET  /<ns>/<name>/events | /stats       -> the same JSON as the "events" / "stats" ops
@@ -388,13 +391,26 @@ export default {
       if (parts[2] === "info" && request.method === "GET") {
         return json({
           implementation: IMPLEMENTATION,
-          capabilities: { evict: true, idle_timeout_s: IDLE_TIMEOUT_S },
+          capabilities: { evict: true, idle_timeout_s: IDLE_TIMEOUT_S, forward: true },
         });
       }
-      if (parts[2] === "evict" && request.method === "POST" && parts.length === 5) {
+      if (parts[2] === "unique" && request.method === "POST" && parts.length === 4) {
         const binding = env[NAMESPACES[parts[3]]];
         if (binding === undefined) return json({ ok: false, error: "not_found" }, 404);
-        const stub = binding.get(binding.idFromName(decodeURIComponent(parts[4])));
+        return json({ ok: true, id: binding.newUniqueId().toString() });
+      }
+      const evicting = parts[2] === "evict" || parts[2] === "evict-id";
+      if (evicting && request.method === "POST" && parts.length === 5) {
+        const binding = env[NAMESPACES[parts[3]]];
+        if (binding === undefined) return json({ ok: false, error: "not_found" }, 404);
+        const key = decodeURIComponent(parts[4]);
+        let id;
+        try {
+          id = parts[2] === "evict-id" ? binding.idFromString(key) : binding.idFromName(key);
+        } catch (err) {
+          return json({ ok: false, error: "bad_id", message: String(err) }, 400);
+        }
+        const stub = binding.get(id);
         try {
           await unsafe.evict(stub, { webSockets: "hibernate" });
         } catch (err) {
@@ -406,6 +422,16 @@ export default {
         return json({ ok: true, evicted: true });
       }
       return json({ ok: false, error: "not_found" }, 404);
+    }
+    if (parts[1] === "ref-id" && parts[2]) {
+      // A Worker route of its own: forward (an upgrade too) to the object of that id.
+      let id;
+      try {
+        id = env.REF.idFromString(parts[2]);
+      } catch (err) {
+        return json({ ok: false, error: "bad_id", message: String(err) }, 400);
+      }
+      return env.REF.get(id).fetch(request);
     }
     const bindingName = NAMESPACES[parts[1]];
     if (bindingName === undefined || !parts[2]) {

@@ -29,6 +29,7 @@ from .websocket import WebSocketTransport
 from .writer import REFUSAL_LINGER_SECONDS
 
 if TYPE_CHECKING:
+    from .._http import Request
     from .channel import ByteChannel
     from .owner import ConnectionOwner
 
@@ -123,8 +124,10 @@ class ServerConnection:
         """Read one request, have it answered. True if it became a WebSocket."""
         owner = self._owner
         http = HttpExchange(owner, self._channel, self._writer)
+        request: Request | None = None
+        upgraded = False
+        gatekeeper = Gatekeeper(owner, self._channel.peer)
         try:
-            request = None
             with trio.move_on_after(owner.handshake_timeout):
                 try:
                     request = await http.read_request(self._transport)
@@ -138,7 +141,7 @@ class ServerConnection:
                 return False  # EOF, or the handshake timed out
             answer: Answer | None = None
             with trio.move_on_after(owner.request_timeout):
-                answer = await Gatekeeper(owner, self._channel.peer).answer(request)
+                answer = await gatekeeper.answer(request)
             http.release_body()  # no longer needed
             transport = self._transport
             if answer is None:
@@ -155,6 +158,7 @@ class ServerConnection:
             if answer.record is not None:
                 assert answer.link is not None
                 transport.accept(answer.link, answer.record)
+                upgraded = True
                 transport.upgraded(*http.upgrade(request, answer.response, answer.record))
                 return True
             transport.end_exchange()  # nothing may follow (a late frame)
@@ -162,6 +166,10 @@ class ServerConnection:
             return False
         finally:
             http.release_body()  # the phase ended early (a bug, a cancellation)
+            if request is not None and not upgraded:
+                # Answered without an upgrade (or not at all): whichever object accepted
+                # the socket, or accepts it later, lets it go with no event.
+                gatekeeper.let_go(request)
 
     def _send_raw_response(self, status: int, message: str) -> None:
         writer = self._writer

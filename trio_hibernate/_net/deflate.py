@@ -30,7 +30,8 @@ __all__ = ["DeflateExtension"]
 #: What the sender removed from the end of each compressed message (RFC 7692 7.2.2).
 _SYNC_TAIL: Final = b"\x00\x00\xff\xff"
 _USES_RSV1: Final = RsvBits(True, False, False)
-_DATA: Final = frozenset({Opcode.TEXT, Opcode.BINARY})
+_TEXT: Final = Opcode.TEXT  # module constants: Enum class attributes are slow to read
+_BINARY: Final = Opcode.BINARY
 
 
 @final
@@ -94,7 +95,7 @@ class DeflateExtension(Extension):
     ) -> CloseReason | RsvBits:
         if rsv.rsv1 and (opcode.iscontrol() or opcode is Opcode.CONTINUATION):
             return CloseReason.PROTOCOL_ERROR  # RFC 7692 section 6.1
-        if opcode in _DATA:  # the first frame of a message
+        if opcode is _TEXT or opcode is _BINARY:  # the first frame of a message
             self._message_compressed = rsv.rsv1
             self._inflated = 0
         self._frame_compressed = self._message_compressed and not opcode.iscontrol()

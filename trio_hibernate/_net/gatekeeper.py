@@ -4,8 +4,12 @@ routing, ``App.fetch``, and the object's own answer.
 Before an object is woken a request passes, in order: the ``/_`` paths (answered by the
 server), the WebSocket handshake headers and the origin check (upgrades only: a browser
 page from another site may not open a WebSocket here unless ``allowed_origins`` says so),
-``App.authorize``, and routing; a path no namespace matches goes to ``App.fetch``, else
-404. The app hooks run contained: a hook that raises answers 500.
+``App.authorize`` (which may refuse it, or hand back an annotated copy), and the built-in
+routing (``/<namespace>/<name>``, unless ``App.route_by_path`` is off); every other
+request goes to ``App.fetch``, else 404. ``App.fetch`` may forward a request, upgrades
+included, to any object with ``stub.fetch``: the object that accepts a socket owns it,
+whatever the request was routed to. The app hooks run contained: a hook that raises
+answers 500.
 """
 
 from __future__ import annotations
@@ -20,15 +24,15 @@ import attrs
 
 from .._containment import run_app_hook
 from .._core.events import FetchEvent
+from .._hooks import AppContext
 from .._http import Request, Response
 from .._oneshot import OneShot
-from .._websocket import record_of, settle_protocol
+from .._websocket import acceptor_of, end_upgrade, record_of, settle_protocol
 from .http import simple_response
 
 if TYPE_CHECKING:
-    import outcome
-
     from .._core.sockets import SocketRecord
+    from .._websocket import WebSocket
     from .owner import ConnectionOwner, ObjectLink
 
 __all__ = [
@@ -125,43 +129,76 @@ class Gatekeeper:
         self._peer = peer
 
     async def answer(self, request: Request) -> Answer:
-        """The response to ``request``: from the server itself, an app hook or the object.
+        """The response to ``request``: from the server itself, an app hook or an object.
 
-        An upgrade the object accepted is answered 101 with the accepted socket's
-        record; an accept the object's answer does not confirm is undone, with no event.
+        An upgrade is answered 101 when the answer is a 101 carrying the request's
+        WebSocket and an object accepted it: the object the request was routed to, or
+        any object that ``App.fetch`` (or an object, in turn) forwarded it to with
+        ``stub.fetch``. The :class:`Answer` then names that object, which gets the
+        socket's events. Any other 101 is a bug of the app: 500, logged. An accept the
+        answer does not confirm is undone by :meth:`let_go`.
         """
-        routed = await self.gatekeep(request)
+        request, routed = await self.gatekeep(request)
         if isinstance(routed, Response):
-            return Answer(routed)
+            response, answered_by = routed, "App.fetch"
+        else:
+            response, answered_by = await self._fetch(routed, request), "fetch()"
         ws = request.websocket
-        entry = routed
-        response = await self._fetch(entry, request)
-        record = record_of(ws) if ws is not None else None
-        wrong = "a WebSocket it did not accept for this request"
-        if (
-            ws is not None
-            and response.status == 101
-            and response.websocket is ws
-            and record is not None
-        ):
+        if response.status != 101:
+            return Answer(response)
+        record = None if ws is None else record_of(ws)
+        link = None
+        if ws is not None and record is not None and not record.released:
+            link = self._acceptor(ws)
+        if response.websocket is ws and link is not None:
+            assert record is not None
             # A subprotocol chosen in the 101's headers (as on Cloudflare) is the socket's.
-            wrong = settle_protocol(record, response.headers) or ""
-            if not wrong:
-                return Answer(response, entry, record)
-        if record is not None:
-            entry.core.release(record)  # accepted, then refused: undo without any event
-            entry.forget_if_unused()
-        if response.status == 101:
-            log.error("fetch() for %s returned 101 with %s; answering 500", request.path, wrong)
-            response = simple_response(500, "Internal Server Error")
-        return Answer(response)
+            why = settle_protocol(record, response.headers)
+            if why is None:
+                return Answer(response, link, record)
+        elif ws is None or response.websocket is not ws:
+            why = "a WebSocket that is not this request's"
+        else:
+            why = (
+                "a WebSocket no object accepted, or one its object let go since (a 101 "
+                "must carry the socket an object accepted with ctx.accept_websocket; "
+                "from App.fetch, return what stub.fetch(request) answered)"
+            )
+        log.error("%s for %s answered 101 with %s; answering 500", answered_by, request.path, why)
+        return Answer(simple_response(500, "Internal Server Error"))
 
-    async def gatekeep(self, request: Request) -> ObjectLink | Response:
+    def let_go(self, request: Request) -> None:
+        """``request`` was answered without an upgrade (refused, a 504, an error): a
+        socket an object accepted for it is released, with no event, and one accepted
+        from now on is let go at once (``upgrade_ended``)."""
+        ws = request.websocket
+        if ws is None:
+            return
+        end_upgrade(ws)
+        record = record_of(ws)
+        if record is None or record.released:
+            return
+        link = self._acceptor(ws)
+        if link is not None:
+            link.core.release(record)
+            link.forget_if_unused()
+
+    def _acceptor(self, ws: WebSocket) -> ObjectLink | None:
+        """The object that accepted the upgrading ``ws``, whichever object the request
+        was routed or forwarded to (an object holding a socket is known), or None."""
+        address = acceptor_of(ws)
+        return None if address is None else self._owner.objects.get(*address)
+
+    async def gatekeep(self, request: Request) -> tuple[Request, ObjectLink | Response]:
         """Everything decided before an object wakes: the server's own paths, the
-        handshake headers, the origin check, ``App.authorize``, routing, ``App.fetch``."""
+        handshake headers, the origin check, ``App.authorize``, routing, ``App.fetch``.
+
+        Returns the request to go on with (``App.authorize`` may hand back an annotated
+        copy) and the object it is routed to, or the response.
+        """
         owner = self._owner
         if request.path.startswith("/_"):
-            return owner.operations(request)
+            return request, owner.operations(request)
         if request.websocket is not None:
             refused = check_websocket_headers(request) or check_origin(
                 request, owner.allowed_origins
@@ -173,38 +210,40 @@ class Gatekeeper:
                     self._peer(),
                     refused.status,
                 )
-                return refused
+                return request, refused
         app = owner.app
+        ctx = AppContext(owner)
         if app.authorize is not None:
-            refused = await run_app_hook("App.authorize", app.authorize, request)
-            if refused is not None:
-                return refused
-        routed = owner.route(request.path)
-        if routed is not None:
-            return routed
+            verdict = await run_app_hook(
+                "App.authorize", app.authorize, request, ctx, may_pass=True
+            )
+            if isinstance(verdict, Response):
+                return request, verdict
+            if verdict is not None:
+                if verdict.websocket is not request.websocket:
+                    log.error(
+                        "App.authorize for %s returned a Request that does not carry the "
+                        "request's WebSocket (make it with request.with_context() or "
+                        "request.with_headers()); answering 500",
+                        request.path,
+                    )
+                    return request, simple_response(500, "Internal Server Error")
+                request = verdict
+        if app.route_by_path:
+            routed = owner.route(request.path)
+            if routed is not None:
+                return request, routed
         if app.fetch is not None:
-            response = await run_app_hook("App.fetch", app.fetch, request)
-            assert response is not None
-            if response.status != 101:
-                return response
-            log.error("App.fetch answered 101 for %s; it cannot accept WebSockets", request.path)
-            return simple_response(500, "Internal Server Error")
-        return simple_response(404, f"Not Found: {request.path}")
+            response = await run_app_hook("App.fetch", app.fetch, request, ctx, may_pass=False)
+            assert isinstance(response, Response)
+            return request, response
+        return request, simple_response(404, f"Not Found: {request.path}")
 
     @staticmethod
     async def _fetch(entry: ObjectLink, request: Request) -> Response:
-        """The object's answer. If cancelled first (the request timeout), a socket the
-        object accepts later is let go at once."""
-
-        def late(_answer: outcome.Outcome[Response]) -> None:
-            # We gave up waiting (504 sent): a socket accepted since is let go.
-            ws = request.websocket
-            record = record_of(ws) if ws is not None else None
-            if record is not None and not record.released:
-                entry.core.release(record)
-                entry.forget_if_unused()
-
-        answer: OneShot[Response] = OneShot(on_late=late)
+        """The object's answer. (If the request timeout cancels the wait, the connection
+        lets go of a socket the object accepts: see :meth:`let_go`.)"""
+        answer: OneShot[Response] = OneShot()
         entry.deliver(FetchEvent(request, answer.reply))
         response: Response = (await answer.wait()).unwrap()
         return response

@@ -16,10 +16,12 @@ if TYPE_CHECKING:
     from .._core.events import Event
     from .._core.lifecycle import ObjectCore
     from .._http import Request, Response
+    from .._ids import ObjectId
     from .._limits import Limits
     from .._statistics import Counters
+    from .._stubs import Namespace
 
-__all__ = ["Connection", "ConnectionOwner", "ListenerOwner", "ObjectLink"]
+__all__ = ["Connection", "ConnectionOwner", "ListenerOwner", "ObjectLink", "ObjectTable"]
 
 
 class Connection(Protocol):
@@ -30,7 +32,8 @@ class Connection(Protocol):
 
 
 class ObjectLink(Protocol):
-    """The object a request was routed to, as a connection sees it."""
+    """An object, as a connection sees it: the one a request was routed to, or the one
+    that accepted its WebSocket."""
 
     @property
     def core(self) -> ObjectCore:
@@ -42,6 +45,14 @@ class ObjectLink(Protocol):
 
     def forget_if_unused(self) -> None:
         """Drop the object from memory if it has nothing left to do."""
+
+
+class ObjectTable(Protocol):
+    """The objects a runtime knows, by namespace and id."""
+
+    def get(self, namespace: str, object_id: ObjectId) -> ObjectLink | None:
+        """The object, or None if the runtime does not know it (it has no socket then)."""
+        ...
 
 
 class ConnectionOwner(Protocol):
@@ -79,6 +90,20 @@ class ConnectionOwner(Protocol):
     @property
     def compression(self) -> Compression | None:
         """permessage-deflate for the host's WebSockets (None: off)."""
+        ...
+
+    @property
+    def env(self) -> Any:
+        """The app's ``env`` (for the hooks' ``AppContext``)."""
+        ...
+
+    @property
+    def objects(self) -> ObjectTable:
+        """The objects the runtime knows (to find the one that accepted a socket)."""
+        ...
+
+    def get_namespace(self, name: str) -> Namespace:
+        """The namespace ``name`` (for the hooks' ``AppContext``). KeyError if unknown."""
         ...
 
     def operations(self, request: Request) -> Response:

@@ -69,13 +69,24 @@ class TestHost:
         Raises:
             UpgradeRejected: the object's ``fetch`` did not accept it.
         """
+        return await self.connect_to(f"/{namespace}/{name}{path}", headers=headers)
+
+    async def connect_to(
+        self, target: str, *, headers: Mapping[str, str] | None = None
+    ) -> TestWebSocket:
+        """Open a WebSocket to any request target (``/api/match/<id>/ws?user=ann``) over
+        an in-process socket pair. The request goes where a real one would:
+        ``App.authorize``, the built-in routing, ``App.fetch`` (which may forward it to
+        any object through a stub).
+
+        Raises:
+            UpgradeRejected: the upgrade was refused (the status and body say by what).
+        """
         server_end, client_end = socket.socketpair()
         self.host.serve_socket(server_end)
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(client_end))
         try:
-            client = await handshake(
-                stream, f"/{namespace}/{name}{path}", list((headers or {}).items())
-            )
+            client = await handshake(stream, target, list((headers or {}).items()))
         except BaseException:
             await stream.aclose()
             raise

@@ -33,7 +33,10 @@ import argparse
 import contextlib
 import json
 import logging
+import sqlite3
 from collections import Counter
+from functools import partial
+from itertools import islice
 from typing import Any, Final
 from urllib.parse import unquote
 
@@ -65,6 +68,9 @@ NAMESPACE: Final = "ref"
 _constructor_runs: Counter[str] = Counter()
 #: Object ids whose next construction raises (the ``fail_next_construction`` command).
 _fail_next_construction: set[str] = set()
+#: Object ids whose next construction runs a slow setup in ``block_concurrency_while``
+#: (the ``slow_next_construction`` command), and how long it sleeps, in ms.
+_slow_next_construction: dict[str, float] = {}
 
 
 class _Hooks:
@@ -142,6 +148,18 @@ class Reference(DurableObject):
             raise RuntimeError("constructor failing on purpose (conformance suite)")
         #: In memory only: lost on every eviction (the ``remember``/``recall`` commands).
         self.memo: object = None
+        #: Whether this instance's slow setup has run (the ``setup_state`` command).
+        self.setup_done = False
+        setup_ms = _slow_next_construction.pop(ctx.id.hex, None)
+        if setup_ms is not None:
+            ctx.block_concurrency_while(partial(self.setup, setup_ms))
+
+    async def setup(self, ms: float) -> None:
+        """The slow setup: sleeps, counts itself in storage, then marks the instance."""
+        await trio.sleep(ms / 1000)
+        setups = await self.ctx.storage.get("setups")
+        await self.ctx.storage.put("setups", (setups if isinstance(setups, int) else 0) + 1)
+        self.setup_done = True
 
     async def fetch(self, request: Request) -> Response:
         rest = request.path.split("/", 3)[3:]
@@ -355,9 +373,38 @@ class Reference(DurableObject):
         if op == "fail_next_construction":
             _fail_next_construction.add(self.ctx.id.hex)
             return {"ok": True}
+        if op == "slow_next_construction":
+            _slow_next_construction[self.ctx.id.hex] = float(request["ms"])
+            return {"ok": True}
+        if op == "setup_state":
+            setups = await self.ctx.storage.get("setups")
+            return {"ok": True, "setup_done": self.setup_done, "setups": setups or 0}
+        if op == "block":
+            await self.ctx.block_concurrency_while(partial(trio.sleep, request["ms"] / 1000))
+            return {"ok": True}
+        if op == "sql":
+            return self.sql(request)
         if op == "raise":
             raise RuntimeError("raised on purpose by the conformance suite")
         return {"ok": False, "error": "unknown_op", "message": f"unknown op {op!r}"}
+
+    def sql(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Run ``query``; read ``read`` rows (all if absent) with ``raw()``; report."""
+        try:
+            cursor = self.ctx.storage.sql.exec(request["query"], *request.get("bindings", []))
+        except (sqlite3.Error, *_API_ERRORS) as exc:
+            return _failure(exc)
+        rows_read_at_exec = cursor.rows_read
+        rows = islice(cursor.raw(), request.get("read"))  # None: every row
+        taken = [list(row) for row in rows]
+        return {
+            "ok": True,
+            "columns": cursor.column_names,
+            "rows": taken,
+            "rows_read_at_exec": rows_read_at_exec,
+            "rows_read": cursor.rows_read,
+            "rows_written": cursor.rows_written,
+        }
 
     def copy_semantics(self, ws: WebSocket) -> dict[str, Any]:
         previous = ws.deserialize_attachment()
@@ -431,6 +478,7 @@ async def _site(request: Request, ctx: AppContext) -> Response:
                         "evict": _Hooks.host is not None,
                         "idle_timeout_s": _Hooks.idle_timeout_s,
                         "forward": True,
+                        "sql": True,
                     },
                 }
             )

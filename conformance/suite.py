@@ -611,6 +611,90 @@ def test_event_timeout_cancels_handler(open_client: OpenClient) -> None:
     client.request("set_event_timeout", ms=0)
 
 
+# -- critical sections (blockConcurrencyWhile) -------------------------------------------
+
+
+def test_block_concurrency_while_in_the_constructor(
+    endpoint: Endpoint, name: str, open_client: OpenClient
+) -> None:
+    """A constructor's ``blockConcurrencyWhile`` (a slow setup that sleeps, then writes to
+    storage) runs before any event: the messages that woke the object wait for it."""
+    require(endpoint, "evict")
+    first = open_client()
+    second = open_client()
+    assert first.request("slow_next_construction", ms=500) == {"ok": True}
+    assert endpoint.evict(name) is True
+    started = time.monotonic()
+    first_id = first.send_op("setup_state")  # wakes the object: the constructor runs
+    second_id = second.send_op("setup_state")
+    ready = {"ok": True, "setup_done": True, "setups": 1}
+    assert first.reply_to(first_id) == ready
+    assert second.reply_to(second_id) == ready
+    waited = time.monotonic() - started
+    assert waited >= 0.4, f"an event ran during the constructor's setup ({waited:.3f} s)"
+    assert constructor_runs(first) == 2  # one construction, one setup, for both events
+
+
+def test_block_concurrency_while_holds_other_events(open_client: OpenClient) -> None:
+    """In a handler, ``blockConcurrencyWhile`` holds every other event until it returns
+    (workerd too, where a plain ``await`` would let them in: turns_do_not_interleave)."""
+    blocker = open_client()
+    other = open_client()
+    block_id = blocker.send_op("block", ms=400)
+    time.sleep(0.05)
+    started = time.monotonic()
+    assert other.request("stats")["ok"]
+    waited = time.monotonic() - started
+    assert blocker.reply_to(block_id) == {"ok": True}
+    assert waited >= 0.25, f"an event ran inside blockConcurrencyWhile ({waited:.3f} s)"
+
+
+# -- SQL cursor counts ------------------------------------------------------------------
+
+
+def sql(client: Client, query: str, *bindings: object, read: int | None = None) -> dict[str, Any]:
+    """The ``sql`` command's reply: ``columns``, the ``rows`` read (``read`` of them, or
+    all), ``rows_read_at_exec`` (right after ``exec``), ``rows_read``, ``rows_written``."""
+    fields: dict[str, Any] = {"query": query, "bindings": list(bindings)}
+    if read is not None:
+        fields["read"] = read
+    reply = client.request("sql", **fields)
+    assert reply["ok"], reply
+    return reply
+
+
+def counts(reply: dict[str, Any]) -> tuple[int, int, int]:
+    return reply["rows_read_at_exec"], reply["rows_read"], reply["rows_written"]
+
+
+def test_sql_cursor_counts(endpoint: Endpoint, open_client: OpenClient) -> None:
+    """``rowsRead``/``rowsWritten`` where the runtimes agree: rows a plain ``SELECT``
+    returns (read lazily: one row ahead), rows an ``INSERT``, ``UPDATE`` or ``DELETE``
+    changes without an index, and several statements reporting the last one's.
+    docs/sql.md lists where they differ (rows visited, index rows, schema changes)."""
+    require(endpoint, "sql")
+    client = open_client()
+    sql(client, "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+    assert sql(client, "INSERT INTO t VALUES (1, 'a'), (2, 'b'), (3, 'c')")["rows_written"] == 3
+    assert sql(client, "INSERT INTO t VALUES (?, ?)", 4, "d")["rows_written"] == 1
+    everything = sql(client, "SELECT id, v FROM t ORDER BY id")
+    assert everything["columns"] == ["id", "v"]
+    assert everything["rows"] == [[1, "a"], [2, "b"], [3, "c"], [4, "d"]]
+    assert counts(everything) == (1, 4, 0)  # one row ahead at exec; four at the end
+    assert counts(sql(client, "SELECT id, v FROM t ORDER BY id", read=0)) == (1, 1, 0)
+    two = sql(client, "SELECT id, v FROM t ORDER BY id", read=2)
+    assert (two["rows"], counts(two)) == ([[1, "a"], [2, "b"]], (1, 3, 0))  # 2 read, 1 ahead
+    by_key = sql(client, "SELECT v FROM t WHERE id = ?", 2)
+    assert (by_key["rows"], counts(by_key)) == ([["b"]], (1, 1, 0))
+    assert sql(client, "UPDATE t SET v = 'B' WHERE id = 2")["rows_written"] == 1
+    assert sql(client, "UPDATE t SET v = v || '!'")["rows_written"] == 4
+    assert sql(client, "DELETE FROM t WHERE id = 4")["rows_written"] == 1
+    several = sql(client, "INSERT INTO t VALUES (5, 'e'); SELECT id FROM t ORDER BY id")
+    assert several["rows"] == [[1], [2], [3], [5]]
+    assert counts(several) == (1, 4, 0)  # the last statement's counts only
+    assert sql(client, "DELETE FROM t")["rows_written"] == 4
+
+
 # -- routing through stubs -----------------------------------------------------------------
 
 

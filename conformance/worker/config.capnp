@@ -21,7 +21,10 @@ const referenceWorker :Workerd.Worker = (
   modules = [ (name = "reference.js", esModule = embed "reference.js") ],
   compatibilityDate = "2026-11-01",
   compatibilityFlags = ["unsafe_module"],
-  durableObjectNamespaces = [ (className = "Reference", uniqueKey = "trio-hibernate-conformance") ],
+  # enableSql: a SQLite-backed object, as Cloudflare recommends (ctx.storage.sql).
+  durableObjectNamespaces = [
+    (className = "Reference", uniqueKey = "trio-hibernate-conformance", enableSql = true),
+  ],
   durableObjectStorage = (localDisk = "do-storage"),
   bindings = [ (name = "REF", durableObjectNamespace = "Reference") ],
 );

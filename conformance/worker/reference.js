@@ -20,6 +20,11 @@ import { DurableObject } from "cloudflare:workers";
 const constructorRuns = new Map();
 // Object ids whose next construction throws (the "fail_next_construction" op).
 const failNextConstruction = new Set();
+// Object ids whose next construction runs a slow setup in blockConcurrencyWhile (the
+// "slow_next_construction" op), and how long it sleeps, in ms.
+const slowNextConstruction = new Map();
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 const IMPLEMENTATION = "workerd";
 // workerd hibernates an idle object after 10 s (server.c++); announced so that the idle
@@ -77,6 +82,47 @@ export class Reference extends DurableObject {
     this.key = key;
     // In-memory only: lost on every eviction (the "remember"/"recall" ops).
     this.memo = null;
+    // Whether this instance's slow setup has run (the "setup_state" op).
+    this.setupDone = false;
+    const setupMs = slowNextConstruction.get(key);
+    if (setupMs !== undefined) {
+      slowNextConstruction.delete(key);
+      ctx.blockConcurrencyWhile(() => this.setup(setupMs));
+    }
+  }
+
+  // The slow setup: sleeps, counts itself in storage, then marks the instance.
+  async setup(ms) {
+    await sleep(ms);
+    const setups = ((await this.ctx.storage.get("setups")) ?? 0) + 1;
+    await this.ctx.storage.put("setups", setups);
+    this.setupDone = true;
+  }
+
+  // Run request.query; read request.read rows (all if absent) with raw(); report.
+  sql(request) {
+    let cursor;
+    try {
+      cursor = this.ctx.storage.sql.exec(request.query, ...(request.bindings ?? []));
+    } catch (err) {
+      return failure(err);
+    }
+    const rowsReadAtExec = cursor.rowsRead;
+    const rows = [];
+    const raw = cursor.raw();
+    while (request.read === undefined || rows.length < request.read) {
+      const next = raw.next();
+      if (next.done) break;
+      rows.push(next.value);
+    }
+    return {
+      ok: true,
+      columns: cursor.columnNames,
+      rows,
+      rows_read_at_exec: rowsReadAtExec,
+      rows_read: cursor.rowsRead,
+      rows_written: cursor.rowsWritten,
+    };
   }
 
   async fetch(request) {
@@ -368,11 +414,24 @@ export class Reference extends DurableObject {
         await this.ctx.storage.put("close_reply", Boolean(request.reply));
         return ok();
       case "sleep":
-        await new Promise((resolve) => setTimeout(resolve, request.ms));
+        await sleep(request.ms);
         return ok();
       case "fail_next_construction":
         failNextConstruction.add(this.key);
         return ok();
+      case "slow_next_construction":
+        slowNextConstruction.set(this.key, request.ms);
+        return ok();
+      case "setup_state":
+        return ok({
+          setup_done: this.setupDone,
+          setups: (await this.ctx.storage.get("setups")) ?? 0,
+        });
+      case "block":
+        await this.ctx.blockConcurrencyWhile(() => sleep(request.ms));
+        return ok();
+      case "sql":
+        return this.sql(request);
       case "raise":
         throw new Error("raised on purpose by the conformance suite");
       default:
@@ -391,7 +450,7 @@ export default {
       if (parts[2] === "info" && request.method === "GET") {
         return json({
           implementation: IMPLEMENTATION,
-          capabilities: { evict: true, idle_timeout_s: IDLE_TIMEOUT_S, forward: true },
+          capabilities: { evict: true, idle_timeout_s: IDLE_TIMEOUT_S, forward: true, sql: true },
         });
       }
       if (parts[2] === "unique" && request.method === "POST" && parts.length === 4) {

@@ -163,7 +163,7 @@ class ServerConnection:
                 assert answer.link is not None
                 transport.accept(answer.link, answer.record)
                 upgraded = True
-                transport.upgraded(http.upgrade(request, answer.response))
+                transport.upgraded(*http.upgrade(request, answer.response, answer.record))
                 return True
             transport.end_exchange()  # nothing may follow (a late frame)
             http.send_response(request, answer.response)

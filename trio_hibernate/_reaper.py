@@ -12,6 +12,8 @@ from typing import NoReturn, Protocol, final
 
 import trio
 
+from ._settling import RestSignal
+
 __all__ = ["IdleReaper", "Stoppable"]
 
 
@@ -30,7 +32,7 @@ class IdleReaper:
     and :meth:`busy_again` when it wakes up; :meth:`run` is the reaper's task.
     """
 
-    __slots__ = ("_arrived", "_idle", "idle_timeout")
+    __slots__ = ("_arrived", "_idle", "idle_timeout", "rests")
 
     def __init__(self, idle_timeout: float) -> None:
         self.idle_timeout = idle_timeout
@@ -38,6 +40,9 @@ class IdleReaper:
         # Idle activations in the order they became idle (dicts keep insertion order).
         self._idle: dict[Stoppable, float] = {}
         self._arrived = trio.Event()
+        self.rests = RestSignal()
+        """Told (by the supervisors) whenever an object comes to rest: it parked
+        waiting for an event, or its activation ended. ``TestHost.settle`` waits on it."""
 
     def idle_from(self, activation: Stoppable) -> None:
         """``activation`` is idle from now (Trio time): it is stopped after ``idle_timeout``."""

@@ -34,7 +34,6 @@ from ._net.connection import ServerConnection
 from ._net.operations import operations_response
 from ._net.owner import Connection
 from ._reaper import IdleReaper
-from ._settling import RestSignal
 from ._statistics import Counters, HostStatistics
 from ._storage.alarms import AlarmIndex, AlarmKey, AlarmScheduler
 from ._storage.backend import StorageBackend
@@ -110,8 +109,6 @@ class Runtime:
         """The host is shutting down: no instance is constructed any more."""
         self.reaper = IdleReaper(idle_timeout)
         """Hibernates objects idle for ``idle_timeout`` (its task runs in the host nursery)."""
-        self.rests = RestSignal()
-        """Told whenever an object comes to rest (``TestHost.settle`` waits on it)."""
         self._nursery = nursery
         self.connections = ConnectionSet()
         """The open client connections."""

@@ -55,7 +55,6 @@ if TYPE_CHECKING:
     from ._limits import Limits
     from ._object import DurableObject
     from ._reaper import IdleReaper
-    from ._settling import RestSignal
     from ._statistics import Counters
     from ._storage.alarms import AlarmIndex, AlarmKey, AlarmScheduler
     from ._storage.api import Storage
@@ -132,11 +131,6 @@ class SupervisorServices(Protocol):
     @property
     def reaper(self) -> IdleReaper:
         """Told when an activation is idle (it stops those idle for ``idle_timeout``)."""
-        ...
-
-    @property
-    def rests(self) -> RestSignal:
-        """Told whenever the object comes to rest (``TestHost.settle`` waits for it)."""
         ...
 
 
@@ -243,7 +237,7 @@ class Supervisor:
                     entry.refuse_unrun_event(event)
                 core.on_stopped()
                 entry.forget_if_unused()
-                services.rests.object_rested()
+                services.reaper.rests.object_rested()
                 task_status.started(None)
                 return
             activation = Activation()
@@ -265,7 +259,7 @@ class Supervisor:
                 activation.stopped.set()
             if not core.on_stopped():
                 entry.forget_if_unused()
-                services.rests.object_rested()
+                services.reaper.rests.object_rested()
                 return
 
     async def _activate(self, activation: Activation) -> None:
@@ -418,7 +412,7 @@ class Supervisor:
                 return
             if not core.queued:
                 activation.idle = True
-                services.rests.object_rested()
+                services.reaper.rests.object_rested()
                 if not activation.background:
                     reaper.idle_from(activation)  # the reaper stops it when it expires
                 try:

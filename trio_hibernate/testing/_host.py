@@ -151,7 +151,7 @@ class TestHost:
                     continue
                 # A turn waits (on the clock, a thread, another object): let the clock
                 # move, and look again when an object comes to rest.
-                await runtime.rests.wait()
+                await runtime.reaper.rests.wait()
         busy = "; ".join(busy_objects(runtime.objects)) or "none any more"
         raise trio.TooSlowError(
             f"settle() waited {seconds:g} s of Trio time and objects were still busy "

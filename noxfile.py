@@ -9,7 +9,14 @@ nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
 
-TEST_DEPS = ["pytest>=8", "pytest-trio>=0.8", "hypothesis>=6.100", "trio-websocket>=0.12"]
+TEST_DEPS = [
+    "pytest>=8",
+    "pytest-trio>=0.8",
+    "hypothesis>=6.100",
+    "trio-websocket>=0.12",
+    # A second, independent client: the permessage-deflate and subprotocol tests.
+    "websockets>=15",
+]
 #: The Python peers of the benchmark suite, and the profiler it runs on trio-hibernate.
 BENCH_DEPS = ["trio-websocket>=0.12", "websockets>=17,<18", "wsproto>=1.2", "py-spy>=0.4"]
 

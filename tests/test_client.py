@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import itertools
 import random
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 
 import attrs
 import pytest
@@ -27,6 +31,7 @@ from helpers import (
     send,
 )
 from trio.testing import MockClock
+from trio_websocket import WebSocketConnection, open_websocket_url
 
 from trio_hibernate import (
     App,
@@ -432,3 +437,79 @@ def test_the_client_surface_is_pinned() -> None:
         if not name.startswith("RETRY_"):
             assert obj.__module__ == "trio_hibernate.client", name
             assert obj.__doc__, name
+
+
+# -- a real server process, restarted under a connected client ----------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@asynccontextmanager
+async def chat_server(port: int, data_dir: Path) -> AsyncIterator[trio.Process]:
+    """``python -m trio_hibernate serve examples/chat.py:app`` on ``port``, listening."""
+    process = await trio.lowlevel.open_process(
+        [
+            sys.executable,
+            "-m",
+            "trio_hibernate",
+            "serve",
+            "examples/chat.py:app",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data_dir),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    assert process.stdout is not None
+    try:
+        output = b""
+        while b"listening on" not in output:
+            chunk = await process.stdout.receive_some(4096)
+            assert chunk, f"the server exited early: {output!r}"
+            output += chunk
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            await process.wait()
+        await process.stdout.aclose()
+
+
+async def test_a_restarted_server_process_gets_every_line_exactly_once(tmp_path: Path) -> None:
+    port = unused_port()
+    url = f"ws://127.0.0.1:{port}/chat/lobby?nick=ada"
+    quick = Backoff(initial_seconds=0.05, max_seconds=0.2)
+    events = Events()
+    with trio.fail_after(60):  # real time: two server processes start
+        async with (
+            chat_server(port, tmp_path) as first,
+            open_client(url, reliable=True, backoff=quick, on_event=events) as client,
+        ):
+            assert await receive(client) == "* ada joined"
+            await client.send("one")
+            assert await receive(client) == "ada: one"
+            await client.send("two")  # in flight, or not yet sent, when the restart comes
+            first.send_signal(signal.SIGUSR1)
+            gone = await events.wait_for(ClientState.RECONNECTING)
+            assert gone.close_code == 1012
+            assert await first.wait() == 0
+            await client.send("three")  # the server is down: buffered
+            await client.send("four")
+            async with chat_server(port, tmp_path):
+                await client.flush()  # every op acknowledged, so stored
+                async with open_plain_client_at(port, "/chat/lobby?nick=bob") as bob:
+                    history = []
+                    while (line := await bob.get_message()) != "* bob joined":
+                        history.append(line)
+    assert history == ["ada: one", "ada: two", "ada: three", "ada: four"]
+
+
+@asynccontextmanager
+async def open_plain_client_at(port: int, target: str) -> AsyncIterator[WebSocketConnection]:
+    async with open_websocket_url(f"ws://127.0.0.1:{port}{target}") as ws:
+        yield ws

@@ -34,19 +34,26 @@ async def chat(
     on_event: Callable[[ClientEvent], None] | None = None,
 ) -> None:
     """Send every line of ``lines`` to the room at ``url``; ``show`` every message of the
-    room; return once every line is stored by the room (or raise ClientClosedError)."""
+    room; return once every line is stored by the room.
+
+    Raises:
+        ClientClosedError: the room closed for good (in an ExceptionGroup if it happened
+            while a line was being sent).
+    """
     async with open_client(url, reliable=True, on_event=on_event) as room:
 
-        async def print_room() -> None:
-            async for message in room:
+        async def print_room(typing: trio.CancelScope) -> None:
+            async for message in room:  # ends when the room is closed for good
                 show(message if isinstance(message, str) else repr(message))
+            typing.cancel()
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(print_room)
+            nursery.start_soon(print_room, nursery.cancel_scope)
             async for line in lines:
                 await room.send(line)
             await room.flush()  # every line acknowledged: stored by the room
             nursery.cancel_scope.cancel()
+        await room.flush()  # ClientClosedError if the room closed for good meanwhile
 
 
 async def _stdin_lines() -> AsyncIterable[str]:
@@ -75,9 +82,10 @@ def cli() -> None:
     args = parser.parse_args()
     url = room_url(args.server, args.room, args.nick)
     try:
-        trio.run(partial(chat, url, _stdin_lines(), _show, on_event=_status))
-    except ClientClosedError as exc:
-        sys.exit(f"* {exc}")
+        try:
+            trio.run(partial(chat, url, _stdin_lines(), _show, on_event=_status))
+        except* ClientClosedError as group:
+            sys.exit(f"* {group.exceptions[0]}")
     except KeyboardInterrupt:
         pass
 

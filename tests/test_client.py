@@ -513,3 +513,92 @@ async def test_a_restarted_server_process_gets_every_line_exactly_once(tmp_path:
 async def open_plain_client_at(port: int, target: str) -> AsyncIterator[WebSocketConnection]:
     async with open_websocket_url(f"ws://127.0.0.1:{port}{target}") as ws:
         yield ws
+
+
+# -- trio-hibernate connect -------------------------------------------------------------------
+
+
+async def run_connect(
+    *args: str, stdin: bytes, until: bytes | None = None
+) -> tuple[int, bytes, bytes]:
+    """Run ``trio-hibernate connect ARGS`` with ``stdin`` (kept open until ``until``
+    shows on stdout, if given); its status, stdout and stderr."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "trio_hibernate", "connect", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    assert process.stdin is not None
+    assert process.stdout is not None
+    assert process.stderr is not None
+    out, err = b"", b""
+
+    async def read_err() -> None:
+        nonlocal err
+        assert process.stderr is not None
+        while chunk := await process.stderr.receive_some(4096):
+            err += chunk
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_err)
+            await process.stdin.send_all(stdin)
+            if until is None:
+                await process.stdin.aclose()
+            while chunk := await process.stdout.receive_some(4096):
+                out += chunk
+                if until is not None and until in out:
+                    await process.stdin.aclose()
+                    until = None
+        return await process.wait(), out, err
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+            await process.stdout.aclose()
+            await process.stderr.aclose()
+
+
+async def test_connect_sends_lines_and_prints_messages(app: App, probe: Probe) -> None:
+    with trio.fail_after(60):  # real time: a client process starts
+        async with running(app) as server:
+            status, out, err = await run_connect(
+                server.url("/door/a"),
+                "--reliable",
+                "--client-id",
+                "me",
+                stdin=b"one\ntwo\n",
+                until=b"two\n",
+            )
+    assert status == 0, err
+    assert out == b"one\ntwo\n"
+    assert b"* client id me" in err
+    assert b"* connected" in err
+    assert [joined.id for joined in probe.of(Joined)] == ["me"]
+
+
+async def test_connect_reconnects_then_gives_up_as_told(app: App) -> None:
+    with trio.fail_after(60):
+        async with running(app) as server:
+            status, _out, err = await run_connect(
+                server.url("/door/a"),
+                "--reliable",
+                stdin=b"close 1012\nclose 4001\n",
+                until=b"stdin stays open: the client must end by itself",
+            )
+    assert status == 1, err
+    assert b"* reconnecting in" in err
+    assert b"(closed with 1012)" in err
+    assert b"closed for good: the server said not to retry" in err
+    assert b"4001" in err
+
+
+async def test_connect_to_a_refusing_server_exits_1(app: App) -> None:
+    with trio.fail_after(60):
+        async with running(app) as server:
+            status, _, err = await run_connect(server.url("/door/locked"), stdin=b"")
+    assert status == 1
+    assert b"HTTP 403" in err

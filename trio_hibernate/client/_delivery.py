@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
+from .._core.sockets import ReadyState
 from ._wire import decode_op, encode_ack
 
 if TYPE_CHECKING:
@@ -45,6 +46,9 @@ async def deliver_once(
       after this call still commits its turn (and so acknowledges the op).
     - An op whose id is among the last ``keep`` seen by this object (a resend after a
       reconnect: its acknowledgement was lost): acknowledged again, None returned.
+    - An op that arrives on a socket no longer open (the object closed it earlier):
+      None, nothing recorded; no ack could be sent, so the client sends it again on
+      its next connection, where it is handled.
     - Any other message (a plain client, the browser): returned as it is, no ack.
 
     The ids live in the object's storage under keys starting with
@@ -61,6 +65,8 @@ async def deliver_once(
     if op is None:
         return message
     op_id, data = op
+    if ws.ready_state is not ReadyState.OPEN:
+        return None  # closing: no ack can go out, so the client sends it again later
     seen_key = f"{_PREFIX}:id:{op_id}"
     if await storage.get(seen_key) is not None:
         ws.send(encode_ack(op_id))

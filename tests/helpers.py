@@ -26,8 +26,14 @@ from typing import Any, Final, TypeVar
 import attrs
 import pytest
 import trio
-from trio.testing import wait_all_tasks_blocked
+from trio.testing import memory_stream_pair, wait_all_tasks_blocked
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+from websockets.client import ClientProtocol
+from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Response as WsResponse
+from websockets.typing import Subprotocol
+from websockets.uri import parse_uri
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -40,13 +46,16 @@ from wsproto.events import (
 from trio_hibernate import (
     App,
     DurableObject,
+    Host,
     ObjectContext,
     Request,
     Response,
     Server,
     WebSocket,
+    open_host,
     open_server,
 )
+from trio_hibernate._host import runtime_of
 
 __all__ = [
     "EMPTY_CLOSE_FRAME",
@@ -60,10 +69,12 @@ __all__ = [
     "QuotingEcho",
     "RawWebSocket",
     "Refusal",
+    "WebsocketsClient",
     "accept_upgrade",
     "ask",
     "closed_by_server",
     "http_exchange",
+    "in_memory_host",
     "open_client",
     "open_raw_websocket",
     "recv",
@@ -355,3 +366,137 @@ async def http_exchange(port: int, request: bytes) -> HttpReply:
         headers[name.strip().lower()] = value.strip()
     assert int(headers["content-length"]) == len(body), (headers, body)
     return HttpReply(int(status), headers, body)
+
+
+@asynccontextmanager
+async def in_memory_host(
+    app: App, **options: Any
+) -> AsyncIterator[tuple[Host, Callable[[], trio.abc.Stream]]]:
+    """``open_host(app, **options)`` and ``connect()``: a new client stream the host
+    serves over ``trio.testing`` memory streams (no socket: the autojump clock needs no
+    grace). Objects never hibernate on their own unless the test passes
+    ``idle_timeout``."""
+    options.setdefault("idle_timeout", NEVER)
+    async with open_host(app, **options) as host:
+        runtime = runtime_of(host)
+
+        def connect() -> trio.abc.Stream:
+            client, server = memory_stream_pair()
+            runtime.serve_stream(server)
+            return client
+
+        yield host, connect
+
+
+class WebsocketsClient:
+    """A WebSocket client on the ``websockets`` library's sans-I/O protocol, over any
+    Trio stream: an implementation independent of the server's wsproto, which offers
+    permessage-deflate by default and subprotocols when asked. Made by
+    :meth:`connect`; counts the bytes it receives (:attr:`received_bytes`), so a test
+    can tell compressed frames from plain ones."""
+
+    def __init__(self, stream: trio.abc.Stream, protocol: ClientProtocol) -> None:
+        self.stream = stream
+        self.protocol = protocol
+        self.response: WsResponse | None = None
+        """The server's answer to the upgrade (its status, headers and body)."""
+        self.received_bytes = 0
+        self._frames: deque[Frame] = deque()
+
+    @classmethod
+    async def connect(
+        cls,
+        stream: trio.abc.Stream,
+        target: str,
+        *,
+        deflate: bool = True,
+        subprotocols: list[str] | None = None,
+    ) -> WebsocketsClient:
+        """Ask for an upgrade to ``target`` on ``stream``; the client, whether the server
+        accepted (see :attr:`response`) or refused it."""
+        extensions = [ClientPerMessageDeflateFactory()] if deflate else None
+        protocol = ClientProtocol(
+            parse_uri(f"ws://memory{target}"),
+            extensions=extensions,
+            subprotocols=[Subprotocol(p) for p in subprotocols or []] or None,
+            max_size=None,
+        )
+        client = cls(stream, protocol)
+        protocol.send_request(protocol.connect())
+        await client._flush()
+        with trio.fail_after(WAIT_SECONDS):
+            while client.response is None:
+                await client._receive()
+        return client
+
+    @property
+    def accepted(self) -> bool:
+        """The server answered 101 (and the handshake is valid)."""
+        return (
+            self.protocol.handshake_exc is None
+            and self.response is not None
+            and (self.response.status_code == 101)
+        )
+
+    async def _flush(self) -> None:
+        with trio.fail_after(WAIT_SECONDS):
+            for data in self.protocol.data_to_send():
+                if data:
+                    await self.stream.send_all(data)
+
+    async def _receive(self) -> bool:
+        """Read once from the stream; False at EOF."""
+        data = await self.stream.receive_some(65536)
+        if data:
+            self.received_bytes += len(data)
+            self.protocol.receive_data(data)
+        else:
+            self.protocol.receive_eof()
+        for event in self.protocol.events_received():
+            if isinstance(event, WsResponse):
+                self.response = event
+            elif isinstance(event, Frame):
+                self._frames.append(event)
+        await self._flush()
+        return bool(data)
+
+    async def send(self, message: str | bytes) -> None:
+        """Send a text or binary message (compressed if permessage-deflate is on)."""
+        if isinstance(message, str):
+            self.protocol.send_text(message.encode())
+        else:
+            self.protocol.send_binary(message)
+        await self._flush()
+
+    async def recv(self) -> str | bytes | None:
+        """The next data message, reassembled; None once the server closed (see
+        :attr:`close_code`) or the stream ended."""
+        parts: list[bytes] = []
+        kind = None
+        with trio.fail_after(WAIT_SECONDS):
+            while True:
+                while not self._frames:
+                    if not await self._receive() and not self._frames:
+                        return None
+                frame = self._frames.popleft()
+                if frame.opcode is Opcode.CLOSE:
+                    return None
+                if frame.opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONT):
+                    kind = kind or frame.opcode
+                    parts.append(bytes(frame.data))
+                    if frame.fin:
+                        data = b"".join(parts)
+                        return data.decode() if kind is Opcode.TEXT else data
+
+    @property
+    def close_code(self) -> int | None:
+        """The code of the server's Close frame (None: none yet)."""
+        received = self.protocol.close_rcvd
+        return None if received is None else int(received.code)
+
+    async def close(self, code: int = 1000) -> None:
+        """Send a Close frame and read until the server's answer (or EOF)."""
+        self.protocol.send_close(code)
+        await self._flush()
+        while await self.recv() is not None:
+            pass

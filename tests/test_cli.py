@@ -366,6 +366,44 @@ async def test_limit_and_timeout_flags_reach_the_host(tmp_path: Path) -> None:
         assert b"max_buffered_bytes" in reply.body
 
 
+UPGRADE_OFFERING_DEFLATE = (
+    b"GET /chat/room?nick=ada HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("flag", "answer"),
+    [
+        ((), None),
+        (
+            ("--websocket-compression", "on"),
+            b"permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+        ),
+        (("--websocket-compression", "context-takeover"), b"permessage-deflate"),
+    ],
+)
+async def test_the_websocket_compression_flag(flag: tuple[str, ...], answer: bytes | None) -> None:
+    async with serve("examples/chat.py", *flag) as s:
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream("127.0.0.1", s.port)
+            async with stream:
+                await stream.send_all(UPGRADE_OFFERING_DEFLATE)
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = await stream.receive_some(4096)
+                    assert chunk, head
+                    head += chunk
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    found = [
+        line.split(b":", 1)[1].strip()
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"sec-websocket-extensions:")
+    ]
+    assert found == ([] if answer is None else [answer])
+
+
 @pytest.mark.parametrize(
     ("text", "value"), [("65536", 65536), ("64K", 65536), ("256m", 256 * 2**20), ("1G", 2**30)]
 )

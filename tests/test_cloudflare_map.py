@@ -8,7 +8,6 @@ names as code spans written from the package (``ObjectContext.accept_websocket``
 
 from __future__ import annotations
 
-import inspect
 import re
 from pathlib import Path
 from typing import Final
@@ -237,20 +236,7 @@ def test_the_audit_is_covered(item: str) -> None:
     assert any(item in row.cloudflare for row in rows()), f"no row for {item!r}"
 
 
-def test_what_is_in_progress_has_not_landed_unnoticed() -> None:
-    """The page calls subprotocols and permessage-deflate "in progress" (issue 11). Once
-    either lands, its rows in docs/cloudflare-api.md need the Python names: this fails
-    until they are updated (then update this test too)."""
-    in_progress = {row.cloudflare for row in rows() if row.status == "in progress"}
-    if any("ws.protocol" in item for item in in_progress):
-        assert not hasattr(trio_hibernate.WebSocket, "protocol"), (
-            "WebSocket.protocol exists: update its row in docs/cloudflare-api.md"
-        )
-    if any("permessage-deflate" in item for item in in_progress):
-        options = [
-            *inspect.signature(trio_hibernate.open_host).parameters,
-            *(field.name for field in attrs.fields(trio_hibernate.App)),
-            *(field.name for field in attrs.fields(trio_hibernate.Limits)),
-        ]
-        landed = [name for name in options if "deflate" in name or "compress" in name]
-        assert not landed, f"{landed} exist: update the deflate row of docs/cloudflare-api.md"
+def test_nothing_is_in_progress() -> None:
+    """Subprotocols and permessage-deflate, the items issue 11 had "in progress", have
+    landed: their rows name the Python names (checked above)."""
+    assert [row.cloudflare for row in rows() if row.status == "in progress"] == []

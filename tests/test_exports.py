@@ -36,6 +36,7 @@ EXPECTED = {
     "StorageCommitError",
     "StorageError",
     "WebSocket",
+    "WebSocketCompression",
     "WebSocketProtocolError",
     "WebSocketRequestResponsePair",
     "WebSocketStateError",

@@ -482,3 +482,32 @@ async def test_forwarding_under_the_testing_toolkit(
         if strict:  # every event built a new instance, of the right object
             assert {c.object_id for c in probe.of(Constructed)} == {unique.hex}
             assert len(probe.of(Constructed)) >= 3
+
+
+class _AcceptThenAbort(DurableObject):
+    async def fetch(self, request: Request) -> Response:
+        ws = request.websocket
+        assert ws is not None
+        self.ctx.accept_websocket(ws)
+        self.ctx.abort("after accepting")
+        raise AssertionError("not reached")
+
+
+async def _forward_to_aborter(request: Request, ctx: AppContext) -> Response:
+    return await ctx.get_namespace("b").get_by_name("one").fetch(request)
+
+
+@pytest.mark.parametrize("target", ["/b/one", "/elsewhere"])
+async def test_an_object_reset_after_accepting_answers_500(
+    target: str, autojump_clock: trio.abc.Clock
+) -> None:
+    """An object that accepts the upgrade, then is reset (ctx.abort) before the 101:
+    the client gets the 500 a reset fetch gets, not a dropped connection (found by
+    review: the reset's socket shutdown aborted the connection mid-exchange)."""
+    app = App({"b": _AcceptThenAbort}, fetch=_forward_to_aborter)
+    async with open_test_host(app) as host:
+        with trio.fail_after(30):
+            with pytest.raises(UpgradeRejected) as refused:
+                await host.connect_to(target)
+            assert refused.value.status == 500
+            assert host.statistics().websockets == 0

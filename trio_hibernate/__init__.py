@@ -38,6 +38,7 @@ a :func:`open_host` and hand it sockets.
 
 from ._app import App as App
 from ._autoresponse import WebSocketRequestResponsePair as WebSocketRequestResponsePair
+from ._compression import WebSocketCompression as WebSocketCompression
 from ._context import ObjectContext as ObjectContext
 from ._core.lifecycle import ObjectState as ObjectState
 from ._core.sockets import ReadyState as ReadyState
@@ -100,6 +101,7 @@ __all__ = [
     "StorageCommitError",
     "StorageError",
     "WebSocket",
+    "WebSocketCompression",
     "WebSocketProtocolError",
     "WebSocketRequestResponsePair",
     "WebSocketStateError",

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, NoReturn, Protocol, TypeVar, final
 
 from ._autoresponse import WebSocketRequestResponsePair
 from ._broadcast import broadcast
-from ._core.sockets import SocketRecord, normalize_tags
+from ._core.sockets import SocketRecord, SocketRegistry, normalize_tags
 from ._errors import LimitExceededError, WebSocketStateError
 from ._limits import MAX_EVENT_TIMEOUT_MS
 from ._websocket import WebSocket, accept, handle_for, record_of, upgrade_ended
@@ -70,6 +70,19 @@ def _event_timeout_ms(timeout_ms: object) -> int | None:
             f"Event timeout should not exceed {MAX_EVENT_TIMEOUT_MS} ms (got {value})."
         )
     return value
+
+
+def _listed_record(ws: WebSocket, registry: SocketRegistry) -> SocketRecord:
+    """The record of ``ws`` if it is listed in ``registry``, else raise."""
+    if not isinstance(ws, WebSocket):
+        raise TypeError(f"expected a WebSocket, got {type(ws).__name__}")
+    record = record_of(ws)
+    if record is None or record.released or record not in registry:
+        raise WebSocketStateError(
+            "you must call 'accept_websocket()' before attempting to access the tags "
+            "of a WebSocket (this one is not accepted by this object, or is closed)."
+        )
+    return record
 
 
 @final
@@ -161,20 +174,11 @@ class ObjectContext:
             self._handles[record] = handle
         return handle
 
-    def _record_of(self, ws: WebSocket) -> SocketRecord:
-        if not isinstance(ws, WebSocket):
-            raise TypeError(f"expected a WebSocket, got {type(ws).__name__}")
-        record = record_of(ws)
-        if record is None or record.released or record not in self._core.registry:
-            raise WebSocketStateError(
-                "you must call 'accept_websocket()' before attempting to access the tags "
-                "of a WebSocket (this one is not accepted by this object, or is closed)."
-            )
-        return record
-
     # -- sockets -------------------------------------------------------------------------
 
-    def accept_websocket(self, ws: WebSocket, tags: Iterable[str] = ()) -> None:
+    def accept_websocket(
+        self, ws: WebSocket, tags: Iterable[str] = (), *, protocol: str | None = None
+    ) -> None:
         """Attach an upgrading WebSocket to this object, with optional ``tags``.
 
         From now on its messages, close and error go to this object's handlers, also
@@ -184,11 +188,14 @@ class ObjectContext:
         answered already (a 504), the socket is let go at once: ``send`` does nothing.
 
         The socket's connection id (:attr:`WebSocket.id`) is the URL's ``_pk`` query
-        parameter when the client gives one.
+        parameter when the client gives one. ``protocol`` chooses one of the subprotocols
+        the client offers (``request.websocket_protocols``): the 101 names it and
+        :attr:`WebSocket.protocol` returns it.
 
         Raises:
             WebSocketStateError: ``ws`` was already accepted.
-            TypeError: ``tags`` is a string or holds a non-string.
+            ValueError: the client did not offer ``protocol``.
+            TypeError: ``tags`` is a string or holds a non-string; ``protocol`` is not a str.
             LimitExceededError: too many tags, a tag too long, or the object already holds
                 ``Limits.max_websockets_per_object`` sockets.
             ConnectionIdError: the ``_pk`` is malformed (status 400) or another socket of
@@ -202,7 +209,9 @@ class ObjectContext:
                 "Cannot call accept_websocket() if the WebSocket was already accepted."
             )
         clean = normalize_tags(tags, self._core.limits)
-        record = accept(ws, clean, self._core.registry, self._gate, (self.namespace, self.id))
+        record = accept(
+            ws, clean, self._core.registry, self._gate, (self.namespace, self.id), protocol
+        )
         self._handles[record] = ws
         if upgrade_ended(ws):  # answered already: nobody will complete the upgrade
             self._core.release(record)
@@ -263,7 +272,7 @@ class ObjectContext:
         record = record_of(candidate) if isinstance(candidate, WebSocket) else None
         if record is not None and record.released:
             return list(record.tags)  # inside its close/error handler
-        return list(self._record_of(ws).tags)
+        return list(_listed_record(ws, self._core.registry).tags)
 
     # -- auto-response -------------------------------------------------------------------
 

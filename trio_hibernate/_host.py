@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypedDict, TypeVar, final
 
 import trio
 
+from ._compression import WebSocketCompression
 from ._groups import open_owned_nursery
 from ._ids import ObjectId
 from ._limits import Limits
@@ -177,6 +178,7 @@ class HostOptions(TypedDict, total=False):
     storage_backend: StorageBackend | None
     call_timeout: float
     max_open_databases: int | None
+    websocket_compression: WebSocketCompression | None
 
 
 @asynccontextmanager
@@ -197,6 +199,7 @@ async def open_host(
     storage_backend: StorageBackend | None = None,
     call_timeout: float = 30.0,
     max_open_databases: int | None = None,
+    websocket_compression: WebSocketCompression | None = None,
 ) -> AsyncIterator[Host]:
     """Run a :class:`Host` for ``app`` for the duration of the ``async with`` block.
 
@@ -237,6 +240,10 @@ async def open_host(
             than its ``Host`` header is refused with 403 before any object wakes
             (cross-site WebSocket hijacking). Clients that send no ``Origin`` (anything
             but a browser) are not affected.
+        websocket_compression: Compress WebSocket messages with permessage-deflate
+            (RFC 7692) for clients that offer it (see :class:`WebSocketCompression`:
+            without context takeover by default, which keeps no state per idle socket).
+            None (the default): no compression.
         call_timeout: Seconds a stub's ``call`` or ``fetch`` waits for its answer before
             raising ``trio.TooSlowError`` (``math.inf``: no limit). The call is not
             withdrawn: it stays queued, runs in its turn, and its result is dropped.
@@ -267,6 +274,14 @@ async def open_host(
         if not value > 0:
             raise ValueError(f"{option} must be positive, got {value}")
     check_close_args(shutdown_close_code, None)
+    if websocket_compression is not None and not isinstance(
+        websocket_compression, WebSocketCompression
+    ):
+        raise TypeError(
+            "websocket_compression takes a WebSocketCompression or None, "
+            f"not {websocket_compression!r}"
+        )
+    limits = limits or Limits()
     if storage_backend is not None and (data_dir is not None or max_open_databases is not None):
         raise ValueError("give data_dir and max_open_databases, or storage_backend, not both")
     backend = (
@@ -285,7 +300,7 @@ async def open_host(
                 runtime = Runtime(
                     app,
                     nursery,
-                    limits=limits or Limits(),
+                    limits=limits,
                     idle_timeout=idle_timeout,
                     hibernate_after_every_event=hibernate_after_every_event,
                     handshake_timeout=handshake_timeout,
@@ -297,6 +312,7 @@ async def open_host(
                     allowed_origins=None if allowed_origins is None else frozenset(allowed_origins),
                     call_timeout=call_timeout,
                     shutdown_close_code=shutdown_close_code,
+                    compression=websocket_compression,
                 )
                 nursery.start_soon(runtime.alarms.run)
                 nursery.start_soon(runtime.reaper.run)

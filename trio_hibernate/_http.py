@@ -9,6 +9,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 import attrs
 
+from ._websocket import check_upgrade_headers
+
 if TYPE_CHECKING:
     from ._websocket import WebSocket
 
@@ -37,6 +39,18 @@ def _to_headers(value: Mapping[str, str] | Iterable[tuple[str, str]]) -> Headers
             )
         out.append((name, val))
     return tuple(out)
+
+
+def _to_request_headers(value: Mapping[str, str] | Iterable[tuple[str, str]]) -> Headers:
+    """Request headers, checked, with names lower-cased (what :meth:`Request.header`
+    and the network side expect)."""
+    return tuple((name.lower(), val) for name, val in _to_headers(value))
+
+
+def header_list(values: Iterable[str]) -> tuple[str, ...]:
+    """The elements of comma-separated header values (RFC 9110 section 5.6.1), stripped,
+    empty ones dropped: ``["a, b", "c"]`` gives ``("a", "b", "c")``."""
+    return tuple(item for value in values for item in (p.strip() for p in value.split(",")) if item)
 
 
 def split_target(target: str) -> tuple[str, str]:
@@ -134,7 +148,7 @@ class Request:
     """The method, upper case (``"GET"``)."""
     url: str
     """The request target as sent, e.g. ``"/chat/lobby?x=1"``."""
-    headers: Headers = attrs.field(default=(), converter=_to_headers)
+    headers: Headers = attrs.field(default=(), converter=_to_request_headers)
     """Header (name, value) pairs in arrival order; names lower-cased."""
     body: bytes = attrs.field(default=b"", converter=_to_body)
     """The whole body (empty for upgrades)."""
@@ -173,6 +187,13 @@ class Request:
             if key == wanted:
                 return value
         return None
+
+    @property
+    def websocket_protocols(self) -> tuple[str, ...]:
+        """The subprotocols the client offers (its ``Sec-WebSocket-Protocol`` headers),
+        in its order of preference; ``()`` if none. Choose one with
+        ``ctx.accept_websocket(ws, protocol=...)``."""
+        return header_list(v for k, v in self.headers if k.lower() == "sec-websocket-protocol")
 
     def with_headers(
         self,
@@ -257,3 +278,5 @@ class Response:
                 "a 101 response must carry the accepted websocket, and only a 101 may "
                 f"(status={self.status}, websocket={'set' if self.websocket else 'None'})"
             )
+        if self.websocket is not None:
+            check_upgrade_headers(self.websocket, self.headers)

@@ -20,6 +20,7 @@ import trio
 from ._connections import ConnectionSet
 from ._core.budget import MemoryBudget
 from ._core.codec import encode_data
+from ._core.deflate import Compression
 from ._core.directory import ObjectDirectory
 from ._core.events import AlarmEvent, CallEvent, Event, FetchEvent, MessageEvent
 from ._core.frames import encode_message
@@ -42,6 +43,7 @@ from ._supervisor import Supervisor
 
 if TYPE_CHECKING:
     from ._app import App
+    from ._compression import WebSocketCompression
     from ._object import DurableObject
 
 __all__ = ["ObjectEntry", "Runtime"]
@@ -73,6 +75,7 @@ class Runtime:
         allowed_origins: frozenset[str] | None,
         call_timeout: float,
         shutdown_close_code: int,
+        compression: WebSocketCompression | None = None,
     ) -> None:
         self.app = app
         self.env = app.env
@@ -101,6 +104,7 @@ class Runtime:
         """What happened so far (read through :meth:`statistics`)."""
         self.buffers = MemoryBudget(limits.max_buffered_bytes)
         """Bytes held for clients, host-wide (``Limits.max_buffered_bytes``)."""
+        self.compression = Compression(compression, limits, self.buffers) if compression else None
         self.closing = False
         """The host is shutting down: no instance is constructed any more."""
         self.reaper = IdleReaper(idle_timeout)
@@ -110,6 +114,7 @@ class Runtime:
         """The open client connections."""
         self._last_message: str | bytes | None = None
         self._last_frame = b""
+        self.frame_encoder = self.encode_frame  # shared by every connection (ConnectionOwner)
 
     # -- for the facade ------------------------------------------------------------------
 

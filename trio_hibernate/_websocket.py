@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import sys
+from collections.abc import Iterable
 from functools import partial
 from typing import TYPE_CHECKING, Final, final
 
@@ -29,9 +31,11 @@ __all__ = [
     "acceptor_of",
     "check_close_args",
     "check_text",
+    "check_upgrade_headers",
     "end_upgrade",
     "handle_for",
     "record_of",
+    "settle_protocol",
     "upgrade_ended",
 ]
 
@@ -87,6 +91,7 @@ class WebSocket:
         "_gate",
         "_limits",
         "_pending_attachment",
+        "_protocols",
         "_record",
         "_registry",
         "_transport",
@@ -94,11 +99,14 @@ class WebSocket:
         "_url",
     )
 
-    def __init__(self, *, transport: Transport, url: str, limits: Limits) -> None:
+    def __init__(
+        self, *, transport: Transport, url: str, limits: Limits, protocols: tuple[str, ...] = ()
+    ) -> None:
         # Made by the runtime for an upgrade request; users get handles, never build them.
         self._transport = transport
         self._url = url
         self._limits = limits
+        self._protocols = protocols  # offered by the client (the upgrade's handle only)
         self._record: SocketRecord | None = None
         self._registry: SocketRegistry | None = None
         self._pending_attachment: bytes | None = None
@@ -138,6 +146,15 @@ class WebSocket:
             assert self._registry is not None
             connection_id = self._registry.id_of(record)
         return connection_id
+
+    @property
+    def protocol(self) -> str:
+        """The subprotocol chosen for this socket (``ctx.accept_websocket(...,
+        protocol=...)`` or the 101's ``Sec-WebSocket-Protocol``), ``""`` if none (as in
+        browsers). Survives hibernation."""
+        record = self._record
+        protocol = None if record is None else record.protocol
+        return protocol or ""
 
     @property
     def ready_state(self) -> ReadyState:
@@ -278,21 +295,33 @@ def handle_for(
     return handle
 
 
+def _check_offered(ws: WebSocket, protocol: str) -> None:
+    if protocol not in ws._protocols:
+        offer = f"offered {list(ws._protocols)}" if ws._protocols else "offered none"
+        raise ValueError(
+            f"the client did not offer the subprotocol {protocol!r} ({offer} in "
+            "Sec-WebSocket-Protocol; request.websocket_protocols): choose one of those, "
+            "or none"
+        )
+
+
 def accept(
     ws: WebSocket,
     tags: tuple[str, ...],
     registry: SocketRegistry,
     gate: OutputGate | None,
     acceptor: tuple[str, ObjectId],
+    protocol: str | None = None,
 ) -> SocketRecord:
     """Register the upgrading ``ws`` in ``registry`` with (normalized) ``tags``, carrying
-    the attachment it got before and the connection id its URL asks for (``_pk``);
-    ``ws`` becomes a handle on the new record, and remembers ``acceptor`` (the accepting
-    object's namespace and id: its connection delivers the socket's events there,
-    whichever object the request was routed to).
+    the attachment it got before, the connection id its URL asks for (``_pk``) and the
+    subprotocol chosen; ``ws`` becomes a handle on the new record, and remembers
+    ``acceptor`` (the accepting object's namespace and id: its connection delivers the
+    socket's events there, whichever object the request was routed to).
 
     Raises:
         WebSocketStateError: ``ws`` was already accepted.
+        TypeError, ValueError: ``protocol`` is not a str the client offered.
         ConnectionIdError: the URL's ``_pk`` is malformed (400) or in use (409).
         LimitExceededError: the registry is full. Nothing is changed when it raises.
     """
@@ -300,12 +329,18 @@ def accept(
         raise WebSocketStateError(
             "Cannot call accept_websocket() if the WebSocket was already accepted."
         )
+    if protocol is not None:
+        if not isinstance(protocol, str):
+            raise TypeError(f"a subprotocol is a str, not {type(protocol).__name__}")
+        _check_offered(ws, protocol)
+        protocol = sys.intern(protocol)
     record = SocketRecord(
         transport=ws._transport,
         tags=tags,
         url=ws._url,
         attachment=ws._pending_attachment,
         id=connection_id_from_url(ws._url),
+        protocol=protocol,
     )
     registry.add(record)
     ws._record = record
@@ -332,3 +367,47 @@ def upgrade_ended(ws: WebSocket) -> bool:
     accepts it now (a turn that outlived the request timeout, a forgotten forward) lets
     the socket go at once, with no event."""
     return ws._upgrade_ended
+
+
+def check_upgrade_headers(ws: WebSocket, headers: Iterable[tuple[str, str]]) -> None:
+    """Check the headers of a 101 for ``ws`` that the server writes only as the object
+    asks: one ``Sec-WebSocket-Protocol`` the client offered (the one ``ws`` was accepted
+    with, if any), and ``Sec-WebSocket-Extensions`` only empty (no compression).
+
+    Raises:
+        ValueError: saying which header is wrong and what it may be.
+    """
+    chosen = [value for name, value in headers if name.lower() == "sec-websocket-protocol"]
+    if len(chosen) > 1:
+        raise ValueError(f"a 101 chooses one subprotocol, not {chosen!r} (Sec-WebSocket-Protocol)")
+    if chosen:
+        _check_offered(ws, chosen[0])
+        accepted = ws._record.protocol if ws._record is not None else None
+        if accepted is not None and accepted != chosen[0]:
+            raise ValueError(
+                f"the WebSocket was accepted with protocol={accepted!r}, but the 101's "
+                f"Sec-WebSocket-Protocol says {chosen[0]!r}"
+            )
+    for name, value in headers:
+        if name.lower() == "sec-websocket-extensions" and value:
+            raise ValueError(
+                "the server negotiates Sec-WebSocket-Extensions itself (open_host's "
+                f"websocket_compression); a 101 may only set it to '' (no compression for "
+                f"this socket), not {value!r}"
+            )
+
+
+def settle_protocol(record: SocketRecord, headers: Iterable[tuple[str, str]]) -> str | None:
+    """Make the 101's ``Sec-WebSocket-Protocol`` (checked by :func:`check_upgrade_headers`
+    when the response was made) the accepted socket's protocol, unless it was chosen at
+    accept. Returns what is wrong (the two differ), or None."""
+    for name, value in headers:
+        if name.lower() == "sec-websocket-protocol":
+            if record.protocol is None:
+                record.protocol = sys.intern(value)
+            elif record.protocol != value:
+                return (
+                    f"the WebSocket was accepted with protocol={record.protocol!r}, but the "
+                    f"101's Sec-WebSocket-Protocol says {value!r}"
+                )
+    return None

@@ -211,7 +211,7 @@ class SocketRecord:
     """One accepted WebSocket, as the runtime remembers it across hibernation.
 
     Its close state and backpressure counts change only through its methods (Rule 1);
-    ``attachment`` and ``auto_response_at`` are plain data.
+    ``attachment``, ``auto_response_at`` and ``protocol`` are plain data.
     """
 
     transport: Transport
@@ -222,6 +222,9 @@ class SocketRecord:
     auto_response_at: float | None = None
     #: The connection id (Rule 5): given at creation (``id=``), or set once by the registry.
     _id: str | None = None
+    #: The subprotocol the object chose (``Sec-WebSocket-Protocol`` of the 101), or None.
+    #: Interned: every socket that chose the same one shares the string.
+    protocol: str | None = None
     _state: SocketState = attrs.field(default=SocketState.OPEN, init=False)
     _queued: int = attrs.field(default=0, init=False)
     _queued_bytes: int = attrs.field(default=0, init=False)

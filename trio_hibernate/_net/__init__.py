@@ -8,7 +8,7 @@ sans-IO ``_core`` and the object-facing value types (``_http``, ``_websocket``,
 Modules: ``owner`` (the Protocols), ``channel`` (an OS socket or a ``trio.abc.Stream``),
 ``connection`` (the per-connection task and its phases), ``http`` (one request and its
 response, the 101), ``gatekeeper`` (what a request gets before and from its object),
-``websocket`` (the WebSocket transport), ``writer`` (synchronous writes, the backlog,
-the lingering close), ``listener`` (the accept loop), ``operations`` (``/_health``,
-``/_metrics``).
+``websocket`` (the WebSocket transport), ``deflate`` (a socket's permessage-deflate),
+``writer`` (synchronous writes, the backlog, the lingering close), ``listener`` (the
+accept loop), ``operations`` (``/_health``, ``/_metrics``).
 """

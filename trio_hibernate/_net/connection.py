@@ -99,8 +99,12 @@ class ServerConnection:
             await self._channel.aclose()
 
     def begin_shutdown(self, code: int, reason: str) -> None:
-        """Host shutdown: close with ``code`` and run no handler."""
-        self._transport.begin_shutdown(code, reason)
+        """Host shutdown: close with ``code`` and run no handler; a connection still in
+        its HTTP exchange is dropped."""
+        transport = self._transport
+        transport.begin_shutdown(code, reason)
+        if not transport.is_upgraded:
+            transport.abort()
 
     def _internal_error(self, exc: Exception) -> None:
         """A bug of ours (or of a library) while serving this connection: end it only."""
@@ -159,7 +163,7 @@ class ServerConnection:
                 assert answer.link is not None
                 transport.accept(answer.link, answer.record)
                 upgraded = True
-                transport.upgraded(http.upgrade(request, answer.response))
+                transport.upgraded(*http.upgrade(request, answer.response, answer.record))
                 return True
             transport.end_exchange()  # nothing may follow (a late frame)
             http.send_response(request, answer.response)

@@ -27,7 +27,7 @@ from .._core.events import FetchEvent
 from .._hooks import AppContext
 from .._http import Request, Response
 from .._oneshot import OneShot
-from .._websocket import acceptor_of, end_upgrade, record_of
+from .._websocket import acceptor_of, end_upgrade, record_of, settle_protocol
 from .http import simple_response
 
 if TYPE_CHECKING:
@@ -152,8 +152,11 @@ class Gatekeeper:
             link = self._acceptor(ws)
         if response.websocket is ws and link is not None:
             assert record is not None
-            return Answer(response, link, record)
-        if ws is None or response.websocket is not ws:
+            # A subprotocol chosen in the 101's headers (as on Cloudflare) is the socket's.
+            why = settle_protocol(record, response.headers)
+            if why is None:
+                return Answer(response, link, record)
+        elif ws is None or response.websocket is not ws:
             why = "a WebSocket that is not this request's"
         else:
             why = (

@@ -15,12 +15,15 @@ from wsproto.connection import Connection as WSConnection, ConnectionType
 from wsproto.utilities import generate_accept_token
 
 from .._errors import BadRequest
-from .._http import Request, Response, split_target
+from .._http import Request, Response, header_list, split_target
 from .._websocket import WebSocket
+from .deflate import DeflateExtension
 from .writer import over_budget_text
 
 if TYPE_CHECKING:
-    from .._core.sockets import Transport
+    from wsproto.extensions import Extension
+
+    from .._core.sockets import SocketRecord, Transport
     from .channel import ByteChannel
     from .owner import ConnectionOwner
     from .writer import Writer
@@ -36,6 +39,8 @@ __all__ = [
 
 #: Bytes of a request line and headers (h11 buffers them whole). Larger: 431.
 MAX_HEAD_BYTES: Final = 16384
+#: Headers of a 101 the server writes from what was negotiated, not as the object gave them.
+_NEGOTIATED: Final = frozenset({"sec-websocket-protocol", "sec-websocket-extensions"})
 
 
 def reason_phrase(status: int) -> bytes:
@@ -145,7 +150,10 @@ class HttpExchange:
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers]
         websocket = None
         if is_upgrade(head):
-            websocket = WebSocket(transport=transport, url=target, limits=owner.limits)
+            offered = header_list(v for k, v in headers if k == "sec-websocket-protocol")
+            websocket = WebSocket(
+                transport=transport, url=target, limits=owner.limits, protocols=offered
+            )
         try:
             return Request(
                 method=head.method.decode("ascii"),
@@ -179,9 +187,13 @@ class HttpExchange:
         self._writer.start_response()  # frames sent meanwhile are dropped: no upgrade
         self._writer.write(data)
 
-    def upgrade(self, request: Request, response: Response) -> WSConnection:
-        """Write the 101 for the WebSocket the object accepted, then the frames it sent
-        meanwhile. Returns the ``wsproto`` connection for what follows the request."""
+    def upgrade(
+        self, request: Request, response: Response, record: SocketRecord
+    ) -> tuple[WSConnection, DeflateExtension | None]:
+        """Write the 101 for the WebSocket the object accepted as ``record`` (naming its
+        subprotocol, and permessage-deflate if negotiated), then the frames it sent
+        meanwhile. Returns the ``wsproto`` connection for what follows the request, and
+        the socket's compression (None: none)."""
         key = request.header("sec-websocket-key")
         assert key is not None
         headers = [
@@ -189,7 +201,16 @@ class HttpExchange:
             (b"connection", b"Upgrade"),
             (b"sec-websocket-accept", generate_accept_token(key.encode("ascii"))),
         ]
-        headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers]
+        if record.protocol is not None:
+            headers.append((b"sec-websocket-protocol", record.protocol.encode("latin-1")))
+        deflate = self._negotiate_deflate(request, response)
+        if deflate is not None:
+            headers.append((b"sec-websocket-extensions", deflate.params.response.encode()))
+        headers += [
+            (k.encode("latin-1"), v.encode("latin-1"))
+            for k, v in response.headers
+            if k.lower() not in _NEGOTIATED
+        ]
         head = self._h.send(
             h11.InformationalResponse(
                 status_code=101, headers=headers, reason=b"Switching Protocols"
@@ -197,10 +218,24 @@ class HttpExchange:
         )
         assert head is not None
         trailing, _closed = self._h.trailing_data
-        ws = WSConnection(ConnectionType.SERVER, trailing_data=trailing)
+        extensions: list[Extension] = [] if deflate is None else [deflate]
+        ws = WSConnection(ConnectionType.SERVER, extensions, trailing)
         writer = self._writer
         pending = writer.start_response()
         writer.write(head)
-        for frame in pending:
+        for frame in pending:  # never compressed: RSV1 marks each message that is
             writer.write(frame)
-        return ws
+        return ws, deflate
+
+    def _negotiate_deflate(self, request: Request, response: Response) -> DeflateExtension | None:
+        """The socket's permessage-deflate: when the host compresses, the client offers
+        it, and the object did not refuse it (``Sec-WebSocket-Extensions: ""``)."""
+        compression = self._owner.compression
+        if compression is None:
+            return None
+        for name, _value in response.headers:
+            if name.lower() == "sec-websocket-extensions":
+                return None  # only "" gets through Response: the object refuses it
+        offers = [v for k, v in request.headers if k == "sec-websocket-extensions"]
+        params = compression.negotiate(offers) if offers else None
+        return None if params is None else DeflateExtension(compression, params)

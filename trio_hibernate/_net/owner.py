@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from .._app import App
     from .._core.budget import MemoryBudget
+    from .._core.deflate import Compression
     from .._core.events import Event
     from .._core.lifecycle import ObjectCore
     from .._http import Request, Response
@@ -81,6 +82,17 @@ class ConnectionOwner(Protocol):
         ...
 
     @property
+    def frame_encoder(self) -> Callable[[str | bytes], bytes]:
+        """The function giving the WebSocket frame of a data message: one object for
+        the host, which every transport refers to (no bound method per socket)."""
+        ...
+
+    @property
+    def compression(self) -> Compression | None:
+        """permessage-deflate for the host's WebSockets (None: off)."""
+        ...
+
+    @property
     def env(self) -> Any:
         """The app's ``env`` (for the hooks' ``AppContext``)."""
         ...
@@ -100,10 +112,6 @@ class ConnectionOwner(Protocol):
 
     def route(self, path: str) -> ObjectLink | Response | None:
         """The object ``path`` names, a refusal, or None when no namespace matches."""
-        ...
-
-    def encode_frame(self, message: str | bytes) -> bytes:
-        """The WebSocket frame of a data message."""
         ...
 
     def spawn(self, async_fn: Callable[[], Awaitable[Any]]) -> None:

@@ -15,6 +15,7 @@ Close frame and starts a watchdog for the peer's answer.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, final
 
 import trio
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from .._core.budget import MemoryBudget
     from .._core.sockets import SocketRecord
     from .channel import ByteChannel
+    from .deflate import DeflateExtension
     from .owner import ConnectionOwner, ObjectLink
 
 __all__ = ["WebSocketTransport"]
@@ -46,13 +48,13 @@ def _join(parts: list[str | bytes]) -> str | bytes:
     return b"".join(p for p in parts if isinstance(p, bytes))
 
 
-def _over_budget(budget: MemoryBudget, size: int, peer: str) -> str:
-    """Log that a message would take the host over its memory budget; the close reason."""
+def _over_budget(budget: MemoryBudget, what: str, peer: str) -> str:
+    """Log that ``what`` would take the host over its memory budget; the close reason."""
     log.warning(
-        "%s: closing with 1013: a %d-byte message would take the host over its memory "
+        "%s: closing with 1013: %s would take the host over its memory "
         "budget (%d of Limits.max_buffered_bytes=%d in use)",
         peer,
-        size,
+        what,
         budget.used,
         budget.limit,
     )
@@ -63,7 +65,11 @@ def _over_budget(budget: MemoryBudget, size: int, peer: str) -> str:
 
 
 def _answer_close(
-    ws: WSConnection, record: SocketRecord, event: CloseConnection
+    ws: WSConnection,
+    record: SocketRecord,
+    event: CloseConnection,
+    owner: ConnectionOwner,
+    peer: Callable[[], str],
 ) -> tuple[bytes | None, CloseEvent | ErrorEvent]:
     """What a Close frame from the peer calls for: our Close frame to send (or None), and
     the socket's terminal event."""
@@ -74,7 +80,14 @@ def _answer_close(
         return ws.send(event.response()), CloseEvent(record, code, reason, True)
     if state is ConnectionState.CLOSED:
         return None, CloseEvent(record, code, reason, True)  # the answer to our close()
-    # wsproto reports a protocol violation as a CloseConnection it did not receive.
+    # wsproto reports a protocol violation as a CloseConnection it did not receive. It
+    # sets no size limit: 1009 and 1013 come from permessage-deflate refusing to inflate
+    # a message past Limits.max_message_bytes or the memory budget (_net/deflate.py).
+    if code == 1009:
+        limit = owner.limits.max_message_bytes
+        reason = f"Message is too large: over {limit} bytes once inflated"
+    elif code == 1013:
+        reason = _over_budget(owner.buffers, "inflating a compressed message", peer())
     reply = None
     if state is ConnectionState.OPEN:
         reply = ws.send(CloseConnection(code=code, reason=reason[:120]))
@@ -88,6 +101,7 @@ class WebSocketTransport:
 
     __slots__ = (
         "_channel",
+        "_encode",
         "_entry",
         "_owner",
         "_pending_close",
@@ -106,6 +120,7 @@ class WebSocketTransport:
         self.writer = Writer(owner, channel, self)
         """The connection's outbound half (this transport hears its failures)."""
         self._ws: WSConnection | None = None
+        self._encode = owner.frame_encoder  # the host's (shared), or the socket's deflate
         self._entry: ObjectLink | None = None
         self._record: SocketRecord | None = None
         self._pending_close: tuple[int | None, str] | None = None
@@ -130,10 +145,12 @@ class WebSocketTransport:
             entry.core.release(record)
             entry.forget_if_unused()
 
-    def upgraded(self, ws: WSConnection) -> None:
-        """The 101 went out; ``ws`` carries the frames. A close the object asked for
-        before is sent now."""
+    def upgraded(self, ws: WSConnection, deflate: DeflateExtension | None = None) -> None:
+        """The 101 went out; ``ws`` carries the frames, compressed with ``deflate`` if
+        negotiated. A close the object asked for before is sent now."""
         self._ws = ws
+        if deflate is not None:
+            self._encode = deflate
         if self._pending_close is not None:
             self.start_close(*self._pending_close)
 
@@ -211,7 +228,9 @@ class WebSocketTransport:
                         self.fail(1009, f"Message is too large: {size} > {max_bytes}")
                         return
                     if not budget.take(added):
-                        self.fail(1013, _over_budget(budget, size, channel.peer()))
+                        self.fail(
+                            1013, _over_budget(budget, f"a {size}-byte message", channel.peer())
+                        )
                         return
                     self.held = size
                     if not event.message_finished:
@@ -237,7 +256,7 @@ class WebSocketTransport:
                         self.writer.write(ws.send(event.response()))
                 elif kind is CloseConnection:
                     assert isinstance(event, CloseConnection)
-                    frame, end = _answer_close(ws, record, event)
+                    frame, end = _answer_close(ws, record, event, owner, channel.peer)
                     if frame is not None:
                         self.writer.write(frame)
                     self._end(end)
@@ -303,7 +322,7 @@ class WebSocketTransport:
         """Queue one data message (see :class:`~trio_hibernate._core.sockets.Transport`)."""
         # Nothing may follow a Close frame. (A dead channel: the writer drops it.)
         if not self._terminal:
-            self.writer.write(self._owner.encode_frame(data))
+            self.writer.write(self._encode(data))
 
     def start_close(self, code: int | None, reason: str) -> None:
         """Send our Close frame; the peer's answer ends the socket (or the watchdog does)."""
@@ -335,16 +354,24 @@ class WebSocketTransport:
             self.abort()
 
     def begin_shutdown(self, code: int, reason: str) -> None:
-        """Host shutdown: close with ``code`` and run no handler."""
+        """Close with ``code``, no handler runs (host shutdown, object reset). Before
+        the upgrade nothing is written: the fetch's answer (a 500) must still go out."""
         decided, self._terminal = self._terminal, True
         self.resume_reading()
         ws = self._ws
+        if ws is None and not self._channel.dead:
+            return
         if ws is not None and ws.state is ConnectionState.OPEN and not self._channel.dead:
             self.writer.write(ws.send(CloseConnection(code=code, reason=reason)))
             if self._record is not None and not decided:
                 self._record.decide_end()
         else:
             self.abort()
+
+    @property
+    def is_upgraded(self) -> bool:
+        """The 101 went out."""
+        return self._ws is not None
 
     def abort(self) -> None:
         """Drop the connection now; its task wakes up and ends."""

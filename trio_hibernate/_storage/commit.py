@@ -177,7 +177,9 @@ class TurnCommit:
                 # In memory there is no disk flush to keep off the event loop. (It also
                 # keeps Trio's autojump clock from jumping while a worker thread commits.)
                 work()
-                await trio.lowlevel.checkpoint()
+                # Done: a cancellation (ctx.abort() from a task) must not land here and
+                # report as lost the writes that were just committed.
+                await trio.lowlevel.cancel_shielded_checkpoint()
         except (sqlite3.Error, OSError):
             dropped = storage.failed()
             self._activation.request_stop()

@@ -114,7 +114,8 @@ async def running(app: App, **options: object) -> AsyncIterator[Server]:
 
 
 async def start_server(nursery: trio.Nursery, app: App, port: int, **options: object) -> Server:
-    """Start a server in ``nursery``; ``stop(server)`` ends it (its shutdown included)."""
+    """Start a server in ``nursery``; ``stop(server)`` ends it (its shutdown included).
+    The server's cancel scope is kept on the Server object (nothing global holds it)."""
 
     async def run(*, task_status: trio.TaskStatus[Server]) -> None:
         with trio.CancelScope() as scope:
@@ -122,18 +123,16 @@ async def start_server(nursery: trio.Nursery, app: App, port: int, **options: ob
                 server: Server = await inner.start(
                     partial(serve_objects, app, "127.0.0.1", port, idle_timeout=NEVER, **options)  # type: ignore[arg-type]
                 )
-                _SCOPES[server] = scope
+                server.test_scope = scope  # type: ignore[attr-defined]
                 task_status.started(server)
 
     server: Server = await nursery.start(run)
     return server
 
 
-_SCOPES: dict[Server, trio.CancelScope] = {}
-
-
 def stop(server: Server) -> None:
-    _SCOPES.pop(server).cancel()
+    scope: trio.CancelScope = server.test_scope  # type: ignore[attr-defined]
+    scope.cancel()
 
 
 def unused_port() -> int:

@@ -5,7 +5,8 @@ and open http://127.0.0.1:8080/ in a browser, or connect any WebSocket client to
 ``ws://127.0.0.1:8080/chat/<room>?nick=<nickname>``. Text messages are broadcast to the
 room and kept in the room's storage (the last 50 are replayed to whoever joins); ``/who``
 lists who is here; ``/msg <nick> <text>`` whispers; ``ping`` is answered
-with ``pong`` by the runtime without waking the room.
+with ``pong`` by the runtime without waking the room. ``examples/chat_client.py`` is a
+terminal client that rides out server restarts without losing or repeating a line.
 
 The room keeps nothing in memory that it cannot rebuild: nicknames live in each socket's
 attachment and tags, so the room can be evicted at any time while everyone stays
@@ -34,6 +35,7 @@ from trio_hibernate import (
     open_server,
     wait_for_shutdown_signal,
 )
+from trio_hibernate.client import deliver_once
 
 NICK = re.compile(r"[A-Za-z0-9_-]{1,32}")
 HISTORY = 50
@@ -67,6 +69,13 @@ class ChatRoom(DurableObject):
         return Response(status=101, websocket=ws)
 
     async def websocket_message(self, ws: WebSocket, message: str | bytes) -> None:
+        # A reliable client's message (examples/chat_client.py) is an op: handled once,
+        # even when it is sent again after a reconnect, and acknowledged once durable.
+        # A browser's message passes through as it is.
+        handled = await deliver_once(self.ctx.storage, ws, message)
+        if handled is None:
+            return
+        message = handled
         if isinstance(message, bytes):
             ws.send("* binary messages are not supported")
             return

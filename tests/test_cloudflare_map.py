@@ -16,6 +16,7 @@ import attrs
 import pytest
 
 import trio_hibernate
+import trio_hibernate.client
 import trio_hibernate.testing
 
 PAGE: Final = Path(__file__).resolve().parents[1] / "docs" / "cloudflare-api.md"
@@ -189,6 +190,10 @@ def resolve(name: str) -> object:
         package: object = trio_hibernate.testing
         head, *rest = rest
         public = trio_hibernate.testing.__all__
+    elif head == "client":
+        package = trio_hibernate.client
+        head, *rest = rest
+        public = trio_hibernate.client.__all__
     else:
         package = trio_hibernate
         public = trio_hibernate.__all__

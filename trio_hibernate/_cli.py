@@ -1,4 +1,6 @@
-"""The command line: ``trio-hibernate serve MODULE:APP`` (also ``python -m trio_hibernate``).
+"""The command line: ``trio-hibernate serve MODULE:APP`` (also ``python -m trio_hibernate``),
+and ``trio-hibernate connect URL``, a reconnecting client for debugging
+(:mod:`trio_hibernate.client`).
 
 Signals (see :func:`~trio_hibernate.wait_for_shutdown_signal`): SIGTERM and SIGINT close
 every WebSocket with 1001 and exit 0 as soon as every client has answered, after
@@ -30,6 +32,8 @@ from ._host import Host
 from ._limits import Limits
 from ._server import open_server
 from ._signals import wait_for_shutdown_signal
+from .client import Backoff
+from .client._console import connect
 
 __all__ = ["load_app", "main"]
 
@@ -183,6 +187,24 @@ async def _serve(app: App, args: argparse.Namespace, source: Path | None) -> int
     return 0
 
 
+def _connect(args: argparse.Namespace) -> int:
+    if args.max_retries is not None and args.max_retries < 0:
+        return _fail(f"--max-retries must be at least 0, got {args.max_retries}")
+    try:
+        return trio.run(
+            lambda: connect(
+                args.url,
+                reliable=args.reliable,
+                backoff=Backoff(max_retries=args.max_retries),
+                client_id=args.client_id,
+            )
+        )
+    except ValueError as exc:  # a malformed client id
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+
+
 def _fail(message: str) -> int:
     """Report a usage or configuration error; returns the exit status for it."""
     print(f"trio-hibernate: {message}", file=sys.stderr, flush=True)
@@ -299,6 +321,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--reload", action="store_true", help="reload the app when its code changes")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    talk = commands.add_parser(
+        "connect",
+        help="talk to a WebSocket: send stdin lines, print messages, reconnect",
+        description="Send each line of stdin as a text message and print every message "
+        "received; reconnect as trio_hibernate.client does (state changes on stderr). "
+        "Exits 0 once stdin ends and every line is sent, 1 when the server says not to "
+        "retry or the retries run out.",
+    )
+    talk.add_argument("url", help="ws://host:port/namespace/name[?...]")
+    talk.add_argument(
+        "--reliable", action="store_true", help="send lines as ops the server acknowledges"
+    )
+    talk.add_argument("--client-id", default=None, help="the _pk to send (default: random)")
+    talk.add_argument(
+        "--max-retries",
+        type=int,
+        default=None,
+        help="failed reconnects in a row before giving up (default: never)",
+    )
+    talk.add_argument(
+        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
+    )
     return parser
 
 
@@ -308,13 +352,16 @@ def main(argv: list[str] | None = None) -> int:
     0 after a shutdown by signal; 2 for a usage or configuration error (a bad app spec,
     an app that raises while loading, an unusable ``--data-dir``, a port that cannot be
     bound), reported on stderr before anything listens; 130 when interrupted: Ctrl-C
-    before the server is up, or a second signal during the shutdown.
+    before the server is up, or a second signal during the shutdown. ``connect``: 0 once
+    stdin ends and every line is sent, 1 when the client closes for good.
     """
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.command == "connect":
+        return _connect(args)
     try:
         try:
             app, source = load_app(args.app)

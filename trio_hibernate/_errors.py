@@ -16,6 +16,7 @@
 - The *runtime's* own (a bug; please report): :class:`InvalidTransition`.
 - Not an error: :class:`ObjectAborted` unwinds the code that called ``ctx.abort()``.
 - The *storage's*: :class:`StorageCommitError` (a turn's writes were lost).
+- The reconnecting client's (``trio_hibernate.client``): :class:`ClientClosedError`.
 - The test kit's (``trio_hibernate.testing``, raised to the test): :class:`UpgradeRejected`,
   :class:`WebSocketClosed`.
 """
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AppLoadError",
     "BadRequest",
+    "ClientClosedError",
     "ConnectionIdError",
     "DataCloneError",
     "HibernateError",
@@ -54,7 +56,8 @@ class HibernateError(Exception):
 
 
 class LimitExceededError(HibernateError, ValueError):
-    """A value is over one of the configured :class:`~trio_hibernate.Limits`.
+    """A value is over one of the configured :class:`~trio_hibernate.Limits` (or the
+    client's ``max_buffered_messages``, see :func:`trio_hibernate.client.open_client`).
 
     Attributes:
         limit_name: The :class:`~trio_hibernate.Limits` field that was exceeded.
@@ -210,6 +213,25 @@ class ObjectAborted(BaseException):
     too. The runtime stops it where the object's code was entered (the constructor, a
     handler's turn, a ``ctx.start_soon`` task), after resetting the object.
     """
+
+
+class ClientClosedError(HibernateError):
+    """A :func:`trio_hibernate.client.open_client` connection is closed for good.
+
+    Raised by its ``send``, ``receive`` (once the messages received before are taken),
+    ``flush`` and ``wait_connected``. The message says why: the server closed with a
+    code or refused the upgrade with a status that means "do not retry", the client gave
+    up after ``max_retries`` failed attempts, or the ``async with`` block ended.
+
+    Attributes:
+        code: The Close code that ended the last connection, if that was the cause.
+        status: The HTTP status of the last refused upgrade, if that was the cause.
+    """
+
+    def __init__(self, message: str, *, code: int | None, status: int | None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
 
 
 class UpgradeRejected(Exception):

@@ -111,3 +111,20 @@ def test_host_options_are_open_hosts_keywords() -> None:
         for name, hint in trio_hibernate.HostOptions.__annotations__.items()
     }
     assert options == keywords
+
+
+def test_every_subpackage_is_in_the_wheel() -> None:
+    """setuptools lists packages explicitly: a subpackage missing from the list installs
+    fine in editable mode and is absent from a wheel."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    listed = set(
+        tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(init.parent.relative_to(root).parts)
+        for init in (root / "trio_hibernate").rglob("__init__.py")
+    }
+    assert listed == found

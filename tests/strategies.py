@@ -27,6 +27,7 @@ __all__ = [
     "TAG_BYTES",
     "TAG_POOL",
     "UTF8_BOUNDARY_CHARS",
+    "VALID_TAGS",
     "AttachmentArg",
     "UnclonableThing",
     "attachment_args",
@@ -139,13 +140,14 @@ TAG_POOL: Final = (
     *("a", "b", "c", "d", "", "abcdefgh", "abcdefghi"),
     *("éééé", "ééééé", "🙂🙂", "🙂🙂🙂"),
 )
-_VALID_TAGS: Final = ("a", "b", "c", "")
+#: Tags within every limit (for tests that want sockets to pile up).
+VALID_TAGS: Final = ("a", "b", "c", "")
 #: What a test passes as ``accept_websocket``'s ``tags`` with ``max_tag_bytes`` =
 #: :data:`TAG_BYTES`.
 tag_arguments: Final = st.one_of(
     # Mostly valid tag lists (with repeats), so that sockets pile up to the socket limit.
-    st.lists(st.sampled_from(_VALID_TAGS), max_size=4),
-    st.lists(st.sampled_from(_VALID_TAGS), max_size=4),
+    st.lists(st.sampled_from(VALID_TAGS), max_size=4),
+    st.lists(st.sampled_from(VALID_TAGS), max_size=4),
     st.lists(st.sampled_from(TAG_POOL), max_size=6),
     st.lists(st.sampled_from(TAG_POOL), max_size=4).map(tuple),
     st.sampled_from(TAG_POOL).filter(bool),  # a bare str: a TypeError, not tags "a", "b"...

@@ -54,6 +54,16 @@ import pytest
 from fakes import FakeTransport
 from hypothesis import event, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from strategies import (
+    RESERVED_CLOSE_CODES,
+    TAG_POOL,
+    VALID_TAGS,
+    AttachmentArg,
+    attachment_args,
+    close_codes,
+    close_reasons,
+    tag_arguments,
+)
 
 from trio_hibernate._autoresponse import WebSocketRequestResponsePair
 from trio_hibernate._context import ObjectContext
@@ -100,23 +110,7 @@ LIMITS: Final = Limits(
 )
 OBJECT_NAMES: Final = ("lobby", "hall")
 DROP_REASON: Final = "WebSocket disconnected without sending Close frame."
-RESERVED_CLOSE_CODES: Final = frozenset({1004, 1005, 1006, 1015})
 
-# Tags around the limits: 8 bytes is fine, 9 is not; "ééééé" and "🙂🙂🙂" are short in
-# characters but over the limit in UTF-8 bytes.
-TAG_POOL: Final = (
-    "a",
-    "b",
-    "c",
-    "d",
-    "",
-    "abcdefgh",
-    "abcdefghi",
-    "éééé",
-    "ééééé",
-    "🙂🙂",
-    "🙂🙂🙂",
-)
 # Auto-response strings around the 16-byte limit ("é" * 9 is 9 characters, 18 bytes).
 AUTO_STRINGS: Final = ("ping", "pong", "", "PING", "x" * 16, "x" * 17, "é" * 8, "é" * 9)
 _SHORT_AUTO_STRINGS: Final = ("ping", "pong", "é" * 8)
@@ -151,18 +145,6 @@ class NearRequest:
         if self.variant == "binary":
             return request.encode("utf-8")
         return request
-
-
-class UnclonableThing:
-    """An arbitrary class instance: not data."""
-
-
-@attrs.frozen
-class AttachmentArg:
-    """A value to store, and whether it is data (decided by how it was built)."""
-
-    value: object
-    clonable: bool
 
 
 @attrs.frozen
@@ -349,56 +331,11 @@ def check_limit_error(exc: LimitExceededError, refusal: Refusal) -> None:
 
 # -- strategies --------------------------------------------------------------------------------
 
-_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False)
-    | st.text(max_size=12)
-    | st.binary(max_size=12)
-    | st.datetimes(timezones=st.just(UTC))
-)
-_data = st.recursive(
-    _scalars,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4)
-    ),
-    max_leaves=10,
-)
-_oversized = st.text(min_size=70, max_size=90) | st.binary(min_size=70, max_size=90)
-_UNCLONABLE_FACTORIES: Final[tuple[Callable[[], object], ...]] = (
-    lambda: lambda: 1,
-    object,
-    UnclonableThing,
-    lambda: [1, object()],
-    lambda: {"k": print},
-    lambda: datetime(2024, 1, 1, 12, 0),  # naive: not an instant
-)
-ATTACHMENTS: Final = st.one_of(
-    _data.map(lambda v: AttachmentArg(v, clonable=True)),
-    _data.map(lambda v: AttachmentArg(v, clonable=True)),
-    _oversized.map(lambda v: AttachmentArg(v, clonable=True)),
-    st.sampled_from(_UNCLONABLE_FACTORIES).map(lambda f: AttachmentArg(f(), clonable=False)),
-)
-_VALID_TAGS: Final = ("a", "b", "c", "")
-TAGS: Final = st.one_of(
-    # Mostly valid tag lists (with repeats), so that sockets pile up to the socket limit.
-    st.lists(st.sampled_from(_VALID_TAGS), max_size=4),
-    st.lists(st.sampled_from(_VALID_TAGS), max_size=4),
-    st.lists(st.sampled_from(TAG_POOL), max_size=6),
-    st.lists(st.sampled_from(TAG_POOL), max_size=4).map(tuple),
-    st.sampled_from(TAG_POOL).filter(bool),  # a bare str: a TypeError, not tags "a", "b"...
-    st.lists(st.sampled_from(TAG_POOL), max_size=2).map(lambda tags: [*tags, 7]),
-)
+ATTACHMENTS: Final = attachment_args(LIMITS.max_attachment_bytes)
+TAGS: Final = tag_arguments
 SOCKET: Final = st.integers(min_value=0, max_value=15)
-CLOSE_CODES: Final = st.one_of(
-    st.none(),
-    st.sampled_from([1000, 1001, 1011, 3000, 4999, 1004, 1005, 1006, 1015, 999, 5000]),
-    st.integers(min_value=900, max_value=5100),
-)
-CLOSE_REASONS: Final = st.one_of(
-    st.none(), st.sampled_from(["", "bye", "a" * MAX_CLOSE_REASON_BYTES, "é" * 62])
-)
+CLOSE_CODES: Final = close_codes
+CLOSE_REASONS: Final = close_reasons
 _EXACT: Final = NearRequest("exact")
 FRAMES: Final = st.lists(
     st.one_of(
@@ -869,7 +806,7 @@ class HibernationMachine(RuleBasedStateMachine):
         awake=st.integers(min_value=0, max_value=len(OBJECT_NAMES)),
         request=st.none() | st.sampled_from(_SHORT_AUTO_STRINGS),
         timeout_ms=st.none() | st.just(250),
-        sockets=st.lists(st.lists(st.sampled_from(_VALID_TAGS), max_size=2), max_size=3),
+        sockets=st.lists(st.lists(st.sampled_from(VALID_TAGS), max_size=2), max_size=3),
     )
     def begin(
         self, awake: int, request: str | None, timeout_ms: int | None, sockets: list[list[str]]
@@ -925,7 +862,7 @@ class HibernationMachine(RuleBasedStateMachine):
     @rule(
         o=OBJECT,
         message=st.text(max_size=4) | st.binary(max_size=4),
-        tag=st.none() | st.sampled_from(_VALID_TAGS),
+        tag=st.none() | st.sampled_from(VALID_TAGS),
         exclude=st.lists(SOCKET, max_size=2),
         by_id=st.booleans(),
     )

@@ -29,6 +29,7 @@ from helpers import (
     accept_upgrade,
     open_client as open_plain_client,
     send,
+    serve,
 )
 from trio.testing import MockClock
 from trio_websocket import WebSocketConnection, open_websocket_url
@@ -601,3 +602,70 @@ async def test_connect_to_a_refusing_server_exits_1(app: App) -> None:
             status, _, err = await run_connect(server.url("/door/locked"), stdin=b"")
     assert status == 1
     assert b"HTTP 403" in err
+
+
+def _recorded(probe: Probe, event: object) -> bool:
+    return event in probe.events
+
+
+class _Sink(DurableObject):
+    async def fetch(self, request: Request) -> Response:
+        return accept_upgrade(self.ctx, request)
+
+    async def websocket_message(self, ws: WebSocket, message: str | bytes) -> None:
+        self.env.record(message)
+
+
+async def test_flush_waits_for_the_write_of_the_last_plain_message(
+    autojump_clock: MockClock,
+) -> None:
+    """flush() then the block's end keeps the last message (found by review: flush()
+    returned once the writer had taken the message, before it was written, and the
+    block's end cancelled the write). Depends on scheduling: 40 rounds."""
+    autojump_clock.autojump_threshold = IO_GRACE_SECONDS
+    probe = Probe()
+    async with serve(App({"sink": _Sink}, env=probe)) as server:
+        for n in range(40):
+            async with open_client(server.url(f"/sink/a{n}")) as client:
+                with trio.fail_after(WAIT_SECONDS):
+                    await client.wait_connected()
+                await client.send(f"last{n}")
+                with trio.fail_after(WAIT_SECONDS):
+                    await client.flush()
+            await probe.wait_for(partial(_recorded, probe, f"last{n}"), seconds=5)
+
+
+class _AcceptThenBusy(DurableObject):
+    """Accepts, then at once closes with 1013 (try again later)."""
+
+    async def fetch(self, request: Request) -> Response:
+        assert request.websocket is not None
+        response = accept_upgrade(self.ctx, request)
+        request.websocket.close(1013, "try again later")
+        return response
+
+
+async def test_a_server_that_accepts_then_closes_at_once_is_backed_off(
+    autojump_clock: MockClock,
+) -> None:
+    """A connection shorter than min_uptime_seconds does not reset the retry count: the
+    waits grow and max_retries ends it (found by review: every accepted upgrade reset
+    the count, so such a server was retried forever at the first delay)."""
+    autojump_clock.autojump_threshold = IO_GRACE_SECONDS
+    delays: list[float] = []
+
+    def on_event(event: ClientEvent) -> None:
+        if event.state is ClientState.RECONNECTING:
+            delays.append(event.delay_seconds)
+
+    backoff = Backoff(initial_seconds=1, max_seconds=8, jitter=0, max_retries=3)
+    async with serve(App({"busy": _AcceptThenBusy})) as server:
+        async with open_client(server.url("/busy/a"), backoff=backoff, on_event=on_event) as c:
+            with trio.fail_after(WAIT_SECONDS), pytest.raises(ClientClosedError, match="gave up"):
+                await _receive_until_closed(c)
+    assert delays == [1, 2, 4]
+
+
+async def _receive_until_closed(client: ReconnectingWebSocket) -> None:
+    while True:
+        await client.receive()

@@ -85,6 +85,8 @@ class _Ended:
     close_code: int | None = None
     status: int | None = None
     error: str | None = None
+    #: Seconds the connection was up (0 if it never was).
+    uptime: float = 0.0
 
 
 @attrs.frozen
@@ -131,6 +133,8 @@ class ReconnectingWebSocket:
     _closed_error: ClientClosedError | None = None
     _outbox: deque[_Outgoing] = attrs.Factory(deque)
     _unacked: OrderedDict[str, _Outgoing] = attrs.Factory(OrderedDict)
+    #: A plain message taken off the outbox whose write has not finished yet.
+    _writing: int = 0
     _changed: trio.Event = attrs.Factory(trio.Event)
     _stopping: bool = False
     _attempt_scope: trio.CancelScope | None = None
@@ -152,8 +156,9 @@ class ReconnectingWebSocket:
 
     @property
     def buffered(self) -> int:
-        """Messages not yet sent, plus (reliable) those sent and not yet acknowledged."""
-        return len(self._outbox) + len(self._unacked)
+        """Messages not yet sent (a write in progress included), plus (reliable) those
+        sent and not yet acknowledged."""
+        return len(self._outbox) + self._writing + len(self._unacked)
 
     async def send(self, message: str | bytes) -> None:
         """Queue ``message``; it is sent as soon as the client is connected, in order.
@@ -259,7 +264,8 @@ class ReconnectingWebSocket:
                 ended = await self._attempt()
                 if self.stopping():
                     break
-                retries = 0 if ended.connected else retries
+                if ended.uptime >= self._backoff.min_uptime_seconds:
+                    retries = 0  # a connection that lasted: the failures are over
                 if not ended.retry:
                     break
                 retries += 1
@@ -339,12 +345,14 @@ class ReconnectingWebSocket:
 
     async def _exchange(self, ws: WebSocketConnection) -> _Ended:
         self._enter(ClientEvent(ClientState.CONNECTED))
+        connected_at = trio.current_time()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._write, ws)
             reason = await self._read(ws)
             nursery.cancel_scope.cancel()
         code = reason.code if reason is not None else 1006
-        return _Ended(True, retries_close(code), close_code=code)
+        uptime = trio.current_time() - connected_at
+        return _Ended(True, retries_close(code), close_code=code, uptime=uptime)
 
     async def _read(self, ws: WebSocketConnection) -> CloseReason | None:
         while True:
@@ -366,6 +374,8 @@ class ReconnectingWebSocket:
             item = self._outbox.popleft()
             if item.op_id is not None:
                 self._unacked[item.op_id] = item  # before sending: an ack may come first
+            else:
+                self._writing = 1  # flush() waits for the write, not just the pop
             sent = False
             try:
                 await ws.send_message(item.wire)
@@ -373,6 +383,7 @@ class ReconnectingWebSocket:
             except ConnectionClosed:
                 return  # the reader learns why
             finally:
+                self._writing = 0
                 if not sent and item.op_id is None:
                     self._outbox.appendleft(item)
             self._notify()

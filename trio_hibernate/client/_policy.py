@@ -51,6 +51,11 @@ def _fraction(_: object, attribute: attrs.Attribute[float], value: float) -> Non
         raise ValueError(f"Backoff.{attribute.name} must be within [0, 1], got {value}")
 
 
+def _not_negative(_: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not value >= 0:  # also refuses nan
+        raise ValueError(f"Backoff.{attribute.name} must be at least 0, got {value}")
+
+
 def _retries(_: object, attribute: attrs.Attribute[int | None], value: int | None) -> None:
     if value is not None and value < 0:
         raise ValueError(f"Backoff.{attribute.name} must be None or >= 0, got {value}")
@@ -71,7 +76,11 @@ class Backoff:
         multiplier: How much the base grows per failed attempt (at least 1).
         jitter: The fraction of ``base`` drawn at random (0: no jitter, 1: "full jitter").
         max_retries: Failed attempts in a row after which the client gives up for good
-            (None: it never does). A successful connect resets the count.
+            (None: it never does). A connection that stayed up ``min_uptime_seconds``
+            resets the count.
+        min_uptime_seconds: How long a connection must last to count as a success: a
+            server that accepts and closes at once (1013 "try again later", say) is
+            backed off and given up on like one that refuses (PartySocket's minUptime).
     """
 
     initial_seconds: float = attrs.field(default=0.5, validator=_positive)
@@ -79,6 +88,7 @@ class Backoff:
     multiplier: float = attrs.field(default=2.0, validator=_positive)
     jitter: float = attrs.field(default=0.5, validator=_fraction)
     max_retries: int | None = attrs.field(default=None, validator=_retries)
+    min_uptime_seconds: float = attrs.field(default=5.0, validator=_not_negative)
 
     def __attrs_post_init__(self) -> None:
         if self.multiplier < 1:

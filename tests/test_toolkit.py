@@ -326,3 +326,14 @@ async def test_unknown_options_are_refused(hibernate_host):
             "*unexpected keyword argument 'no_such_option'*",
         ]
     )
+
+
+@pytest.mark.parametrize("timeout", [0, -1, math.nan])
+async def test_settle_refuses_a_timeout_that_is_not_positive(
+    timeout: float, autojump_clock: trio.abc.Clock
+) -> None:
+    """As receive() does: a clear ValueError, not a TooSlowError with nothing busy."""
+    async with open_test_host(notes_app()) as host:
+        with pytest.raises(ValueError, match="timeout must be > 0"):
+            await host.settle(timeout=timeout)
+        await host.settle(timeout=math.inf)

@@ -134,8 +134,11 @@ class TestHost:
         Raises:
             trio.TooSlowError: objects were still busy after ``timeout`` Trio seconds
                 (default :attr:`wait_timeout`); the message names them.
+            ValueError: ``timeout`` is not positive.
         """
         seconds = self.wait_timeout if timeout is None else timeout
+        if not seconds > 0:  # also refuses nan
+            raise ValueError(f"timeout must be > 0 seconds (math.inf: no limit), not {seconds!r}")
         runtime = runtime_of(self.host)
         with trio.move_on_after(seconds):
             while True:

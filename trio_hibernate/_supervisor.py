@@ -403,6 +403,7 @@ class Supervisor:
         services = self._services
         core = self._entry.core
         reaper = services.reaper
+        rests = reaper.rests
         dispatch = dispatcher.dispatch
         turns = 0
         while True:
@@ -412,7 +413,7 @@ class Supervisor:
                 return
             if not core.queued:
                 activation.idle = True
-                services.reaper.rests.object_rested()
+                rests.object_rested()
                 if not activation.background:
                     reaper.idle_from(activation)  # the reaper stops it when it expires
                 try:

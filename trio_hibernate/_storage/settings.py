@@ -14,13 +14,12 @@ import sqlite3
 from typing import Final
 
 from .._autoresponse import WebSocketRequestResponsePair
+from .._core.directory import Settings
 
 __all__ = ["SettingsIndex"]
 
 #: SQLite's page cache for the index, in KiB: what it may hold in memory at most.
 CACHE_KIB: Final = 256
-
-Settings = tuple[WebSocketRequestResponsePair | None, int | None]
 
 
 class SettingsIndex:

@@ -30,6 +30,7 @@ from ._compression import WebSocketCompression
 from ._errors import AppLoadError, StorageError
 from ._host import Host
 from ._limits import Limits
+from ._logging import configure_logging
 from ._server import open_server
 from ._signals import wait_for_shutdown_signal
 from .client import Backoff
@@ -321,6 +322,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--reload", action="store_true", help="reload the app when its code changes")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="log lines as text, or one JSON object per line with the object and peer "
+        "as keys (text)",
+    )
     talk = commands.add_parser(
         "connect",
         help="talk to a WebSocket: send stdin lines, print messages, reconnect",
@@ -356,10 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     stdin ends and every line is sent, 1 when the client closes for good.
     """
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_level, log_format=getattr(args, "log_format", "text"))
     if args.command == "connect":
         return _connect(args)
     try:

@@ -35,6 +35,10 @@ class ObjectLink(Protocol):
     """An object, as a connection sees it: the one a request was routed to, or the one
     that accepted its WebSocket."""
 
+    namespace: str
+    object_id: ObjectId
+    """With ``namespace``, names the object in log lines (``_containment.object_label``)."""
+
     @property
     def core(self) -> ObjectCore:
         """The object's sans-IO core (its sockets, auto-response, mailbox)."""
@@ -127,6 +131,11 @@ class ListenerOwner(Protocol):
     @property
     def connection_count(self) -> int:
         """Open client connections."""
+        ...
+
+    @property
+    def counters(self) -> Counters:
+        """Where clients refused past the connection limit are counted."""
         ...
 
     def operations(self, request: Request) -> Response:

@@ -181,20 +181,13 @@ class Runtime:
     def statistics(self) -> HostStatistics:
         """Counts of objects, sockets, wakes and hibernations."""
         live, hibernated, websockets = self.objects.counts()
-        counters = self.counters
-        return HostStatistics(
+        return self.counters.snapshot(
             live_objects=live,
             hibernated_objects=hibernated,
             websockets=websockets,
             connections=len(self.connections),
-            wakes=counters.wakes,
-            hibernations=counters.hibernations,
-            auto_responses=counters.auto_responses,
-            seconds_in_memory=counters.seconds_in_memory,
-            storage_commits=counters.storage_commits,
             buffered_bytes=self.buffers.used,
-            bad_requests=counters.bad_requests,
-            internal_errors=counters.internal_errors,
+            alarms=self.alarms,
         )
 
     # -- for connections (_net.owner.ConnectionOwner) -------------------------------------

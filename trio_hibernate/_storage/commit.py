@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Protocol, final
 
 import trio
 
+from .._containment import object_label
 from .api import Storage, StorageState
 
 if TYPE_CHECKING:
@@ -96,6 +97,9 @@ class TurnCommit:
         holding: made and entered around a background task's transaction, which holds
             the object as a turn does (stub calls made in it know the object waits).
         on_committed: called after every successful commit (the host's counter).
+        on_failed: called with what failed when a commit, or opening the object's
+            database, fails (the host's storage health, ``/_health``); a later
+            successful commit clears it through ``on_committed``.
         log: the object's logger.
     """
 
@@ -105,6 +109,7 @@ class TurnCommit:
         "_log",
         "_obj",
         "_on_committed",
+        "_on_failed",
         "_services",
         "state",
         "storage",
@@ -118,6 +123,7 @@ class TurnCommit:
         *,
         holding: Callable[[], AbstractContextManager[object]],
         on_committed: Callable[[], None],
+        on_failed: Callable[[str], None],
         log: ObjectLog,
     ) -> None:
         self._activation = activation
@@ -125,6 +131,7 @@ class TurnCommit:
         self._obj = obj
         self._holding = holding
         self._on_committed = on_committed
+        self._on_failed = on_failed
         self._log = log
         self.state = StorageState(
             open_db=self._open,
@@ -140,7 +147,15 @@ class TurnCommit:
 
     def _open(self) -> ObjectDatabase:
         obj = self._obj
-        return self._services.storage_backend.open(obj.namespace, obj.object_id)
+        try:
+            return self._services.storage_backend.open(obj.namespace, obj.object_id)
+        except (sqlite3.Error, OSError) as exc:  # the caller sees it; the host is unhealthy
+            self._on_failed(f"cannot open the database of {self._label()}: {exc}")
+            raise
+
+    def _label(self) -> str:
+        """The object as log lines name it (``namespace:name``)."""
+        return object_label(self._obj.namespace, self._obj.object_id)
 
     def _in_turn(self) -> bool:
         return self._activation.owner is trio.lowlevel.current_task()
@@ -180,14 +195,14 @@ class TurnCommit:
                 # Done: a cancellation (ctx.abort() from a task) must not land here and
                 # report as lost the writes that were just committed.
                 await trio.lowlevel.cancel_shielded_checkpoint()
-        except (sqlite3.Error, OSError):
+        except (sqlite3.Error, OSError) as exc:
             dropped = storage.failed()
             self._activation.request_stop()
-            obj = self._obj
+            label = self._label()
+            self._on_failed(f"the storage commit of {label} failed: {exc}")
             self._log.exception(
-                "storage commit of %s %s failed: %d held message(s) dropped, the instance is reset",
-                obj.namespace,
-                obj.object_id,
+                "storage commit of %s failed: %d held message(s) dropped, the instance is reset",
+                label,
                 dropped,
             )
             raise

@@ -30,9 +30,11 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def browser(session: nox.Session) -> None:
-    """The chat page in headless Chromium (needs Debian's ``chromium`` package)."""
+    """The chat page and the dashboard in headless Chromium (needs Debian's ``chromium``
+    package); screenshots go under pytest's ``tmp_path``."""
     session.install("-e", ".", *TEST_DEPS, "playwright>=1.40")
-    session.run("pytest", "-m", "browser", *session.posargs)
+    # -rP: the summary shows where each test saved its screenshot.
+    session.run("pytest", "-m", "browser", "-rP", *session.posargs)
 
 
 @nox.session(default=False)

@@ -36,11 +36,13 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def browser(session: nox.Session) -> None:
-    """The chat page in headless Chromium (needs Debian's ``chromium`` package)."""
+    """The chat page and the dashboard in headless Chromium (needs Debian's ``chromium``
+    package); screenshots go under pytest's ``tmp_path``."""
     session.install("-e", ".", *TEST_DEPS, "playwright>=1.40")
-    # Here a missing Playwright or Chromium fails the tests instead of skipping them.
+    # Here a missing Playwright or Chromium fails the tests instead of skipping them;
+    # -rP: the summary shows where each test saved its screenshot.
     env = {"TRIO_HIBERNATE_REQUIRE_BROWSER": "1"}
-    session.run("pytest", "-m", "browser", *session.posargs, env=env)
+    session.run("pytest", "-m", "browser", "-rP", *session.posargs, env=env)
 
 
 @nox.session(default=False)

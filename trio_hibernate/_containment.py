@@ -55,14 +55,16 @@ def object_label(namespace: str, object_id: ObjectId) -> str:
 
 
 def object_log(namespace: str, object_id: ObjectId) -> ObjectLog:
-    """The object logger, with ``object`` (:func:`object_label`), ``namespace`` and
-    ``object_id`` (hex) on every record (keys of the JSON log format)."""
+    """The object logger, with ``object`` (:func:`object_label`), ``namespace``,
+    ``object_id`` (hex) and ``object_name`` (None for an object addressed by id) on every
+    record (keys of the JSON log format)."""
     return logging.LoggerAdapter(
         log,
         {
             "object": object_label(namespace, object_id),
             "namespace": namespace,
             "object_id": object_id.hex,
+            "object_name": object_id.name,
         },
     )
 

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,8 +31,14 @@ def test_collections_are_timed_per_generation_while_installed(tmp_path: Path) ->
     finally:
         pauses.uninstall()
     gc.collect(2)  # not counted any more
-    generations = pauses.summary()["generations"]
+    summary = pauses.summary()
+    generations = summary["generations"]
     assert generations["2"]["count"] == 2
+    full_collections = [event for event in summary["events"] if event[2] == 2]
+    assert len(full_collections) == 2
+    assert all(
+        0 < start <= time.monotonic_ns() and pause > 0 for start, pause, _ in full_collections
+    )
     assert generations["0"]["count"] >= 1
     full = generations["2"]
     assert 0 < full["p50_ms"] <= full["p99_ms"] <= full["max_ms"] <= full["total_ms"]
@@ -52,6 +59,19 @@ def test_percentiles_come_from_the_histogram_within_its_resolution() -> None:
     assert 50.0 <= stats["p50_ms"] <= 50.0 * step
     assert 99.0 <= stats["p99_ms"] <= 99.0 * step
     assert pauses.summary()["generations"]["0"]["p99_ms"] is None  # no collection yet
+
+
+def test_the_list_of_collections_stops_growing_at_max_events(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_gcstats, "MAX_EVENTS", 3)
+    pauses = GcPauses()
+    for started in range(5):
+        pauses.record(0, 1_000, started_ns=started)
+    summary = pauses.summary()
+    assert summary["events"] == [[0, 1_000, 0], [1, 1_000, 0], [2, 1_000, 0]]
+    assert summary["events_dropped"] == 2
+    assert summary["generations"]["0"]["count"] == 5
 
 
 def test_install_from_environment_writes_the_file_at_exit(

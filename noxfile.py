@@ -95,8 +95,10 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmark against workerd and Python peers; writes docs/benchmarks.md.
 
-    ``-- --quick`` runs a short version (written to bench/.results/); other options of
-    ``bench/run.py`` pass through. workerd is installed from npm into bench/.peers/.
+    Every performance target in one run, each row saying whether it was met (about 20
+    minutes). ``-- --quick`` runs a short version (about 3 minutes, written to
+    bench/.results/); other options of ``bench/run.py`` pass through (``--scenarios``,
+    ``--servers``). workerd is installed from npm into bench/.peers/.
     """
     session.install("-e", ".", *BENCH_DEPS)
     invoked = " ".join(["nox -s bench", *(["--", *session.posargs] if session.posargs else [])])

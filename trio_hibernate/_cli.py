@@ -24,6 +24,7 @@ from typing import Any, Final
 
 import trio
 
+from . import _gcstats
 from ._app import App
 from ._compression import WebSocketCompression
 from ._errors import AppLoadError, StorageError
@@ -405,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:  # the app's own code raised: show where, then stop
             traceback.print_exc()
             return _fail(f"cannot load the app {args.app} (the traceback is above)")
+        _gcstats.install_from_environment()  # benchmarks: TRIO_HIBERNATE_GC_STATS=path
         return trio.run(_serve, app, args, source)
     except KeyboardInterrupt:
         print("trio-hibernate: interrupted", file=sys.stderr, flush=True)

@@ -661,3 +661,39 @@ def test_reload_without_watchfiles_says_what_to_install() -> None:
     assert result.stderr.decode().splitlines() == [
         "trio-hibernate: --reload needs watchfiles: pip install 'trio-hibernate[reload]'"
     ]
+
+
+DASHBOARD_STATE = b"GET /_dashboard/state HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+async def test_the_dashboard_flags() -> None:
+    """On by default on loopback; ``--no-dashboard`` turns it off (404); a token from
+    ``--dashboard-token`` or the environment opens it (a weak one exits 2, unshown)."""
+    from helpers import http_exchange
+
+    async with serve("examples/chat.py:app") as s:
+        with trio.fail_after(10):
+            assert (await http_exchange(s.port, DASHBOARD_STATE)).status == 200
+    async with serve("examples/chat.py:app", "--no-dashboard") as s:
+        with trio.fail_after(10):
+            assert (await http_exchange(s.port, DASHBOARD_STATE)).status == 404
+    token = "a-long-enough-secret-1234"
+    with_token = DASHBOARD_STATE.replace(
+        b"\r\n\r\n", f"\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    )
+    async with serve("examples/chat.py:app", "--dashboard-token", token) as s:
+        with trio.fail_after(10):
+            assert (await http_exchange(s.port, with_token)).status == 200
+            assert (await http_exchange(s.port, DASHBOARD_STATE)).status in (401, 403)
+    weak = run_cli("examples/chat.py:app", "--port", "0", "--dashboard-token", "short1")
+    assert weak.returncode == 2
+    assert b"short1" not in weak.stdout + weak.stderr
+
+
+def test_the_dashboard_token_can_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trio_hibernate._cli import DASHBOARD_TOKEN_VARIABLE
+
+    monkeypatch.setenv(DASHBOARD_TOKEN_VARIABLE, "weak")
+    weak = run_cli("examples/chat.py:app", "--port", "0")
+    assert weak.returncode == 2
+    assert b"dashboard" in weak.stdout + weak.stderr

@@ -16,6 +16,7 @@ import argparse
 import importlib.metadata
 import importlib.util
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -41,6 +42,9 @@ from .client._console import connect
 __all__ = ["load_app", "main", "version"]
 
 log = logging.getLogger("trio_hibernate.cli")
+
+#: Where ``serve`` reads the dashboard's token from when ``--dashboard-token`` is not given.
+DASHBOARD_TOKEN_VARIABLE: Final = "TRIO_HIBERNATE_DASHBOARD_TOKEN"
 
 #: ``--websocket-compression`` choices.
 _COMPRESSION: Final = {
@@ -88,6 +92,8 @@ async def _serve(app: App, args: argparse.Namespace, source: AppSource) -> int:
             max_connections=args.max_connections,
             max_open_databases=args.max_open_databases,
             websocket_compression=_COMPRESSION[args.websocket_compression],
+            dashboard=args.dashboard,
+            dashboard_token=args.dashboard_token or os.environ.get(DASHBOARD_TOKEN_VARIABLE),
         ) as server:
             serving = True
             print(
@@ -310,6 +316,20 @@ def _parser() -> argparse.ArgumentParser:
         metavar="ORIGIN",
         help="let pages from this Origin open WebSockets (repeatable; '*' for any) "
         "(default: a browser may connect only from this server's own origin)",
+    )
+    serve.add_argument(
+        "--dashboard",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="serve the live dashboard at /_dashboard: to loopback clients when "
+        "listening on loopback, else only with a token",
+    )
+    serve.add_argument(
+        "--dashboard-token",
+        default=None,
+        metavar="SECRET",
+        help="the dashboard opens to whoever presents it (at least 16 characters); "
+        f"better given as ${DASHBOARD_TOKEN_VARIABLE}, which a process list does not show",
     )
     serve.add_argument(
         "--max-connections",

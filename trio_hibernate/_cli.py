@@ -329,7 +329,8 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="SECRET",
         help="the dashboard opens to whoever presents it (at least 16 characters); "
-        f"better given as ${DASHBOARD_TOKEN_VARIABLE}, which a process list does not show",
+        f"better given as ${DASHBOARD_TOKEN_VARIABLE}, which a process list does not show "
+        "(default: none)",
     )
     serve.add_argument(
         "--max-connections",

@@ -40,7 +40,9 @@ class Reply(Generic[T]):
     __slots__ = ("_deliver", "settled")
 
     def __init__(self, deliver: Callable[[outcome.Outcome[T]], None]) -> None:
-        self._deliver = deliver
+        # Dropped once answered: ``deliver`` is usually a method of the object that holds
+        # this reply, a cycle the collector would otherwise have to find.
+        self._deliver: Callable[[outcome.Outcome[T]], None] | None = deliver
         #: True once answered.
         self.settled = False
 
@@ -54,10 +56,12 @@ class Reply(Generic[T]):
 
     def settle(self, result: outcome.Outcome[T]) -> None:
         """Answer with ``result``."""
-        if self.settled:
+        deliver = self._deliver
+        if deliver is None:
             raise RuntimeError("an event was answered twice; please report")
+        self._deliver = None
         self.settled = True
-        self._deliver(result)
+        deliver(result)
 
 
 class Waiting:

@@ -1,8 +1,10 @@
 """The WebSocket transport of one connection: frames in, events out, frames back.
 
-The read loop reassembles messages (within ``Limits.max_message_bytes`` and the host's
-memory budget) and delivers them to the object, answers what needs no object itself
-(protocol pings, the auto-response, the reply to a peer's Close), stops reading while
+The read loop feeds what it receives to the socket's frame reader (``_core/wsreader.py``,
+which reassembles messages within ``Limits.max_message_bytes`` and the host's memory
+budget and refuses what breaks the protocol), delivers the messages to the object,
+answers what needs no object itself (protocol pings, the auto-response, the reply to a
+peer's Close: ``_core/wsevents.py`` keeps the closing handshake), stops reading while
 the object is behind (backpressure), and decides the socket's terminal event: a
 ``CloseEvent`` or an ``ErrorEvent``, exactly once. It holds no object state, which is
 why it keeps running while the object hibernates.
@@ -15,22 +17,22 @@ Close frame and starts a watchdog for the peer's answer.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, final
 
 import trio
-from wsproto.connection import Connection as WSConnection, ConnectionState
-from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
-from wsproto.frame_protocol import CloseReason
 
 from .._core.events import CloseEvent, ErrorEvent, MessageEvent
+from .._core.frames import encode_pong
 from .._core.sockets import should_pause_reading
+from .._core.wsevents import CloseState, ClosingHandshake, PeerClose, Ping, Violation
+from .._core.wsreader import FrameReader
 from .._errors import WebSocketProtocolError
 from .writer import Writer
 
 if TYPE_CHECKING:
     from .._core.budget import MemoryBudget
     from .._core.sockets import SocketRecord
+    from .._core.wsevents import ReaderEvent
     from .channel import ByteChannel
     from .deflate import DeflateExtension
     from .owner import ConnectionOwner, ObjectLink
@@ -40,12 +42,7 @@ __all__ = ["WebSocketTransport"]
 log = logging.getLogger("trio_hibernate.connection")
 
 _DROP_REASON: Final = "WebSocket disconnected without sending Close frame."
-
-
-def _join(parts: list[str | bytes]) -> str | bytes:
-    if isinstance(parts[0], str):
-        return "".join(p for p in parts if isinstance(p, str))
-    return b"".join(p for p in parts if isinstance(p, bytes))
+_OPEN: Final = CloseState.OPEN
 
 
 def _over_budget(budget: MemoryBudget, what: str, peer: str) -> str:
@@ -64,36 +61,6 @@ def _over_budget(budget: MemoryBudget, what: str, peer: str) -> str:
     )
 
 
-def _answer_close(
-    ws: WSConnection,
-    record: SocketRecord,
-    event: CloseConnection,
-    owner: ConnectionOwner,
-    peer: Callable[[], str],
-) -> tuple[bytes | None, CloseEvent | ErrorEvent]:
-    """What a Close frame from the peer calls for: our Close frame to send (or None), and
-    the socket's terminal event."""
-    state = ws.state
-    code, reason = int(event.code), event.reason or ""
-    if state is ConnectionState.REMOTE_CLOSING:
-        # The peer started: answer at once (spec 7, Rule), then tell the object.
-        return ws.send(event.response()), CloseEvent(record, code, reason, True)
-    if state is ConnectionState.CLOSED:
-        return None, CloseEvent(record, code, reason, True)  # the answer to our close()
-    # wsproto reports a protocol violation as a CloseConnection it did not receive. It
-    # sets no size limit: 1009 and 1013 come from permessage-deflate refusing to inflate
-    # a message past Limits.max_message_bytes or the memory budget (_net/deflate.py).
-    if code == 1009:
-        limit = owner.limits.max_message_bytes
-        reason = f"Message is too large: over {limit} bytes once inflated"
-    elif code == 1013:
-        reason = _over_budget(owner.buffers, "inflating a compressed message", peer())
-    reply = None
-    if state is ConnectionState.OPEN:
-        reply = ws.send(CloseConnection(code=code, reason=reason[:120]))
-    return reply, ErrorEvent(record, WebSocketProtocolError(code, reason))
-
-
 @final
 class WebSocketTransport:
     """The transport of a connection's WebSocket (see the module). It exists from the
@@ -101,16 +68,17 @@ class WebSocketTransport:
 
     __slots__ = (
         "_channel",
+        "_closing",
         "_encode",
         "_entry",
         "_owner",
         "_pending_close",
+        "_reader",
         "_record",
         "_resume",
         "_terminal",
+        "_trailing",
         "_watchdog",
-        "_ws",
-        "held",
         "writer",
     )
 
@@ -119,13 +87,13 @@ class WebSocketTransport:
         self._channel = channel
         self.writer = Writer(owner, channel, self)
         """The connection's outbound half (this transport hears its failures)."""
-        self._ws: WSConnection | None = None
+        self._reader: FrameReader | None = None  # set by upgraded(), as _closing
+        self._closing: ClosingHandshake | None = None
+        self._trailing = b""  # bytes that came after the request, before run()
         self._encode = owner.frame_encoder  # the host's (shared), or the socket's deflate
         self._entry: ObjectLink | None = None
         self._record: SocketRecord | None = None
         self._pending_close: tuple[int | None, str] | None = None
-        self.held = 0
-        """Bytes of a message being reassembled, counted in the host's memory budget."""
         self._resume: trio.Event | None = None
         self._watchdog: trio.CancelScope | None = None
         self._terminal = False  # the terminal event is decided; no other may follow
@@ -145,10 +113,18 @@ class WebSocketTransport:
             entry.core.release(record)
             entry.forget_if_unused()
 
-    def upgraded(self, ws: WSConnection, deflate: DeflateExtension | None = None) -> None:
-        """The 101 went out; ``ws`` carries the frames, compressed with ``deflate`` if
-        negotiated. A close the object asked for before is sent now."""
-        self._ws = ws
+    def upgraded(self, trailing: bytes, deflate: DeflateExtension | None = None) -> None:
+        """The 101 went out; ``trailing`` are the bytes the client sent after its
+        request, frames compressed with ``deflate`` if negotiated. A close the object
+        asked for before is sent now."""
+        owner = self._owner
+        self._reader = FrameReader(
+            owner.buffers,
+            owner.limits.max_message_bytes,
+            None if deflate is None else deflate.inflater,
+        )
+        self._closing = ClosingHandshake()
+        self._trailing = trailing
         if deflate is not None:
             self._encode = deflate
         if self._pending_close is not None:
@@ -161,12 +137,12 @@ class WebSocketTransport:
     @property
     def is_open(self) -> bool:
         """The upgrade went through (frames can be exchanged)."""
-        return self._record is not None and self._ws is not None
+        return self._record is not None and self._closing is not None
 
     @property
     def handshake_done(self) -> bool:
         """Both Close frames went: the peer will send nothing more."""
-        return self._ws is not None and self._ws.state is ConnectionState.CLOSED
+        return self._closing is not None and self._closing.state is CloseState.CLOSED
 
     def connection_over(self) -> None:
         """The connection task is ending: stop the watchdog, give back what is held, and
@@ -180,88 +156,33 @@ class WebSocketTransport:
             self._record.decide_end()
 
     def release_held(self) -> None:
-        """Give back to the budget the bytes of a message that was cut short."""
-        self._owner.buffers.give(self.held)
-        self.held = 0
+        """Stop reading frames: the bytes of a message cut short go back to the budget."""
+        if self._reader is not None:
+            self._reader.discard()
 
     # -- the read loop ---------------------------------------------------------------------
 
     async def run(self) -> None:
         """Read frames until the socket's terminal event is decided or the peer is gone.
-        A message cut short stays counted in ``held`` (see :meth:`release_held`).
+        A message cut short stays counted in the budget (see :meth:`release_held`).
 
         Raises:
             trio.ClosedResourceError: The connection was aborted (its end is decided).
         """
-        ws = self._ws
+        reader = self._reader
         record = self._record
-        entry = self._entry
-        assert ws is not None
+        assert reader is not None
         assert record is not None
-        assert entry is not None
-        core = entry.core
         owner = self._owner
         channel = self._channel
-        deliver = entry.deliver
-        budget = owner.buffers
-        counters = owner.counters
         limits = owner.limits
-        max_bytes = limits.max_message_bytes
-        parts: list[str | bytes] = []
+        data, self._trailing = self._trailing, b""
         while True:
-            for event in ws.events():
-                kind = type(event)
-                if kind is TextMessage or kind is BytesMessage:
-                    assert isinstance(event, TextMessage | BytesMessage)
-                    if self._terminal:
-                        continue  # shutting down: discard, wait for the peer's Close
-                    payload = event.data
-                    chunk: str | bytes
-                    if isinstance(payload, str):
-                        chunk = payload
-                        added = len(payload) if payload.isascii() else len(payload.encode())
-                    else:
-                        chunk = payload if type(payload) is bytes else bytes(payload)
-                        added = len(chunk)
-                    size = self.held + added
-                    if size > max_bytes:
-                        self.fail(1009, f"Message is too large: {size} > {max_bytes}")
-                        return
-                    if not budget.take(added):
-                        self.fail(
-                            1013, _over_budget(budget, f"a {size}-byte message", channel.peer())
-                        )
-                        return
-                    self.held = size
-                    if not event.message_finished:
-                        parts.append(chunk)
-                        continue
-                    message = chunk
-                    if parts:
-                        parts.append(chunk)
-                        message = _join(parts)
-                        parts = []
-                    self.held = 0  # from here the event holds the bytes (see _core/budget.py)
-                    if isinstance(message, str) and core.is_auto_response(message):
-                        budget.give(size)
-                        reply = core.record_auto_response(record, owner.wall_clock())
-                        counters.auto_responded()
-                        if reply is not None:
-                            self.send_message(reply)
-                        continue
-                    deliver(MessageEvent(record, message, size))
-                elif kind is Ping:
-                    assert isinstance(event, Ping)
-                    if ws.state is ConnectionState.OPEN:
-                        self.writer.write(ws.send(event.response()))
-                elif kind is CloseConnection:
-                    assert isinstance(event, CloseConnection)
-                    frame, end = _answer_close(ws, record, event, owner, channel.peer)
-                    if frame is not None:
-                        self.writer.write(frame)
-                    self._end(end)
+            if data:
+                ended = self._handle(reader.feed(data))
+                data = b""  # nothing keeps the last bytes alive while the socket idles
+                if ended:
                     return
-                # Pong: nothing to do.
             if channel.dead:
                 # Lost while writing (reset by the peer), or aborted after the end was
                 # decided (then this changes nothing): the object must hear of it.
@@ -277,7 +198,7 @@ class WebSocketTransport:
                 record.set_reading_paused(False)
                 self._resume = None
                 continue
-            if parts:
+            if reader.partial:
                 # A message is partly here: it must keep coming, or it is dropped.
                 with trio.move_on_after(owner.partial_message_timeout) as stalled:
                     data = await channel.receive()
@@ -293,16 +214,67 @@ class WebSocketTransport:
             if not data:
                 self._end(CloseEvent(record, 1006, _DROP_REASON, False))
                 return
-            ws.receive_data(data)
+
+    def _handle(self, events: list[ReaderEvent]) -> bool:
+        """Act on what one receive completed; True once the socket's end is decided."""
+        record = self._record
+        entry = self._entry
+        assert record is not None
+        assert entry is not None
+        owner = self._owner
+        core = entry.core
+        for event in events:
+            kind = type(event)
+            if kind is str or kind is bytes:
+                assert isinstance(event, str | bytes)
+                if isinstance(event, str):
+                    size = len(event) if event.isascii() else len(event.encode())
+                else:
+                    size = len(event)
+                # From here the event holds the message's bytes (see _core/budget.py).
+                if self._terminal:
+                    owner.buffers.give(size)  # shutting down: wait for the peer's Close
+                elif isinstance(event, str) and core.is_auto_response(event):
+                    owner.buffers.give(size)
+                    reply = core.record_auto_response(record, owner.wall_clock())
+                    owner.counters.auto_responded()
+                    if reply is not None:
+                        self.send_message(reply)
+                else:
+                    entry.deliver(MessageEvent(record, event, size))
+            elif kind is Ping:
+                assert isinstance(event, Ping)
+                closing = self._closing
+                if closing is not None and closing.state is _OPEN:
+                    self.writer.write(encode_pong(event.payload))
+            elif kind is PeerClose:
+                assert isinstance(event, PeerClose)
+                closing = self._closing
+                assert closing is not None
+                if closing.received_close() is CloseState.REMOTE_CLOSING:
+                    # The peer started: answer at once (spec 7, Rule), then tell the object.
+                    self.writer.write(closing.send_close(event.code, event.reason))
+                # Else it answered our close().
+                self._end(CloseEvent(record, event.code, event.reason, True))
+                return True
+            elif kind is Violation:
+                assert isinstance(event, Violation)
+                reason = event.reason
+                if event.code == 1013:
+                    reason = _over_budget(owner.buffers, reason, self._channel.peer())
+                self.fail(event.code, reason)
+                return True
+            # Pong: nothing to do.
+        return False
 
     def fail(self, code: int, reason: str) -> None:
         """Close with ``code`` (the peer's fault, or ours: 1011) and end with an error."""
-        ws = self._ws
+        closing = self._closing
         record = self._record
-        assert ws is not None
+        assert closing is not None
         assert record is not None
-        if ws.state is ConnectionState.OPEN:
-            self.writer.write(ws.send(CloseConnection(code=code, reason=reason)))
+        if closing.state is _OPEN:
+            self.writer.write(closing.send_close(code, reason))
         self._end(ErrorEvent(record, WebSocketProtocolError(code, reason)))
 
     def _end(self, event: CloseEvent | ErrorEvent) -> None:
@@ -326,15 +298,13 @@ class WebSocketTransport:
 
     def start_close(self, code: int | None, reason: str) -> None:
         """Send our Close frame; the peer's answer ends the socket (or the watchdog does)."""
-        ws = self._ws
-        if ws is None:
+        closing = self._closing
+        if closing is None:
             self._pending_close = (code, reason)
             return
-        if self._channel.dead or ws.state is not ConnectionState.OPEN:
+        if self._channel.dead or closing.state is not _OPEN:
             return
-        # wsproto sends an empty Close only for the enum member, not the int 1005.
-        close_code = CloseReason.NO_STATUS_RCVD if code is None else code
-        self.writer.write(ws.send(CloseConnection(code=close_code, reason=reason)))
+        self.writer.write(closing.send_close(code, reason))
         if not self._terminal:
             self._owner.spawn(self._close_watchdog)
 
@@ -358,11 +328,11 @@ class WebSocketTransport:
         the upgrade nothing is written: the fetch's answer (a 500) must still go out."""
         decided, self._terminal = self._terminal, True
         self.resume_reading()
-        ws = self._ws
-        if ws is None and not self._channel.dead:
+        closing = self._closing
+        if closing is None and not self._channel.dead:
             return
-        if ws is not None and ws.state is ConnectionState.OPEN and not self._channel.dead:
-            self.writer.write(ws.send(CloseConnection(code=code, reason=reason)))
+        if closing is not None and closing.state is _OPEN and not self._channel.dead:
+            self.writer.write(closing.send_close(code, reason))
             if self._record is not None and not decided:
                 self._record.decide_end()
         else:
@@ -371,7 +341,7 @@ class WebSocketTransport:
     @property
     def is_upgraded(self) -> bool:
         """The 101 went out."""
-        return self._ws is not None
+        return self._closing is not None
 
     def abort(self) -> None:
         """Drop the connection now; its task wakes up and ends."""

@@ -35,6 +35,7 @@ Where the reader differs on purpose, the test says so and holds it to its own ru
 
 from __future__ import annotations
 
+import itertools
 import struct
 import zlib
 from typing import Final, TypeAlias
@@ -149,9 +150,9 @@ class OracleReader:
         self.parts: list[str | bytes] = []
 
     def feed(self, data: bytes) -> None:
-        if self.events and isinstance(self.events[-1], tuple):
-            if self.events[-1][0] in ("close", "violation"):
-                return
+        last = self.events[-1] if self.events else None
+        if isinstance(last, tuple) and last[0] in ("close", "violation"):
+            return
         self.proto.receive_bytes(data)
         try:
             for frame in self.proto.received_frames():
@@ -249,11 +250,11 @@ def close_payloads(draw: st.DrawFn) -> bytes:
     return code + draw(st.text(max_size=40)).encode()[:123]
 
 
-def cut(draw: st.DrawFn, data: bytes, pieces: int) -> list[bytes]:
-    """``data`` cut in ``pieces`` (some may be empty)."""
+@st.composite
+def cuts(draw: st.DrawFn, data: bytes, pieces: int) -> list[bytes]:
+    """``data`` cut in up to ``pieces`` (some may be empty)."""
     points = sorted(draw(st.lists(st.integers(0, len(data)), max_size=pieces - 1)))
-    bounds = [0, *points, len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [data[a:b] for a, b in itertools.pairwise([0, *points, len(data)])]
 
 
 @st.composite
@@ -263,13 +264,11 @@ def messages(draw: st.DrawFn, deflate: bool) -> list[bytes]:
     text = draw(st.booleans())
     payload = draw(utf8_payloads()) if text else draw(st.binary(max_size=300))
     compressed = deflate and draw(st.booleans())
-    if compressed:
-        if draw(st.integers(0, 5)):
-            compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
-            payload = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
-            payload = payload[:-4] if payload.endswith(b"\x00\x00\xff\xff") else payload
-        # else: the raw bytes, marked compressed: garbage to inflate (or not)
-    pieces = cut(draw, payload, draw(st.integers(1, 4)))
+    if compressed and draw(st.integers(0, 5)):  # else garbage marked compressed
+        compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+        payload = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        payload = payload[:-4] if payload.endswith(b"\x00\x00\xff\xff") else payload
+    pieces = draw(cuts(payload, draw(st.integers(1, 4))))
     frames = []
     for index, piece in enumerate(pieces):
         first = index == 0
@@ -369,7 +368,7 @@ def test_the_reader_agrees_with_wsproto(data: st.DataObject) -> None:
     deflate = data.draw(st.booleans(), label="deflate")
     takeover = deflate and data.draw(st.booleans(), label="context takeover")
     stream = data.draw(streams(deflate), label="stream")
-    chunks = cut(data.draw, stream, data.draw(st.integers(1, 12), label="chunks"))
+    chunks = data.draw(cuts(stream, data.draw(st.integers(1, 12))), label="chunks")
     limit = data.draw(st.sampled_from((UNLIMITED, UNLIMITED, 1, 50, 200)), label="limit")
     ours, theirs = run_both(stream, chunks, limit, deflate, takeover)
     last = ours[-1] if ours else None

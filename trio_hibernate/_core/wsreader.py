@@ -193,6 +193,10 @@ class FrameReader:
                     )
                 if not second & 0x80:
                     raise _refuse("an unmasked client frame")
+                if opcode <= 2 and not (first & 0x40 if opcode else self._compressed):
+                    total = size if opcode else self.held + size  # (compressed: inflated)
+                    if total > max_bytes:
+                        raise _refuse(f"Message is too large: {total} > {max_bytes}", 1009)
                 start = head + 4
                 if start > end:
                     break
@@ -208,16 +212,11 @@ class FrameReader:
                         return out
                     continue
                 if opcode:  # the first frame of a message
-                    compressed = bool(first & 0x40)
-                    if size > max_bytes and not compressed:
-                        raise _refuse(f"Message is too large: {size} > {max_bytes}", 1009)
                     self._opcode = opcode
-                    self._compressed = compressed
+                    self._compressed = bool(first & 0x40)
                     self._parts = []
                     if opcode == 1:
                         self._decoder = _new_utf8_decoder()
-                elif self.held + size > max_bytes and not self._compressed:
-                    raise _refuse(f"Message is too large: {self.held + size} > {max_bytes}", 1009)
                 self._fin = bool(first & 0x80)
                 self._mask = buf[head:start]
                 self._remaining = size

@@ -121,7 +121,10 @@ class ReconnectingWebSocket:
     """
 
     url: str
+    """The URL every connection opens: the one given, with ``_pk`` set to the client id."""
     client_id: str
+    """The id sent as ``_pk`` each time (given, taken from the URL, or random): the
+    server's ``ws.id`` for this client, the same across reconnects."""
     _backoff: Backoff
     _rng: random_module.Random
     _reliable: bool

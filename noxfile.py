@@ -16,6 +16,9 @@ TEST_DEPS = [
     "trio-websocket>=0.12",
     # A second, independent client: the permessage-deflate and subprotocol tests.
     "websockets>=15",
+    # `serve --reload` (the `reload` extra).
+    "watchfiles>=0.21",
+    "anyio>=4",
 ]
 #: The Python peers of the benchmark suite, and the profiler it runs on trio-hibernate.
 BENCH_DEPS = ["trio-websocket>=0.12", "websockets>=17,<18", "wsproto>=1.2", "py-spy>=0.4"]
@@ -35,7 +38,9 @@ def tests(session: nox.Session) -> None:
 def browser(session: nox.Session) -> None:
     """The chat page in headless Chromium (needs Debian's ``chromium`` package)."""
     session.install("-e", ".", *TEST_DEPS, "playwright>=1.40")
-    session.run("pytest", "-m", "browser", *session.posargs)
+    # Here a missing Playwright or Chromium fails the tests instead of skipping them.
+    env = {"TRIO_HIBERNATE_REQUIRE_BROWSER": "1"}
+    session.run("pytest", "-m", "browser", *session.posargs, env=env)
 
 
 @nox.session(default=False)

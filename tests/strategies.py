@@ -22,7 +22,6 @@ __all__ = [
     "INVALID_UTF8",
     "MAX_CHAR",
     "PEER_CLOSE_CODES",
-    "PEER_CLOSE_CODES_REFUSED_TODAY",
     "RESERVED_CLOSE_CODES",
     "TAG_BYTES",
     "TAG_POOL",
@@ -160,12 +159,8 @@ tag_arguments: Final = st.one_of(
 #: send them either.
 RESERVED_CLOSE_CODES: Final = frozenset({1004, 1005, 1006, 1015})
 #: Codes a client may send (RFC 6455 section 7.4 and the IANA registry) that the server
-#: echoes. Not 1014 (Bad Gateway, registered in 2016): wsproto, which parses the frames
-#: today, does not know it and answers 1002 (a known defect, left to the lean frame
-#: parser of the performance issue; see PEER_CLOSE_CODES_REFUSED_TODAY).
-PEER_CLOSE_CODES: Final = frozenset({*range(1000, 1004), *range(1007, 1014), *range(3000, 5000)})
-#: Registered codes the server refuses today (with 1002), see above.
-PEER_CLOSE_CODES_REFUSED_TODAY: Final = frozenset({1014})
+#: echoes, 1014 (Bad Gateway, registered in 2016) included.
+PEER_CLOSE_CODES: Final = frozenset({*range(1000, 1004), *range(1007, 1015), *range(3000, 5000)})
 #: Codes no Close frame may carry: reserved, unassigned, out of range.
 BAD_CLOSE_CODES: Final = (0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535)
 

@@ -41,7 +41,7 @@ from trio_hibernate import (
 )
 from trio_hibernate._core import deflate as deflate_module
 from trio_hibernate._core.budget import MemoryBudget
-from trio_hibernate._core.deflate import Compression, negotiate
+from trio_hibernate._core.deflate import Compression, Inflater, negotiate
 from trio_hibernate._net.deflate import DeflateExtension
 
 MAX_MESSAGE_BYTES = 100_000
@@ -322,14 +322,15 @@ async def test_no_compression_state_is_kept_between_messages(autojump_clock: Moc
 
     def zlib_objects() -> int:
         """zlib objects the server's sockets hold (zlib objects are not tracked by
-        the garbage collector: found through the extensions that hold them)."""
+        the garbage collector: found through the extensions and inflaters that hold
+        them)."""
         gc.collect()
         kinds = {type(zlib.compressobj()), type(zlib.decompressobj())}
         return sum(
             type(held) in kinds
-            for extension in gc.get_objects()
-            if isinstance(extension, DeflateExtension)
-            for held in gc.get_referents(extension)
+            for holder in gc.get_objects()
+            if isinstance(holder, DeflateExtension | Inflater)
+            for held in gc.get_referents(holder)
         )
 
     for compression, kept in ((DEFAULT, 0), (TAKEOVER, 2)):

@@ -14,6 +14,8 @@ Modules: ``events`` (what is queued for an object, and the one-shot ``Reply``),
 ``lifecycle`` (an object's life across activations and its mailbox), ``sockets`` (the
 accepted sockets, their tags and close state), ``gate`` (the output gate), ``codec``
 (attachments and call arguments as data), ``frames`` (WebSocket frame encoding),
+``wsreader`` (reading client frames, RFC 6455), ``wsevents`` (what they mean, the
+closing handshake),
 ``deflate`` (permessage-deflate: negotiation, the room inflating has, shared frames),
 ``budget`` (the host-wide byte budget), ``directory`` (the objects a host knows),
 ``routing`` (a path to the object it names).

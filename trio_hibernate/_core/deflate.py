@@ -9,8 +9,10 @@ messages (nothing while it is idle or its object hibernates), and a message's
 compressed frame is the same bytes for every socket with the same window: a broadcast
 compresses once (:meth:`Compression.shared_frame`).
 
-Inflating is bounded (:meth:`Compression.room`): never more than what is left of
-``Limits.max_message_bytes`` for the message, nor of the host's memory budget.
+Inflating is bounded (:meth:`Compression.room`, :class:`Inflater`): never more than
+what is left of ``Limits.max_message_bytes`` for the message, nor of the host's memory
+budget, plus one byte, so a decompression bomb costs no more memory than a plain message
+at the limit; past it the message is refused with 1009 (or 1013 for the budget).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 import attrs
 
+from .._errors import WebSocketProtocolError
 from .frames import deflate_message
 
 if TYPE_CHECKING:
@@ -31,13 +34,22 @@ if TYPE_CHECKING:
     from .budget import MemoryBudget
     from .frames import Compressor
 
-__all__ = ["Compression", "Decompressor", "DeflateParams", "negotiate", "new_compressor"]
+__all__ = [
+    "Compression",
+    "Decompressor",
+    "DeflateParams",
+    "Inflater",
+    "negotiate",
+    "new_compressor",
+]
 
 #: The name of the extension in ``Sec-WebSocket-Extensions``.
 PERMESSAGE_DEFLATE: Final = "permessage-deflate"
 _BITS: Final = re.compile(r"[1-9][0-9]?")
 #: Frames larger than this are not kept for the next socket of a broadcast.
 _FRAME_CACHE_MAX_BYTES: Final = 65536
+#: What the sender removed from the end of each compressed message (RFC 7692 7.2.2).
+_SYNC_TAIL: Final = b"\x00\x00\xff\xff"
 
 
 class Decompressor(Protocol):
@@ -220,3 +232,76 @@ class Compression:
             self._last_bits = bits
             self._last_frame = frame
         return frame
+
+
+class Inflater:
+    """One socket's inbound permessage-deflate, on the ``params`` it negotiated: the
+    frame reader (``_core/wsreader.py``) hands it each payload chunk of a compressed
+    message (:meth:`inflate`), then the message's end (:meth:`end_message`).
+
+    Holds a decompressor only while it must: during a compressed message, or for good
+    with client context takeover.
+    """
+
+    __slots__ = ("_decompressor", "_host", "_inflated", "params")
+
+    def __init__(self, compression: Compression, params: DeflateParams) -> None:
+        self._host = compression
+        self.params = params
+        """The terms negotiated (shared with other sockets)."""
+        self._decompressor: Decompressor | None = None
+        self._inflated = 0  # bytes inflated of the message
+
+    def inflate(self, data: bytes) -> bytes:
+        """The next inflated bytes of the message, ``data`` its next compressed bytes.
+
+        Raises:
+            WebSocketProtocolError: 1007 the data is not raw deflate; 1009 the message
+                inflates past ``Limits.max_message_bytes``; 1013 past what the memory
+                budget has left. The reason of a 1013 says what was refused (the caller
+                words the close reason).
+        """
+        decompressor = self._decompressor
+        if decompressor is None:
+            decompressor = zlib.decompressobj(-self.params.client_window_bits)
+            self._decompressor = decompressor
+        host = self._host
+        room = host.room(self._inflated)
+        try:
+            out = decompressor.decompress(data, room + 1)
+        except zlib.error as exc:
+            self.reset()
+            raise WebSocketProtocolError(1007, f"invalid compressed data: {exc}") from None
+        self._inflated += len(out)
+        if len(out) > room:  # the message limit, or the memory budget: no more
+            inflated = self._inflated
+            self.reset()
+            if host.over_message_limit(inflated):
+                raise WebSocketProtocolError(
+                    1009,
+                    f"Message is too large: over {host.max_message_bytes} bytes once "
+                    "inflated (Limits.max_message_bytes)",
+                )
+            raise WebSocketProtocolError(1013, "inflating a compressed message")
+        return out
+
+    def end_message(self) -> bytes:
+        """The last inflated bytes of the message (its sync tail, which the sender
+        removed). Then the next message starts from zero.
+
+        Raises:
+            WebSocketProtocolError: As :meth:`inflate`.
+        """
+        data = self.inflate(_SYNC_TAIL)
+        self._inflated = 0
+        decompressor = self._decompressor
+        if decompressor is not None and (
+            not self.params.client_context_takeover or decompressor.eof
+        ):
+            self._decompressor = None  # nothing to keep (or a final block ended its stream)
+        return data
+
+    def reset(self) -> None:
+        """Forget the message in progress (and any context): nothing more is inflated."""
+        self._decompressor = None
+        self._inflated = 0

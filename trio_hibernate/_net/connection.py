@@ -9,7 +9,7 @@ events for the object (``ObjectLink.deliver``) and answers what needs no object 
 which is why it keeps running while the object hibernates.
 
 Per idle socket the runtime keeps this object, its transport and writer, the
-``wsproto`` connection, the channel and one parked task; queues, events and timers are
+frame reader, the channel and one parked task; queues, events and timers are
 created only while needed.
 """
 

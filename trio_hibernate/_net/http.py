@@ -1,8 +1,8 @@
 """HTTP/1.1 for a connection: read one request with ``h11``, write its response.
 
 A connection serves one request (every response says ``connection: close``), which may
-be a WebSocket upgrade: then the 101 is written here and the ``wsproto`` connection that
-carries on from the bytes after the request is handed to the transport.
+be a WebSocket upgrade: then the 101 is written here and the bytes that came after the
+request (the first frames) are handed to the transport.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Final, final
 
 import h11
-from wsproto.connection import Connection as WSConnection, ConnectionType
 from wsproto.utilities import generate_accept_token
 
 from .._errors import BadRequest
@@ -21,8 +20,6 @@ from .deflate import DeflateExtension
 from .writer import over_budget_text
 
 if TYPE_CHECKING:
-    from wsproto.extensions import Extension
-
     from .._core.sockets import SocketRecord, Transport
     from .channel import ByteChannel
     from .owner import ConnectionOwner
@@ -189,10 +186,10 @@ class HttpExchange:
 
     def upgrade(
         self, request: Request, response: Response, record: SocketRecord
-    ) -> tuple[WSConnection, DeflateExtension | None]:
+    ) -> tuple[bytes, DeflateExtension | None]:
         """Write the 101 for the WebSocket the object accepted as ``record`` (naming its
         subprotocol, and permessage-deflate if negotiated), then the frames it sent
-        meanwhile. Returns the ``wsproto`` connection for what follows the request, and
+        meanwhile. Returns the bytes received after the request (frames already), and
         the socket's compression (None: none)."""
         key = request.header("sec-websocket-key")
         assert key is not None
@@ -218,14 +215,12 @@ class HttpExchange:
         )
         assert head is not None
         trailing, _closed = self._h.trailing_data
-        extensions: list[Extension] = [] if deflate is None else [deflate]
-        ws = WSConnection(ConnectionType.SERVER, extensions, trailing)
         writer = self._writer
         pending = writer.start_response()
         writer.write(head)
         for frame in pending:  # never compressed: RSV1 marks each message that is
             writer.write(frame)
-        return ws, deflate
+        return bytes(trailing), deflate
 
     def _negotiate_deflate(self, request: Request, response: Response) -> DeflateExtension | None:
         """The socket's permessage-deflate: when the host compresses, the client offers

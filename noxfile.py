@@ -16,9 +16,15 @@ TEST_DEPS = [
     "trio-websocket>=0.12",
     # A second, independent client: the permessage-deflate and subprotocol tests.
     "websockets>=15",
+    # `serve --reload` (the `reload` extra).
+    "watchfiles>=0.21",
+    "anyio>=4",
 ]
 #: The Python peers of the benchmark suite, and the profiler it runs on trio-hibernate.
 BENCH_DEPS = ["trio-websocket>=0.12", "websockets>=17,<18", "wsproto>=1.2", "py-spy>=0.4"]
+#: The docs site: Sphinx (autodoc reads the reStructuredText docstrings), MyST for the
+#: Markdown pages, the Furo theme.
+DOCS_DEPS = ["sphinx>=8.1,<10", "myst-parser>=4", "furo>=2024.8.6"]
 
 
 @nox.session
@@ -32,7 +38,9 @@ def tests(session: nox.Session) -> None:
 def browser(session: nox.Session) -> None:
     """The chat page in headless Chromium (needs Debian's ``chromium`` package)."""
     session.install("-e", ".", *TEST_DEPS, "playwright>=1.40")
-    session.run("pytest", "-m", "browser", *session.posargs)
+    # Here a missing Playwright or Chromium fails the tests instead of skipping them.
+    env = {"TRIO_HIBERNATE_REQUIRE_BROWSER": "1"}
+    session.run("pytest", "-m", "browser", *session.posargs, env=env)
 
 
 @nox.session(default=False)
@@ -44,6 +52,18 @@ def conformance(session: nox.Session) -> None:
     """
     session.install("-e", ".", "pytest>=8", "hypothesis>=6.100", "websockets>=15")
     session.run("python", "conformance/run.py", *session.posargs)
+
+
+@nox.session(default=False)
+def docs(session: nox.Session) -> None:
+    """Build the docs site into docs/_build/html; any Sphinx warning fails the build."""
+    session.install("-e", ".", *DOCS_DEPS)
+    session.run(
+        # -E -a: read and write every page each time, so no warning hides in a cache.
+        *("sphinx-build", "-W", "--keep-going", "-E", "-a", "-b", "html"),
+        *("-d", "docs/_build/doctrees", "docs", "docs/_build/html"),
+        *session.posargs,
+    )
 
 
 @nox.session

@@ -15,10 +15,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import shutil
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -69,3 +72,28 @@ def clock(autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch) -> MockClo
 
     monkeypatch.setattr(trio.to_thread, "run_sync", run_sync)
     return autojump_clock
+
+
+def _browser_missing() -> str | None:
+    """Why the browser tests cannot run here, or None if they can."""
+    if importlib.util.find_spec("playwright") is None:
+        return "Playwright is not installed (nox -s browser installs it)"
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        return f"Chromium not found at {chromium} (apt-get install chromium)"
+    return None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tests marked ``browser`` are skipped, with the reason, where Playwright or
+    Chromium is missing, so that a plain ``pytest -m browser`` (or one selecting them)
+    passes on a machine without a browser. ``nox -s browser`` sets
+    ``TRIO_HIBERNATE_REQUIRE_BROWSER=1``: there a missing browser fails them instead."""
+    if item.get_closest_marker("browser") is None:
+        return
+    missing = _browser_missing()
+    if missing is None:
+        return
+    if os.environ.get("TRIO_HIBERNATE_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"TRIO_HIBERNATE_REQUIRE_BROWSER=1 but {missing}", pytrace=False)
+    pytest.skip(missing)

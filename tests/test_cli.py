@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import signal
 import socket
@@ -181,6 +182,72 @@ async def test_reload_uses_new_code_without_disconnecting(tmp_path: Path) -> Non
     assert b"SyntaxError" in served.output
 
 
+SIBLING_APP = """
+from greeting import GREETING  # a sibling module: the app's folder is on sys.path
+from trio_hibernate import App, DurableObject, Response
+
+class Greeter(DurableObject):
+    async def fetch(self, request):
+        if request.websocket is None:
+            return Response(body=GREETING)
+        self.ctx.accept_websocket(request.websocket)
+        return Response(status=101, websocket=request.websocket)
+
+    async def websocket_message(self, ws, message):
+        ws.send(GREETING + " " + message)
+
+app = App({"greet": Greeter})
+"""
+
+
+def write_sibling_app(folder: Path, greeting: str) -> Path:
+    """An app file importing ``GREETING`` from ``greeting.py`` next to it."""
+    (folder / "greeting.py").write_text(f"GREETING = {greeting!r}\n")
+    app_file = folder / "sibling_app.py"
+    app_file.write_text(SIBLING_APP)
+    return app_file
+
+
+async def test_an_app_file_imports_its_sibling_modules(tmp_path: Path) -> None:
+    from helpers import http_exchange
+
+    app_file = write_sibling_app(tmp_path, "hello")  # the server runs from ROOT, not here
+    async with serve(str(app_file)) as served:
+        reply = await http_exchange(served.port, b"GET /greet/a HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (reply.status, reply.body) == (200, b"hello")
+
+
+async def test_reload_imports_an_edited_sibling_module_again(tmp_path: Path) -> None:
+    app_file = write_sibling_app(tmp_path, "hello")
+    with trio.fail_after(40):
+        async with (
+            serve(str(app_file), "--reload") as served,
+            open_websocket_url(served.url("/greet/x")) as ws,
+        ):
+            await ws.send_message("one")
+            assert await ws.get_message() == "hello one"
+
+            (tmp_path / "greeting.py").write_text("GREETING = 'howdy'\n")  # same length
+            reply: str | bytes = "hello two"
+            while reply == "hello two":  # until the watcher has reloaded
+                await ws.send_message("two")
+                reply = await ws.get_message()
+            assert reply == "howdy two"
+            await read_until(served, b"reloaded")
+
+            # A broken sibling: the previous code keeps serving; fixed, it is reloaded.
+            (tmp_path / "greeting.py").write_text("GREETING = (\n")
+            await read_until(served, b"still serving the previous code")
+            await ws.send_message("three")
+            assert await ws.get_message() == "howdy three"
+            (tmp_path / "greeting.py").write_text("GREETING = 'hiya'\n")
+            while reply != "hiya four":
+                await ws.send_message("four")
+                reply = await ws.get_message()
+            assert ws.closed is None  # never disconnected
+    assert b"changed: greeting.py" in served.output
+
+
 def test_bad_app_spec_exits_2() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "trio_hibernate", "serve", "no_such_module_here:app"],
@@ -271,7 +338,7 @@ async def test_a_second_signal_during_shutdown_exits_at_once(
     app_file.write_text(APP_SOURCE.format(version="v1"))
     with trio.fail_after(30):
         async with (
-            serve(f"{app_file}:app", "--shutdown-timeout", "600") as served,
+            serve(f"{app_file}:app", "--close-timeout", "600") as served,
             open_raw_websocket(served.port, "/echo/a") as raw,  # never answers the Close
         ):
             served.process.send_signal(signal.SIGTERM)
@@ -430,3 +497,167 @@ def test_max_connections_over_the_descriptor_budget_exits_2(tmp_path: Path) -> N
     assert result.returncode == 2
     last = result.stderr.decode().splitlines()[-1]
     assert last.startswith("trio-hibernate: max_connections=999999999 does not fit"), last
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            "examples/chat.py:ChatRoom",
+            "examples/chat.py:ChatRoom is a DurableObject class, not an App: wrap it as "
+            'App({"chatroom": ChatRoom}) and serve that',
+        ),
+        (
+            "examples/chat.py:ChatRom",
+            "examples/chat.py:ChatRom: no attribute 'ChatRom' (it defines the App app)",
+        ),
+        (
+            "examples/chat.py:HEARTBEAT",
+            "examples/chat.py:HEARTBEAT is a WebSocketRequestResponsePair, not an App "
+            "(trio_hibernate.App)",
+        ),
+        (
+            "examples/no_such_app.py",
+            f"no such file: {ROOT / 'examples' / 'no_such_app.py'} "
+            "(expected a Python file defining an App)",
+        ),
+    ],
+)
+def test_a_spec_that_names_no_app_is_one_line_and_exit_2(spec: str, message: str) -> None:
+    result = run_cli(spec)
+    assert result.returncode == 2
+    assert result.stderr.decode().splitlines() == [f"trio-hibernate: {message}"]
+
+
+def test_version_comes_from_the_package_metadata(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.metadata
+    import tomllib
+
+    import trio_hibernate
+    from trio_hibernate._cli import main
+
+    installed = importlib.metadata.version("trio-hibernate")
+    assert installed == trio_hibernate.__version__
+    # The console script `trio-hibernate` is this function.
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"trio-hibernate": "trio_hibernate._cli:main"}
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"trio-hibernate {installed}\n"
+    result = subprocess.run(
+        [sys.executable, "-m", "trio_hibernate", "--version"],
+        capture_output=True,
+        timeout=30,
+        cwd=ROOT,
+        check=True,
+    )
+    assert result.stdout.decode() == f"trio-hibernate {installed}\n"
+
+
+def _options() -> list[tuple[str, argparse.Action]]:
+    from trio_hibernate._cli import _parser
+
+    parser = _parser()
+    found = [("", action) for action in parser._actions]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command, sub in action.choices.items():
+                found += [(command, a) for a in sub._actions]
+    return [(command, a) for command, a in found if a.option_strings or command]
+
+
+def test_every_option_has_help_and_shows_its_default() -> None:
+    from trio_hibernate._cli import _HelpFormatter
+
+    formatter = _HelpFormatter("trio-hibernate")
+    for command, action in _options():
+        name = f"{command} {'/'.join(action.option_strings) or action.dest}"
+        assert action.help, f"{name} has no help"
+        if not action.option_strings or isinstance(
+            action, argparse._HelpAction | argparse._VersionAction
+        ):
+            continue  # positional arguments have no default
+        shown = formatter._get_help_string(action) or ""
+        assert "default" in shown or "deprecated alias" in shown, f"{name}: {shown!r}"
+        if action.dest == "log_level":
+            assert action.choices == ["debug", "info", "warning", "error"]
+    help_text = subprocess.run(
+        [sys.executable, "-m", "trio_hibernate", "serve", "--help"],
+        capture_output=True,
+        timeout=30,
+        cwd=ROOT,
+        check=True,
+    ).stdout.decode()
+    assert "(default: 127.0.0.1)" in help_text
+    assert "(default: 256M)" in help_text
+
+
+def test_serve_flags_are_named_after_the_api() -> None:
+    """Each flag of ``serve`` is an ``open_server``/``open_host`` keyword (``--x-y`` for
+    ``x_y``) or a ``Limits`` field, so a reader of either finds the other."""
+    import inspect
+
+    import attrs
+
+    from trio_hibernate import Limits
+    from trio_hibernate._host import open_host
+    from trio_hibernate._server import serve_objects
+
+    api = {
+        *inspect.signature(open_host.__wrapped__).parameters,  # type: ignore[attr-defined]
+        *inspect.signature(serve_objects).parameters,
+        *(field.name for field in attrs.fields(Limits)),
+        "allowed_origin",  # repeatable: one origin each, collected into allowed_origins
+    }
+    cli_only = {"help", "app", "reload", "log_level"}
+    for command, action in _options():
+        if command != "serve" or action.dest in cli_only:
+            continue
+        primary = action.option_strings[0]
+        if "deprecated alias" in (action.help or ""):
+            assert action.dest in api, primary
+            continue
+        assert primary.removeprefix("--").replace("-", "_") in api, primary
+        assert action.dest in api, primary
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "value", "expected"),
+    [
+        ("--shutdown-timeout", "--close-timeout", "5", ("close_timeout", 5.0)),
+        ("--host", "--address", "0.0.0.0", ("address", "0.0.0.0")),
+    ],
+)
+def test_old_flag_names_still_work_and_warn(
+    old: str,
+    new: str,
+    value: str,
+    expected: tuple[str, object],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from trio_hibernate._cli import _parser
+
+    args = _parser().parse_args(["serve", "app.py", old, value])
+    assert getattr(args, expected[0]) == expected[1]
+    assert capsys.readouterr().err == (
+        f"trio-hibernate: {old} is deprecated; use {new} (the same as open_host's keyword)\n"
+    )
+    args = _parser().parse_args(["serve", "app.py", new, value])
+    assert getattr(args, expected[0]) == expected[1]
+    assert capsys.readouterr().err == ""
+
+
+def test_reload_without_watchfiles_says_what_to_install() -> None:
+    blocked = (
+        "import sys; sys.modules['watchfiles'] = None; "
+        "from trio_hibernate._cli import main; "
+        "sys.exit(main(['serve', 'examples/chat.py', '--reload']))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", blocked], capture_output=True, timeout=30, cwd=ROOT, check=False
+    )
+    assert result.returncode == 2
+    assert result.stderr.decode().splitlines() == [
+        "trio-hibernate: --reload needs watchfiles: pip install 'trio-hibernate[reload]'"
+    ]

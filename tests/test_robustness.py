@@ -395,7 +395,14 @@ async def test_messages_queued_for_a_busy_object_are_bounded_in_bytes() -> None:
     message = b"m" * (256 * 1024)
     app = App({"echo": Busy})
     async with open_server(app, limits=limits) as server:
-        async with open_raw_websocket(server.port, "/echo/busy") as raw:
+        async with (
+            open_raw_websocket(server.port, "/echo/busy") as busy,
+            open_raw_websocket(server.port, "/echo/busy") as raw,
+        ):
+            # The object is busy with another socket's message (a socket's own busy turn
+            # only stops its reading: see the next test).
+            await busy.send_raw(client_frame(0x2, b"busy"))
+            await settle()
             async with trio.open_nursery() as nursery:
                 # 64 x 256 KiB = 16 MiB offered; the kernel buffers some, we hold ~1 MiB.
                 nursery.start_soon(
@@ -408,9 +415,48 @@ async def test_messages_queued_for_a_busy_object_are_bounded_in_bytes() -> None:
                 assert held >= limits.max_queued_bytes_per_websocket
                 release.set()
             with trio.fail_after(WAIT_SECONDS):
-                while len(received) < 64:
+                while len(received) < 65:
                     await settle()
-            assert received == [b"%04d" % i for i in range(64)]  # nothing lost, in order
+            # Nothing lost, in order.
+            assert received == [b"busy"] + [b"%04d" % i for i in range(64)]
+            assert server.host.statistics().buffered_bytes == 0
+
+
+async def test_a_socket_whose_turn_is_slow_is_not_read_meanwhile() -> None:
+    """A message's turn runs in its connection's task when the object is idle (an
+    inline turn): while it runs, that socket is not read, so nothing queues for it (the
+    peer's bytes wait in the kernel), and its messages still run in order."""
+    from trio_hibernate import Limits
+
+    release = trio.Event()
+    received: list[bytes] = []
+
+    class Busy(Echo):
+        async def websocket_message(self, ws: WebSocket, message: str | bytes) -> None:
+            await release.wait()
+            assert isinstance(message, bytes)
+            received.append(message[:4])
+
+    limits = Limits(max_queued_bytes_per_websocket=2**20)
+    message = b"m" * (256 * 1024)
+    app = App({"echo": Busy})
+    async with open_server(app, limits=limits) as server:
+        async with open_raw_websocket(server.port, "/echo/busy") as raw:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    raw.send_raw,
+                    b"".join(client_frame(0x2, b"%04d" % i + message[4:]) for i in range(16)),
+                )
+                await settle()
+                stats = server.host.object_statistics("echo", "busy")
+                assert stats.queued_events == 0
+                # The message being handled, plus at most one read's worth of the next.
+                assert server.host.statistics().buffered_bytes <= 2 * len(message)
+                release.set()
+            with trio.fail_after(WAIT_SECONDS):
+                while len(received) < 16:
+                    await settle()
+            assert received == [b"%04d" % i for i in range(16)]
             assert server.host.statistics().buffered_bytes == 0
 
 

@@ -143,10 +143,17 @@ async def test_shutdown_says_how_many_connections_it_waits_for(
 
 
 async def flood(port: int, *, task_status: trio.TaskStatus[None]) -> None:
-    """Keep the object busy, fill its queue and send more; answer the server's Close
-    only once the server has read everything it was going to read."""
-    async with open_raw_websocket(port, "/slow/a") as raw:
-        await raw.send(TextMessage("slow"))
+    """Keep the object busy (from a second socket: a socket's own slow turn would only
+    stop its reading), fill its queue and send more; answer the server's Close only
+    once the server has read everything it was going to read."""
+    async with (
+        open_raw_websocket(port, "/slow/a") as busy,
+        open_raw_websocket(port, "/slow/a") as raw,
+        trio.open_nursery() as nursery,
+    ):
+        await busy.send(TextMessage("slow"))
+        await settle()  # its turn runs
+        nursery.start_soon(answer_the_close, busy)
         for n in range(10):
             await raw.send(TextMessage(f"more {n}"))
         task_status.started()

@@ -23,7 +23,8 @@ a :func:`open_host` and hand it sockets.
 # The runtime is the Trio layer for objects, flat as trio keeps its high-level modules:
 # _host (the public Host facade and open_host), _runtime (the internal Runtime behind
 # it), _directory (an object's entry, its address), _connections (the connections it serves),
-# _supervisor (one object's activations and turns), _critical (critical sections and
+# _supervisor (one object's activations), _activation (an activation and how a turn runs on it,
+# in the supervisor or inline in a connection task), _critical (critical sections and
 # resets: ctx.block_concurrency_while, ctx.abort), _reaper (idle objects), _containment
 # (the one place application code's exceptions are caught), _stubs, _oneshot.
 #

@@ -1,4 +1,5 @@
-"""``python -m trio_hibernate serve MODULE:APP``: see ``trio_hibernate._cli``."""
+"""``python -m trio_hibernate serve MODULE:APP`` (or ``--version``): see
+``trio_hibernate._cli``."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ and ``trio-hibernate connect URL``, a reconnecting client for debugging
 
 Signals (see :func:`~trio_hibernate.wait_for_shutdown_signal`): SIGTERM and SIGINT close
 every WebSocket with 1001 and exit 0 as soon as every client has answered, after
-``--shutdown-timeout`` at most; SIGUSR1 does the same with 1012 (service restart: clients
+``--close-timeout`` at most; SIGUSR1 does the same with 1012 (service restart: clients
 reconnect at once); a second one of these exits at once with status 130. SIGHUP loads the
 app's code again in place, keeping every socket connected, as ``--reload`` does when a
 source file changes. Ctrl-C while the app loads or the server starts exits with 130.
@@ -13,15 +13,14 @@ source file changes. Ctrl-C while the app loads or the server starts exits with 
 from __future__ import annotations
 
 import argparse
-import importlib
+import importlib.metadata
 import importlib.util
 import logging
 import signal
 import sys
 import traceback
-from pathlib import Path
-from types import ModuleType
-from typing import Final
+from collections.abc import Sequence
+from typing import Any, Final
 
 import trio
 
@@ -30,16 +29,17 @@ from ._compression import WebSocketCompression
 from ._errors import AppLoadError, StorageError
 from ._host import Host
 from ._limits import Limits
+from ._loading import AppSource, load_app, reload, reload_on_change
 from ._server import open_server
 from ._signals import wait_for_shutdown_signal
+from ._version import __version__
 from .client import Backoff
 from .client._console import connect
 
-__all__ = ["load_app", "main"]
+__all__ = ["load_app", "main", "version"]
 
 log = logging.getLogger("trio_hibernate.cli")
 
-_RELOAD_POLL_SECONDS: Final = 0.5
 #: ``--websocket-compression`` choices.
 _COMPRESSION: Final = {
     "off": None,
@@ -48,108 +48,31 @@ _COMPRESSION: Final = {
 }
 
 
-def _module_from_file(path: Path) -> ModuleType:
-    # Compiled from source every time: a cached .pyc is validated by whole-second mtime
-    # and size, so an edit of the same length within a second would load stale code.
-    name = f"_trio_hibernate_app_{path.stem}"
-    module = ModuleType(name)
-    module.__file__ = str(path)
-    code = compile(path.read_bytes(), str(path), "exec")
-    sys.modules[name] = module
-    exec(code, module.__dict__)
-    return module
-
-
-def load_app(spec: str, *, fresh: bool = False) -> tuple[App, Path | None]:
-    """Load ``MODULE[:ATTR]`` or ``path/to/file.py[:ATTR]`` (ATTR defaults to ``app``).
-
-    ATTR may be an :class:`App` or a function returning one. With ``fresh``, the module
-    is executed again (a code update). Returns the app and the source file, if known.
-
-    Raises:
-        AppLoadError: the spec does not name an App. Errors raised by the module itself
-            (a SyntaxError, say) propagate unchanged.
-    """
-    target, _, attr = spec.partition(":")
-    attr = attr or "app"
-    if target.endswith(".py") or "/" in target:
-        path = Path(target).resolve()
-        if not path.is_file():
-            raise AppLoadError(f"no such file: {path}")
-        module = _module_from_file(path)
-    else:
-        if str(Path.cwd()) not in sys.path:
-            sys.path.insert(0, str(Path.cwd()))
-        try:
-            module = importlib.import_module(target)
-        except ModuleNotFoundError as exc:
-            if exc.name != target.split(".")[0] and exc.name != target:
-                raise
-            raise AppLoadError(f"no module named {target!r} (from {Path.cwd()})") from None
-        if fresh:
-            source = getattr(module, "__file__", None)
-            if source is not None:  # see _module_from_file: never trust the .pyc here
-                Path(importlib.util.cache_from_source(source)).unlink(missing_ok=True)
-            module = importlib.reload(module)
-    found = getattr(module, attr, None)
-    if found is None:
-        raise AppLoadError(f"{target} has no attribute {attr!r}")
-    if not isinstance(found, App) and callable(found):
-        found = found()
-    if not isinstance(found, App):
-        raise AppLoadError(f"{spec} is a {type(found).__name__}, not a trio_hibernate.App")
-    source = getattr(module, "__file__", None)
-    return found, None if source is None else Path(source)
-
-
-def _watched_files(source: Path) -> dict[Path, tuple[int, int]]:
-    files = {source, *source.parent.glob("*.py")}
-    seen = {}
-    for path in files:
-        try:
-            stat = path.stat()
-        except OSError:
-            continue  # deleted between glob and stat: its absence is the change
-        seen[path] = (stat.st_mtime_ns, stat.st_size)
-    return seen
-
-
-async def _reload(host: Host, spec: str) -> None:
+def version() -> str:
+    """The installed distribution's version (its metadata), else the package's own."""
     try:
-        app, _ = load_app(spec, fresh=True)
-    except Exception:  # a code update must never take the service down: keep the old code
-        log.exception("reloading %s failed; still serving the previous code", spec)
-        return
-    await host.replace_app(app)
-    log.info("reloaded %s: objects will be built from the new code", spec)
+        return importlib.metadata.version("trio-hibernate")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        return __version__
 
 
-async def _watch(host: Host, spec: str, source: Path) -> None:
-    seen = _watched_files(source)
-    while True:
-        await trio.sleep(_RELOAD_POLL_SECONDS)
-        now = _watched_files(source)
-        if now != seen:
-            seen = now
-            await _reload(host, spec)
-
-
-async def _reload_on_sighup(host: Host, spec: str) -> None:
+async def _reload_on_sighup(host: Host, source: AppSource) -> None:
     with trio.open_signal_receiver(signal.SIGHUP) as received:
         async for _ in received:
-            await _reload(host, spec)
+            await reload(host, source, "SIGHUP")
 
 
-async def _serve(app: App, args: argparse.Namespace, source: Path | None) -> int:
+async def _serve(app: App, args: argparse.Namespace, source: AppSource) -> int:
     serving = False
     try:
         async with open_server(
             app,
-            args.host,
+            args.address,
             args.port,
             data_dir=args.data_dir,
             idle_timeout=args.idle_timeout,
-            close_timeout=args.shutdown_timeout,
+            hibernate_after_every_event=args.hibernate_after_every_event,
+            close_timeout=args.close_timeout,
             handshake_timeout=args.handshake_timeout,
             request_timeout=args.request_timeout,
             partial_message_timeout=args.partial_message_timeout,
@@ -159,7 +82,7 @@ async def _serve(app: App, args: argparse.Namespace, source: Path | None) -> int
                 max_message_bytes=args.max_message_bytes,
                 max_send_buffer_bytes=args.max_send_buffer_bytes,
             ),
-            allowed_origins=args.allowed_origin,
+            allowed_origins=args.allowed_origins,
             max_connections=args.max_connections,
             max_open_databases=args.max_open_databases,
             websocket_compression=_COMPRESSION[args.websocket_compression],
@@ -172,9 +95,9 @@ async def _serve(app: App, args: argparse.Namespace, source: Path | None) -> int
                 flush=True,
             )
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_reload_on_sighup, server.host, args.app)
-                if args.reload and source is not None:
-                    nursery.start_soon(_watch, server.host, args.app, source)
+                nursery.start_soon(_reload_on_sighup, server.host, source)
+                if args.reload:
+                    nursery.start_soon(reload_on_change, server.host, source)
                 await wait_for_shutdown_signal(server)
                 nursery.cancel_scope.cancel()
     except (StorageError, ValueError, OSError) as exc:
@@ -183,7 +106,7 @@ async def _serve(app: App, args: argparse.Namespace, source: Path | None) -> int
         if isinstance(exc, StorageError | ValueError):  # ValueError: max_connections
             return _fail(str(exc))
         # From binding the port (storage problems come as StorageError).
-        return _fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
+        return _fail(f"cannot listen on {args.address}:{args.port}: {exc.strerror or exc}")
     return 0
 
 
@@ -244,24 +167,106 @@ def _show_size(value: int) -> str:
     return str(value)
 
 
+_LOG_LEVELS: Final = ["debug", "info", "warning", "error"]
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: ...)`` after every option's help, unless the help already says
+    what the default is (a default of None or False means nothing by itself)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action) or text
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old flag that still works: stores into the new flag's ``dest`` and warns."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, *, new: str, **kw: Any) -> None:
+        self.new = new
+        kw["help"] = f"deprecated alias of {new}"
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, **kw)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        print(
+            f"trio-hibernate: {option_string} is deprecated; use {self.new} "
+            "(the same as open_host's keyword)",
+            file=sys.stderr,
+            flush=True,
+        )
+        setattr(namespace, self.dest, values)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="trio-hibernate", description="Serve hibernatable WebSocket objects."
+        prog="trio-hibernate",
+        description="Serve hibernatable WebSocket objects.",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {version()}", help="print the version"
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="serve an App over HTTP and WebSocket")
-    serve.add_argument("app", help="MODULE[:ATTR] or path/to/file.py[:ATTR] (ATTR: app)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8080, help="port (8080; 0 picks one)")
-    serve.add_argument("--data-dir", default=None, help="storage directory (in memory)")
+    serve = commands.add_parser(
+        "serve",
+        help="serve an App over HTTP and WebSocket",
+        description="Serve an App over HTTP and WebSocket. Flags are named after "
+        "open_host's and open_server's keyword arguments (docs/operations.md).",
+        formatter_class=_HelpFormatter,
+    )
     serve.add_argument(
-        "--idle-timeout", type=float, default=10.0, help="seconds before an idle object hibernates"
+        "app",
+        help="MODULE[:ATTR] or path/to/file.py[:ATTR]: an App, or a function returning "
+        "one (ATTR default: app); a file's folder goes on sys.path",
+    )
+    serve.add_argument("--address", default="127.0.0.1", metavar="ADDRESS", help="address to bind")
+    serve.add_argument(
+        "--host", dest="address", action=_DeprecatedAlias, new="--address", metavar="ADDRESS"
+    )
+    serve.add_argument(
+        "--port", type=int, default=8080, metavar="PORT", help="port to bind; 0 picks a free one"
+    )
+    serve.add_argument(
+        "--data-dir",
+        default=None,
+        metavar="DIR",
+        help="directory of the objects' databases (default: none, storage in memory)",
+    )
+    serve.add_argument(
+        "--idle-timeout",
+        type=_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds an idle object stays in memory before it hibernates",
+    )
+    serve.add_argument(
+        "--hibernate-after-every-event",
+        action="store_true",
+        help="strict mode: drop every instance after each event, so state kept only in "
+        "memory is lost at once (default: off)",
+    )
+    serve.add_argument(
+        "--close-timeout",
+        type=_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds to wait for a peer's answer to our Close (also at shutdown)",
     )
     serve.add_argument(
         "--shutdown-timeout",
-        type=float,
-        default=10.0,
-        help="seconds to wait for clients to answer the Close on shutdown",
+        dest="close_timeout",
+        action=_DeprecatedAlias,
+        new="--close-timeout",
+        type=_seconds,
+        metavar="SECONDS",
     )
     for flag, default, what in (
         ("--handshake-timeout", 10.0, "seconds a client has to send its HTTP request"),
@@ -273,7 +278,7 @@ def _parser() -> argparse.ArgumentParser:
         ),
         ("--call-timeout", 30.0, "seconds a stub call waits for its answer"),
     ):
-        serve.add_argument(flag, type=_seconds, default=default, help=f"{what} ({default:g})")
+        serve.add_argument(flag, type=_seconds, default=default, metavar="SECONDS", help=what)
     limits = Limits()
     for flag, default, what in (
         (
@@ -289,19 +294,26 @@ def _parser() -> argparse.ArgumentParser:
         ),
     ):
         serve.add_argument(
-            flag, type=_size, default=default, help=f"{what} ({_show_size(default)}; K/M/G)"
+            flag,
+            type=_size,
+            default=default,
+            metavar="SIZE",
+            help=f"{what}; K, M, G: binary units (default: {_show_size(default)})",
         )
     serve.add_argument(
         "--allowed-origin",
         action="append",
+        dest="allowed_origins",
         default=None,
-        help="let pages from this Origin open WebSockets (repeatable; '*' for any). "
-        "Default: a browser may connect only from this server's own origin",
+        metavar="ORIGIN",
+        help="let pages from this Origin open WebSockets (repeatable; '*' for any) "
+        "(default: a browser may connect only from this server's own origin)",
     )
     serve.add_argument(
         "--max-connections",
         type=int,
         default=None,
+        metavar="N",
         help="refuse clients with 503 past this many (default: the fd limit less 256 "
         "less 3 per open database)",
     )
@@ -309,18 +321,27 @@ def _parser() -> argparse.ArgumentParser:
         "--max-open-databases",
         type=int,
         default=None,
-        help="object databases open at once, 3 fds each (default: 1/8 of the fd limit "
-        "less 256); past it the least recently used idle one is closed",
+        metavar="N",
+        help="object databases open at once, 3 fds each; past it the least recently used "
+        "idle one is closed (default: 1/8 of the fd limit less 256)",
     )
     serve.add_argument(
         "--websocket-compression",
         choices=list(_COMPRESSION),
         default="off",
         help="permessage-deflate for clients that offer it: 'on' keeps no state per idle "
-        "socket; 'context-takeover' compresses more, at ~300 KB per socket (off)",
+        "socket; 'context-takeover' compresses more, at ~300 KB per socket",
     )
-    serve.add_argument("--reload", action="store_true", help="reload the app when its code changes")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--reload",
+        action="store_true",
+        help="when a .py file of the app's folder that it imported changes, import the "
+        "app and those modules again, keeping every WebSocket connected (needs the "
+        "'reload' extra: watchfiles) (default: off)",
+    )
+    serve.add_argument(
+        "--log-level", default="info", choices=_LOG_LEVELS, help="the least severe log shown"
+    )
     talk = commands.add_parser(
         "connect",
         help="talk to a WebSocket: send stdin lines, print messages, reconnect",
@@ -328,22 +349,29 @@ def _parser() -> argparse.ArgumentParser:
         "received; reconnect as trio_hibernate.client does (state changes on stderr). "
         "Exits 0 once stdin ends and every line is sent, 1 when the server says not to "
         "retry or the retries run out.",
+        formatter_class=_HelpFormatter,
     )
     talk.add_argument("url", help="ws://host:port/namespace/name[?...]")
     talk.add_argument(
-        "--reliable", action="store_true", help="send lines as ops the server acknowledges"
+        "--reliable",
+        action="store_true",
+        help="send lines as ops the server acknowledges (default: plain messages)",
     )
-    talk.add_argument("--client-id", default=None, help="the _pk to send (default: random)")
+    talk.add_argument("--client-id", default=None, help="the _pk to send (default: a random one)")
     talk.add_argument(
         "--max-retries",
         type=int,
         default=None,
-        help="failed reconnects in a row before giving up (default: never)",
+        help="failed reconnects in a row before giving up (default: never give up)",
     )
     talk.add_argument(
-        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
+        "--log-level", default="warning", choices=_LOG_LEVELS, help="the least severe log shown"
     )
     return parser
+
+
+def _has_watchfiles() -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in ("watchfiles", "anyio"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,9 +390,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "connect":
         return _connect(args)
+    if args.reload and not _has_watchfiles():
+        return _fail("--reload needs watchfiles: pip install 'trio-hibernate[reload]'")
     try:
+        source = AppSource(args.app)
         try:
-            app, source = load_app(args.app)
+            app = source.load()
         except AppLoadError as exc:
             return _fail(str(exc))
         except Exception:  # the app's own code raised: show where, then stop

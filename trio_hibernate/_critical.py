@@ -69,7 +69,6 @@ class Holder(Protocol):
 
     turn_lock: trio.Lock
     owner: trio.lowlevel.Task | None
-    scope: trio.CancelScope
     commit: TurnCommit | None
     blocking: int
     stopped: trio.Event
@@ -77,6 +76,9 @@ class Holder(Protocol):
 
     def reset(self, why: str) -> None:
         """Reset the object: no event runs on this instance again (rule 5)."""
+
+    def cancel(self) -> None:
+        """Cancel the activation's tasks, and the turn it runs (in any task)."""
 
 
 @final
@@ -242,5 +244,5 @@ class CriticalSections:
         self._log.error("%s reset by ctx.abort(): %s", self._label, text)
         self._reset(f"ctx.abort(): {text}")
         if not self.constructing:
-            activation.scope.cancel()  # the running turn and the object's tasks fail
+            activation.cancel()  # the running turn and the object's tasks fail
         raise ObjectAborted(text)

@@ -14,12 +14,12 @@ from ._core.directory import Settings
 from ._storage.settings import SettingsIndex
 
 if TYPE_CHECKING:
+    from ._activation import Activation, TurnRunner
     from ._core.events import Event
     from ._core.lifecycle import ObjectCore
     from ._ids import ObjectId
     from ._object import DurableObject
     from ._storage.alarms import AlarmKey
-    from ._supervisor import Activation
 
 __all__ = ["EntryOwner", "LoggedSettings", "ObjectEntry"]
 
@@ -67,6 +67,17 @@ class ObjectEntry:
     def deliver(self, event: Event) -> None:
         """Queue ``event`` for the object, waking it if it is hibernated."""
         self.owner.deliver(self, event)
+
+    def inline_turns(self) -> TurnRunner | None:
+        """What runs a message's turn in a connection's own task, when the live
+        instance can take one now (see ``_activation.py``); None: deliver it."""
+        activation = self.activation
+        if activation is None:
+            return None
+        runner = activation.runner
+        if runner is None or not runner.can_run_inline():
+            return None
+        return runner
 
     def forget_if_unused(self) -> None:
         """Drop the object from memory if it has nothing left to do."""

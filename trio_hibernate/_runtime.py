@@ -345,7 +345,7 @@ class Runtime:
             self.closing = True
             for entry in self.objects:
                 if entry.activation is not None:
-                    entry.activation.scope.cancel()
+                    entry.activation.cancel()
             code = self.shutdown_close_code
             reason = "service restart" if code == 1012 else "going away"
             self.connections.begin_shutdown(code, reason, grace)

@@ -51,8 +51,9 @@ class Parkable(Protocol):
     """An activation, as seen here."""
 
     @property
-    def idle(self) -> bool:
-        """Parked, waiting for an event (its last turn and commit are over)."""
+    def at_rest(self) -> bool:
+        """Parked, waiting for an event (its last turn and commit are over, and no
+        connection runs a turn of it)."""
         ...
 
     @property
@@ -91,7 +92,7 @@ def busy_objects(entries: Iterable[RestingEntry]) -> list[str]:
             # replies held by the output gate.
             why = "its storage commit is running"
         elif state is ObjectState.HIBERNATED or (
-            state is ObjectState.LIVE and activation is not None and activation.idle
+            state is ObjectState.LIVE and activation is not None and activation.at_rest
         ):
             continue  # at rest
         elif state is ObjectState.LIVE:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 import outcome
 import trio
 
+from ._activation import Activation, TurnRunner
 from ._containment import Containment, ObjectLog, abort_ends_here, object_log
 from ._context import ObjectContext, handles_of
 from ._core.codec import decode_data
@@ -38,7 +39,6 @@ from ._core.events import (
     FetchEvent,
     MessageEvent,
 )
-from ._core.gate import OutputGate
 from ._critical import CriticalSections
 from ._errors import ConnectionIdError, LimitExceededError, StorageCommitError
 from ._http import Response
@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from ._storage.backend import StorageBackend
     from ._stubs import Namespace
 
-__all__ = ["Activation", "SupervisedEntry", "Supervisor", "SupervisorServices"]
+__all__ = ["SupervisedEntry", "Supervisor", "SupervisorServices"]
 
 _TURNS_PER_CHECKPOINT: Final = 16
 
@@ -132,68 +132,6 @@ class SupervisorServices(Protocol):
     def reaper(self) -> IdleReaper:
         """Told when an activation is idle (it stops those idle for ``idle_timeout``)."""
         ...
-
-
-class Activation:
-    """The live part of an object: its scope, wake-up lot, gate, storage, bookkeeping.
-
-    The runtime's handle on a running object (``entry.activation``): it can ask it to
-    stop (:meth:`request_stop`), cancel it (``scope``) and wait until it has (``stopped``).
-    """
-
-    __slots__ = (
-        "background",
-        "blocking",
-        "commit",
-        "gate",
-        "idle",
-        "lot",
-        "owner",
-        "reset_because",
-        "scope",
-        "stop_requested",
-        "stopped",
-        "turn_lock",
-    )
-
-    def __init__(self) -> None:
-        self.scope = trio.CancelScope()
-        self.lot = trio.lowlevel.ParkingLot()
-        self.gate = OutputGate()
-        self.commit: TurnCommit | None = None  # made when the storage is first used
-        self.turn_lock = trio.Lock()  # a turn and its commit, or an outside-turn commit
-        self.background = 0  # ctx.start_soon tasks still running
-        self.idle = False  # parked, waiting for an event
-        #: The task whose writes belong to the current turn (the supervisor during a
-        #: handler, or a start_soon task inside a transaction); others commit at once.
-        self.owner: trio.lowlevel.Task | None = None
-        self.stop_requested = False  # hibernate after the current turn
-        self.stopped = trio.Event()
-        #: Critical sections of ctx.start_soon tasks holding or waiting for the object:
-        #: a stop waits for them (an object is not evicted mid-section).
-        self.blocking = 0
-        #: Why the object is being reset (ctx.abort, a failed critical section), or None.
-        self.reset_because: str | None = None
-
-    def request_stop(self) -> None:
-        """Hibernate as soon as the current turn (if any) is over.
-
-        Graceful: nothing is cancelled (a cancellation could interrupt a turn or its
-        commit); an idle supervisor is woken up to notice.
-        """
-        self.stop_requested = True
-        self.lot.unpark_all()
-
-    def is_reset(self) -> bool:
-        """Whether the object is being reset (a method: the answer changes across awaits)."""
-        return self.reset_because is not None
-
-    def reset(self, why: str) -> None:
-        """Reset the object (see :mod:`._critical`): no event runs on this instance
-        again; the first reason given is kept."""
-        if self.reset_because is None:
-            self.reset_because = why
-        self.request_stop()
 
 
 class Supervisor:
@@ -295,11 +233,21 @@ class Supervisor:
             if instance is None:
                 return
             services.counters.woke()
+            dispatcher = _Dispatcher(services, entry, activation, instance, ctx, self._log)
+            runner = TurnRunner(
+                activation,
+                dispatcher.dispatch,
+                core,
+                services.reaper,
+                ((entry.namespace, entry.object_id, None),),
+                strict=lambda: services.hibernate_after_every_event,
+            )
+            activation.runner = runner  # connections may run turns inline
             try:
-                await self._run_turns(
-                    activation, _Dispatcher(services, entry, activation, instance, ctx, self._log)
-                )
+                await self._run_turns(activation, runner)
             finally:
+                activation.runner = None
+                await activation.inline_turn_over()
                 if services.closing:
                     # Shutdown cancelled the activation (here, not in run: the host
                     # nursery's cancellation may carry the Cancelled past run's loop).
@@ -400,12 +348,12 @@ class Supervisor:
             ns == entry.namespace and oid == entry.object_id for ns, oid, _ in waiting_turns.get()
         )
 
-    async def _run_turns(self, activation: Activation, dispatcher: _Dispatcher) -> None:
+    async def _run_turns(self, activation: Activation, runner: TurnRunner) -> None:
         services = self._services
         core = self._entry.core
         reaper = services.reaper
         rests = reaper.rests
-        dispatch = dispatcher.dispatch
+        run_turn = runner.run
         turns = 0
         while True:
             if activation.stop_requested:  # asked for between turns, or a reset
@@ -415,7 +363,7 @@ class Supervisor:
             if not core.queued:
                 activation.idle = True
                 rests.object_rested()
-                if not activation.background:
+                if not activation.background and activation.inline is None:
                     reaper.idle_from(activation)  # the reaper stops it when it expires
                 try:
                     await activation.lot.park()
@@ -436,18 +384,7 @@ class Supervisor:
                 event = core.pop_event()
                 if event is None:
                     continue
-                activation.owner = trio.lowlevel.current_task()
-                try:
-                    with abort_ends_here:
-                        await dispatch(event)
-                finally:
-                    activation.owner = None
-                    commit = activation.commit
-                    if commit is not None:
-                        if not activation.is_reset():
-                            await commit.end_turn()
-                        else:
-                            commit.abandon()  # a reset: the turn's writes are not kept
+                await run_turn(event)
             finally:
                 lock.release()
             if services.hibernate_after_every_event or activation.stop_requested:

@@ -10,10 +10,12 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    import trio
+
     from .._app import App
     from .._core.budget import MemoryBudget
     from .._core.deflate import Compression
-    from .._core.events import Event
+    from .._core.events import Event, MessageEvent
     from .._core.lifecycle import ObjectCore
     from .._http import Request, Response
     from .._ids import ObjectId
@@ -21,7 +23,14 @@ if TYPE_CHECKING:
     from .._statistics import Counters
     from .._stubs import Namespace
 
-__all__ = ["Connection", "ConnectionOwner", "ListenerOwner", "ObjectLink", "ObjectTable"]
+__all__ = [
+    "Connection",
+    "ConnectionOwner",
+    "InlineTurns",
+    "ListenerOwner",
+    "ObjectLink",
+    "ObjectTable",
+]
 
 
 class Connection(Protocol):
@@ -31,9 +40,22 @@ class Connection(Protocol):
         """Host shutdown: close with ``code`` and run no handler."""
 
 
+class InlineTurns(Protocol):
+    """Runs a message's turn in the connection's own task (see ``_activation.py``)."""
+
+    async def run_inline(self, event: MessageEvent, scope: trio.CancelScope) -> None:
+        """Run the turn now; cancelling ``scope`` cancels it (the object was reset, the
+        host shuts down)."""
+
+
 class ObjectLink(Protocol):
     """An object, as a connection sees it: the one a request was routed to, or the one
     that accepted its WebSocket."""
+
+    def inline_turns(self) -> InlineTurns | None:
+        """What runs a message's turn in the connection's task, when the object can take
+        one now (live, idle, nothing queued); None: deliver it instead."""
+        ...
 
     @property
     def core(self) -> ObjectCore:

@@ -190,9 +190,22 @@ class WebSocketTransport:
         """Read frames until the socket's terminal event is decided or the peer is gone.
         A message cut short stays counted in ``held`` (see :meth:`release_held`).
 
+        A message's turn may run in this task (an inline turn, see ``_activation.py``),
+        inside a cancel scope the object's activation cancels when it is reset or the
+        host shuts down: then reading goes on in a fresh scope.
+
         Raises:
             trio.ClosedResourceError: The connection was aborted (its end is decided).
         """
+        while True:
+            with trio.CancelScope() as scope:
+                if not await self._read(scope):
+                    return
+            # An inline turn was cancelled with its object (the scope is spent): read on.
+
+    async def _read(self, scope: trio.CancelScope) -> bool:
+        """The read loop of :meth:`run`; True when ``scope`` was cancelled and must be
+        replaced (an inline turn was cancelled), False when the socket is done."""
         ws = self._ws
         record = self._record
         entry = self._entry
@@ -226,12 +239,12 @@ class WebSocketTransport:
                     size = self.held + added
                     if size > max_bytes:
                         self.fail(1009, f"Message is too large: {size} > {max_bytes}")
-                        return
+                        return False
                     if not budget.take(added):
                         self.fail(
                             1013, _over_budget(budget, f"a {size}-byte message", channel.peer())
                         )
-                        return
+                        return False
                     self.held = size
                     if not event.message_finished:
                         parts.append(chunk)
@@ -249,7 +262,14 @@ class WebSocketTransport:
                         if reply is not None:
                             self.send_message(reply)
                         continue
-                    deliver(MessageEvent(record, message, size))
+                    turns = entry.inline_turns()
+                    if turns is None:
+                        deliver(MessageEvent(record, message, size))
+                        continue
+                    await turns.run_inline(MessageEvent(record, message, size), scope)
+                    turns = None  # it holds the instance, which may hibernate now
+                    if scope.cancel_called:
+                        return True
                 elif kind is Ping:
                     assert isinstance(event, Ping)
                     if ws.state is ConnectionState.OPEN:
@@ -260,13 +280,13 @@ class WebSocketTransport:
                     if frame is not None:
                         self.writer.write(frame)
                     self._end(end)
-                    return
+                    return False
                 # Pong: nothing to do.
             if channel.dead:
                 # Lost while writing (reset by the peer), or aborted after the end was
                 # decided (then this changes nothing): the object must hear of it.
                 self._end(CloseEvent(record, 1006, _DROP_REASON, False))
-                return
+                return False
             if not self._terminal and should_pause_reading(record, limits):
                 # Backpressure: the object is behind; stop reading until it catches up
                 # (ObjectCore.pop_event calls resume_reading). Not while shutting down:
@@ -287,12 +307,12 @@ class WebSocketTransport:
                         f"message incomplete: no data for {owner.partial_message_timeout:g} s "
                         "(partial_message_timeout)",
                     )
-                    return
+                    return False
             else:
                 data = await channel.receive()
             if not data:
                 self._end(CloseEvent(record, 1006, _DROP_REASON, False))
-                return
+                return False
             ws.receive_data(data)
 
     def fail(self, code: int, reason: str) -> None:

@@ -230,6 +230,8 @@ class SqlStorage:
         Limits (``Limits.max_sql_*``, Cloudflare's by default): the query's size, the
         bindings, the columns of a table, the size of a string, BLOB or row.
 
+        Nothing the call did is kept when it raises.
+
         Raises:
             LimitExceededError: the query, the bindings, a column count or a value is
                 over its limit.
@@ -239,7 +241,6 @@ class SqlStorage:
             sqlite3.Error: the query holds no statement, a statement before the last
                 has parameters, or a statement failed.
             RuntimeError: a checkpoint is running (from a ``ctx.start_soon`` task).
-            Nothing the call did is kept when it raises.
         """
         state = self._state
         limits = state.limits
@@ -540,10 +541,11 @@ class Storage:
     async def put(self, key: str | Mapping[str, object], value: object = None) -> None:
         """Store ``value`` under ``key``, or every item of a mapping (all or nothing).
 
+        Nothing is stored when it raises.
+
         Raises:
             DataCloneError: a value is not data.
             LimitExceededError: a key, a value or the batch is over its limit.
-            Nothing is stored when any of these is raised.
         """
         await self._state.settled()
         if isinstance(key, str):

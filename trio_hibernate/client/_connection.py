@@ -121,7 +121,10 @@ class ReconnectingWebSocket:
     """
 
     url: str
+    """The URL every connection opens: the one given, with ``_pk`` set to the client id."""
     client_id: str
+    """The id sent as ``_pk`` each time (given, taken from the URL, or random): the
+    server's ``ws.id`` for this client, the same across reconnects."""
     _backoff: Backoff
     _rng: random_module.Random
     _reliable: bool
@@ -254,15 +257,15 @@ class ReconnectingWebSocket:
 
     # -- the connect loop -----------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, exchange messages, reconnect; until closed for good or stopped."""
         task_status.started()
         retries = 0
         ended = _Ended(connected=False, retry=True)
         try:
-            while not self.stopping():
+            while not self._is_stopping():
                 ended = await self._attempt()
-                if self.stopping():
+                if self._is_stopping():
                     break
                 if ended.uptime >= self._backoff.min_uptime_seconds:
                     retries = 0  # a connection that lasted: the failures are over
@@ -293,11 +296,11 @@ class ReconnectingWebSocket:
         finally:
             self._close_for_good(ended)
 
-    def stopping(self) -> bool:
+    def _is_stopping(self) -> bool:
         """Whether the ``async with`` block of :func:`open_client` has ended."""
         return self._stopping
 
-    def stop(self) -> None:
+    def _stop(self) -> None:
         """End the loop: close an open connection with 1000, cancel anything else."""
         self._stopping = True
         if self._exchange_scope is not None:
@@ -329,7 +332,7 @@ class ReconnectingWebSocket:
                     disconnect_timeout=self._disconnect_timeout,
                 ) as ws:
                     with trio.CancelScope() as self._exchange_scope:
-                        if self.stopping():  # stop() came during the connect
+                        if self._is_stopping():  # _stop() came during the connect
                             self._exchange_scope.cancel()
                         ended = await self._exchange(ws)
                     self._exchange_scope = None
@@ -472,8 +475,8 @@ async def open_client(
         on_event,
     )
     async with open_owned_nursery() as nursery:
-        await nursery.start(client.run)
+        await nursery.start(client._run)
         try:
             yield client
         finally:
-            client.stop()
+            client._stop()

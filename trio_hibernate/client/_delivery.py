@@ -57,7 +57,8 @@ async def deliver_once(
 
     Raises:
         ValueError: ``keep`` is less than 1.
-        Whatever ``storage.get`` and ``storage.put`` raise.
+
+    Whatever ``storage.get`` and ``storage.put`` raise propagates.
     """
     if keep < 1:
         raise ValueError(f"deliver_once keeps at least 1 op id, got keep={keep}")

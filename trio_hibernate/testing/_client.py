@@ -41,9 +41,6 @@ class ClientOwner(Protocol):
     async def settle(self, *, timeout: float | None = None) -> None:
         """Wait until every event delivered so far has been handled."""
 
-    def forget(self, client: TestWebSocket) -> None:
-        """``client`` has released its socket: the host no longer closes it at exit."""
-
 
 @final
 class TestWebSocket:
@@ -59,12 +56,19 @@ class TestWebSocket:
     __test__ = False  # not a pytest test class
 
     def __init__(
-        self, stream: trio.SocketStream, protocol: WSConnection, target: str, owner: ClientOwner
+        self,
+        stream: trio.SocketStream,
+        protocol: WSConnection,
+        target: str,
+        owner: ClientOwner,
+        holding: dict[TestWebSocket, None],
     ) -> None:
-        # Made by TestHost.connect().
+        # Made by TestHost.connect(). ``holding``: the host's clients that still hold
+        # their socket (closed at its exit); this one leaves it when it lets go.
         self._stream = stream
         self._ws = protocol
         self._owner = owner
+        self._holding = holding
         self._events: list[Event] = []
         self._parts: list[str | bytes] = []
         self.target = target
@@ -242,14 +246,19 @@ class TestWebSocket:
         await self._release()
 
     async def _release(self) -> None:
-        self._owner.forget(self)
+        self._holding.pop(self, None)
         await self._stream.aclose()
 
 
 async def handshake(
-    stream: trio.SocketStream, target: str, headers: list[tuple[str, str]], owner: ClientOwner
+    stream: trio.SocketStream,
+    target: str,
+    headers: list[tuple[str, str]],
+    owner: ClientOwner,
+    holding: dict[TestWebSocket, None],
 ) -> TestWebSocket:
-    """Run the client side of the upgrade on ``stream``."""
+    """Run the client side of the upgrade on ``stream``; the client then joins
+    ``holding`` (until it releases its socket)."""
     protocol = WSConnection(ConnectionType.CLIENT)
     encoded = [(k.encode(), v.encode()) for k, v in headers]
     await stream.send_all(protocol.send(Request(host="test", target=target, extra_headers=encoded)))
@@ -260,8 +269,9 @@ async def handshake(
         protocol.receive_data(data or None)
         for event in protocol.events():
             if isinstance(event, AcceptConnection):
-                client = TestWebSocket(stream, protocol, target, owner)
+                client = TestWebSocket(stream, protocol, target, owner, holding)
                 client._events.extend(protocol.events())
+                holding[client] = None
                 return client
             if isinstance(event, RejectConnection):
                 status = event.status_code

@@ -101,17 +101,12 @@ class TestHost:
         self.host.serve_socket(server_end)
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(client_end))
         try:
-            client = await handshake(stream, target, list((headers or {}).items()), self)
+            headers_list = list((headers or {}).items())
+            client = await handshake(stream, target, headers_list, self, self._clients)
         except BaseException:
             await stream.aclose()
             raise
-        self._clients[client] = None
         return client
-
-    def forget(self, client: TestWebSocket) -> None:
-        """``client`` released its socket (the clients call this): nothing to close at
-        exit. Not for tests."""
-        self._clients.pop(client, None)
 
     @property
     def open_clients(self) -> int:

@@ -245,10 +245,12 @@ class TurnCommit:
                 raise self._failed
             if gate.durable >= target:
                 return
-            if self._in_flight is None and storage.dirty:
+            if self._in_flight is not None:
+                await self._landed.wait()
+            elif storage.dirty:
                 await self._start_commit()
             else:
-                await self._landed.wait()
+                return  # rolled back meanwhile (a reset): nothing is left to flush
 
     @asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:
@@ -319,10 +321,8 @@ class TurnCommit:
             self._nursery.start_soon(self._flush)
 
     async def _flush(self) -> None:
-        """The flusher: make the commit in flight durable, release what the gate held for
-        it, and commit what the turns wrote meanwhile if the turn lock is free (else the
-        lock holder does, at its end). Runs until nothing is left in flight; shielded, so
-        a cancelled activation still waits for it (rule 6)."""
+        """The flusher (rules 2 and 6): flush the commit in flight, release its outputs,
+        commit what turns wrote meanwhile if the lock is free (else its holder will)."""
         storage = self.state
         lock = self._activation.turn_lock
         try:

@@ -36,11 +36,13 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def browser(session: nox.Session) -> None:
-    """The chat page in headless Chromium (needs Debian's ``chromium`` package)."""
+    """The chat page and the dashboard in headless Chromium (needs Debian's ``chromium``
+    package); screenshots go under pytest's ``tmp_path``."""
     session.install("-e", ".", *TEST_DEPS, "playwright>=1.40")
-    # Here a missing Playwright or Chromium fails the tests instead of skipping them.
+    # Here a missing Playwright or Chromium fails the tests instead of skipping them;
+    # -rP: the summary shows where each test saved its screenshot.
     env = {"TRIO_HIBERNATE_REQUIRE_BROWSER": "1"}
-    session.run("pytest", "-m", "browser", *session.posargs, env=env)
+    session.run("pytest", "-m", "browser", "-rP", *session.posargs, env=env)
 
 
 @nox.session(default=False)
@@ -93,8 +95,10 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmark against workerd and Python peers; writes docs/benchmarks.md.
 
-    ``-- --quick`` runs a short version (written to bench/.results/); other options of
-    ``bench/run.py`` pass through. workerd is installed from npm into bench/.peers/.
+    Every performance target in one run, each row saying whether it was met (about 20
+    minutes). ``-- --quick`` runs a short version (about 3 minutes, written to
+    bench/.results/); other options of ``bench/run.py`` pass through (``--scenarios``,
+    ``--servers``). workerd is installed from npm into bench/.peers/.
     """
     session.install("-e", ".", *BENCH_DEPS)
     invoked = " ".join(["nox -s bench", *(["--", *session.posargs] if session.posargs else [])])

@@ -10,13 +10,21 @@ comes back as a 34-byte frame; the plain TCP floor sends back the client's own 3
 
 Commands (``op`` and its arguments; every one is bounded by ``timeout`` seconds):
 
-* ``connect``: open ``count`` WebSockets to ``prefix + str(i)`` (or ``count`` to ``path``)
+* ``connect``: open ``count`` WebSockets to ``prefix + str(i)`` (``prefix + str(i //
+  per_path)`` with ``per_path``: that many sockets per path), or ``count`` to ``path``,
   into ``group``, ``concurrency`` handshakes at a time.
-* ``echo``: each socket of ``group`` keeps one message in flight (``kind``: ``text``,
-  ``auto`` for the ``"ping"`` auto-response, ``ping`` for protocol pings); counts replies
-  after ``warmup`` seconds for ``seconds`` (or until ``max_messages``).
+* ``echo``: each socket of ``group`` keeps ``in_flight`` messages in flight (``kind``:
+  ``text``, ``auto`` for the ``"ping"`` auto-response, ``ping`` for protocol pings,
+  ``put`` for 32-byte texts whose first 4 characters name one of 16 keys, each message
+  different); counts replies after ``warmup`` seconds for ``seconds`` (or until
+  ``max_messages``).
 * ``broadcast``: ``sender``'s one socket keeps ``in_flight`` broadcasts going; counts the
   deliveries at the ``subs`` sockets.
+* ``rooms``: the sockets of ``group`` are rooms of ``room_size`` consecutive sockets (as
+  ``connect`` with ``per_path`` opens them); messages are sent from random sockets at
+  ``rate`` per socket per second (a Poisson process, seeded: every server gets the same
+  sequence), each stamped with its send time; every socket of the room should get it.
+  Returns the deliveries lost and the latency percentiles of the measured window.
 * ``rtt``: one round trip per socket of ``group``, one after the other; microseconds each.
 * ``cycles``: each socket sends, waits for the reply, idles ``gap`` seconds, sends again,
   until ``count`` replies (a hibernate/wake cycle each when ``gap`` > the idle timeout).
@@ -27,6 +35,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
+import resource
 import select
 import socket
 import struct
@@ -42,6 +52,8 @@ _TEXT: Final = 0x1
 _PING: Final = 0x9
 _RECV: Final = 65536
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
+#: ``rooms`` messages start with the sequence number (16 digits) and the send time (20).
+_STAMP_BYTES: Final = 36
 
 
 class LoadError(Exception):
@@ -54,6 +66,23 @@ def client_frame(opcode: int, payload: bytes) -> bytes:
         raise ValueError("payloads under 126 bytes only")
     masked = bytes(b ^ _MASK[i % 4] for i, b in enumerate(payload))
     return bytes((0x80 | opcode, 0x80 | len(payload))) + _MASK + masked
+
+
+#: ``put`` messages: this many different frames, sent in turn.
+_PUT_FRAMES: Final = 256
+#: ``put`` messages: the first 4 characters name one of this many keys.
+_PUT_KEYS: Final = 16
+
+
+def request_frames(kind: str, payload: int, raw: bool) -> tuple[list[bytes], int]:
+    """The frames a client sends for ``kind`` (in turn) and the size of the server's reply."""
+    if kind == "put":
+        frames = [
+            client_frame(_TEXT, f"{i % _PUT_KEYS:04d}{i:028d}".encode()) for i in range(_PUT_FRAMES)
+        ]
+        return frames, len(frames[0]) if raw else 2 + 32
+    frame, reply = request_and_reply(kind, payload, raw)
+    return [frame], reply
 
 
 def request_and_reply(kind: str, payload: int, raw: bool) -> tuple[bytes, int]:
@@ -87,6 +116,7 @@ class LoadGen:
         count: int,
         prefix: str = "",
         path: str = "",
+        per_path: int = 1,
         concurrency: int = 64,
         timeout: float = 120.0,
     ) -> dict[str, Any]:
@@ -99,7 +129,7 @@ class LoadGen:
         try:
             while opened < count or pending:
                 while opened < count and len(pending) < concurrency:
-                    target = path or f"{prefix}{opened}"
+                    target = path or f"{prefix}{opened // per_path}"
                     sock = self._open(target, deadline)
                     ep.register(sock.fileno(), select.EPOLLIN)
                     pending[sock.fileno()] = (sock, bytearray())
@@ -152,13 +182,17 @@ class LoadGen:
         kind: str = "text",
         payload: int = 32,
         raw: bool = False,
+        in_flight: int = 1,
         warmup: float = 1.0,
         seconds: float = 5.0,
         max_messages: int = 0,
         timeout: float = 600.0,
     ) -> dict[str, Any]:
         sockets = self._group(group)
-        frame, reply = request_and_reply(kind, payload, raw)
+        frames, reply = request_frames(kind, payload, raw)
+        frame = frames[0]
+        ring = len(frames)
+        turn = 0
         by_fd = {s.fileno(): s for s in sockets}
         receive = {fd: s.recv_into for fd, s in by_fd.items()}
         send = {fd: s.send for fd, s in by_fd.items()}
@@ -169,7 +203,9 @@ class LoadGen:
             for fd in by_fd:
                 ep.register(fd, select.EPOLLIN)
             for sock in sockets:
-                sock.send(frame)
+                for _ in range(in_flight):
+                    sock.send(frames[turn % ring])
+                    turn += 1
             count = 0
             now = start = time.perf_counter()
             measure_from = start + warmup
@@ -187,7 +223,11 @@ class LoadGen:
                     while n >= reply:
                         n -= reply
                         count += 1
-                        send[fd](frame)
+                        if ring == 1:
+                            send[fd](frame)
+                        else:
+                            send[fd](frames[turn % ring])
+                            turn += 1
                     rx[fd] = n
                 now = time.perf_counter()
                 if base is None and now >= measure_from:
@@ -201,11 +241,17 @@ class LoadGen:
                     break
             measured = count - (base or 0)
             elapsed = now - base_time
-            # Every socket has exactly one request out: wait for those replies.
-            self._drain(ep, by_fd, rx, reply, len(sockets) * reply)
+            # Every socket has exactly ``in_flight`` requests out: wait for those replies.
+            self._drain(ep, by_fd, rx, reply, len(sockets) * in_flight * reply)
         finally:
             ep.close()
-        return {"messages": measured, "seconds": elapsed, "rate": measured / elapsed}
+        return {
+            "messages": measured,
+            "seconds": elapsed,
+            "rate": measured / elapsed,
+            # Every reply of the call, warm-up and drain included (CPU per message).
+            "all_messages": count + len(sockets) * in_flight,
+        }
 
     def _drain(
         self,
@@ -305,6 +351,8 @@ class LoadGen:
             "broadcasts": sent,
             "seconds": elapsed,
             "rate": measured / elapsed,
+            # Every delivery of the call, warm-up and drain included (CPU per message).
+            "all_messages": sent * nsubs,
         }
 
     def rtt(
@@ -376,6 +424,143 @@ class LoadGen:
         elapsed = time.perf_counter() - start
         return {"messages": received, "seconds": elapsed, "rate": received / elapsed}
 
+    def rooms(
+        self,
+        group: str,
+        room_size: int,
+        rate: float,
+        payload: int = 64,
+        warmup: float = 3.0,
+        seconds: float = 10.0,
+        drain: float = 5.0,
+        seed: int = 13,
+        timeout: float = 600.0,
+    ) -> dict[str, Any]:
+        sockets = self._group(group)
+        if payload < _STAMP_BYTES or payload >= 126:
+            raise ValueError(f"rooms: payload {payload} B, must be {_STAMP_BYTES}-125")
+        if len(sockets) % room_size:
+            raise ValueError(f"rooms: {len(sockets)} sockets are not rooms of {room_size}")
+        delivery = 2 + payload  # an unmasked server frame: 2-byte header + payload
+        header = bytes((0x80 | _TEXT, payload))
+        fds = [s.fileno() for s in sockets]
+        by_fd = dict(zip(fds, sockets, strict=True))
+        pending: dict[int, bytearray] = {fd: bytearray() for fd in fds}
+        rng = random.Random(seed)
+        per_second = rate * len(sockets)
+        #: seq -> deliveries still owed (room_size at the send); measured or not.
+        owed: dict[int, int] = {}
+        measured_seqs: set[int] = set()
+        latencies: list[int] = []  # ns, deliveries of measured messages
+        closed: set[int] = set()
+        sent = sent_measured = deliveries = unexpected = skipped = 0
+        clock = time.perf_counter_ns
+        ep = select.epoll()
+        try:
+            for fd in fds:
+                ep.register(fd, select.EPOLLIN)
+            start = time.perf_counter()
+            measure_from = start + warmup
+            measure_from_ns = int(measure_from * 1e9)  # perf_counter_ns: the same clock
+            end = measure_from + seconds
+            due = start + rng.expovariate(per_second)
+            while True:
+                now = time.perf_counter()
+                if now - start > timeout:
+                    raise LoadError("rooms: timed out")
+                sending = now < end
+                while sending and due <= now:
+                    index = rng.randrange(len(fds))
+                    due += rng.expovariate(per_second)
+                    fd = fds[index]
+                    if fd in closed:
+                        skipped += 1
+                        continue
+                    stamp = clock()
+                    body = f"{sent:>16}{stamp:>20}".encode().ljust(payload, b".")
+                    frame = client_frame(_TEXT, body)
+                    try:
+                        if by_fd[fd].send(frame) != len(frame):
+                            raise LoadError("rooms: a send did not fit the socket buffer")
+                    except ConnectionError:
+                        closed.add(fd)
+                        ep.unregister(fd)
+                        skipped += 1
+                        continue
+                    owed[sent] = room_size
+                    if stamp >= measure_from_ns:
+                        measured_seqs.add(sent)
+                        sent_measured += 1
+                    sent += 1
+                if not sending and (not owed or now > end + drain):
+                    break
+                wait = min(0.05, max(0.0, due - now)) if sending else 0.05
+                for fd, _ in ep.poll(wait):
+                    if fd in closed:  # closed by a failed send in this batch
+                        continue
+                    try:
+                        data = by_fd[fd].recv(_RECV)
+                    except ConnectionError:
+                        data = b""
+                    received = clock()
+                    if not data:
+                        closed.add(fd)
+                        ep.unregister(fd)
+                        continue
+                    buf = pending[fd]
+                    buf += data
+                    offset = 0
+                    while len(buf) - offset >= delivery:
+                        if buf[offset : offset + 2] != header:
+                            got = bytes(buf[offset : offset + 2])
+                            raise LoadError(f"rooms: a frame with header {got!r}, not {header!r}")
+                        seq = int(buf[offset + 2 : offset + 18])
+                        stamp = int(buf[offset + 18 : offset + 38])
+                        offset += delivery
+                        left = owed.get(seq)
+                        if left is None:
+                            unexpected += 1
+                            continue
+                        deliveries += 1
+                        if left == 1:
+                            del owed[seq]
+                        else:
+                            owed[seq] = left - 1
+                        if seq in measured_seqs:
+                            latencies.append(received - stamp)
+                    del buf[:offset]
+        finally:
+            ep.close()
+        lost_measured = sum(left for seq, left in owed.items() if seq in measured_seqs)
+        latencies.sort()
+
+        def ms(fraction: float) -> float | None:
+            if not latencies:
+                return None
+            return latencies[min(len(latencies) - 1, int(fraction * len(latencies)))] / 1e6
+
+        return {
+            "sockets": len(sockets),
+            "rooms": len(sockets) // room_size,
+            "sent": sent_measured,
+            "expected": sent_measured * room_size,
+            "deliveries": len(latencies),
+            "lost": lost_measured,
+            "lost_all": sum(owed.values()),
+            "unexpected": unexpected,
+            "closed": len(closed),
+            "skipped": skipped,
+            "all_messages": deliveries,
+            "all_sent": sent,
+            "seconds": seconds,
+            "rate": len(latencies) / seconds,
+            "p50_ms": ms(0.50),
+            "p90_ms": ms(0.90),
+            "p99_ms": ms(0.99),
+            "p999_ms": ms(0.999),
+            "max_ms": latencies[-1] / 1e6 if latencies else None,
+        }
+
     def close(self, group: str) -> dict[str, Any]:
         sockets = self.groups.pop(group, [])
         for sock in sockets:
@@ -394,6 +579,9 @@ def main() -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
+    # 10,000 client sockets must fit: take the hard descriptor limit.
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     gen = LoadGen(args.host, args.port)
     commands: dict[str, Callable[..., dict[str, Any]]] = {
         "connect": gen.connect,
@@ -401,6 +589,7 @@ def main() -> int:
         "broadcast": gen.broadcast,
         "rtt": gen.rtt,
         "cycles": gen.cycles,
+        "rooms": gen.rooms,
         "close": gen.close,
     }
     for line in sys.stdin:

@@ -7,7 +7,10 @@ Served as ``python -m trio_hibernate serve bench/th_app.py:app --port 0``:
   is the default one (trivial), as the wake-latency target asks.
 * ``/broadcast/<name>``: one object holds every socket of the room; a message from any of
   them is sent to all of them, the sender included (``get_websockets()`` loop calling
-  ``send``).
+  ``send``). The many-rooms run uses one such object per room.
+* ``/writer/<name>``: each message ``m`` is one turn that does ``storage.put(m[:4], m)``
+  and sends ``m`` back; the reply is held until the turn's write is durable (served with
+  ``--data-dir`` for the durable-writes run).
 
 The workerd peer (``bench/workerd/bench.js``) and the Python peers (``bench/peer_*.py``)
 serve the same paths with the same behaviour.
@@ -57,4 +60,16 @@ class Broadcast(DurableObject):
             peer.send(message)
 
 
-app = App({"echo": Echo, "broadcast": Broadcast})
+class Writer(DurableObject):
+    """Stores each message under its first 4 characters, then acknowledges it."""
+
+    async def fetch(self, request: Request) -> Response:
+        return _accept(self, request)
+
+    async def websocket_message(self, ws: WebSocket, message: str | bytes) -> None:
+        key = message[:4] if isinstance(message, str) else message[:4].decode()
+        await self.ctx.storage.put(key, message)
+        ws.send(message)
+
+
+app = App({"echo": Echo, "broadcast": Broadcast, "writer": Writer})

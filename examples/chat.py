@@ -10,7 +10,9 @@ terminal client that rides out server restarts without losing or repeating a lin
 
 The room keeps nothing in memory that it cannot rebuild: nicknames live in each socket's
 attachment and tags, so the room can be evicted at any time while everyone stays
-connected.
+connected. The page shows it happen: its "The room" panel polls the server's own view of
+the room (``/_dashboard/object``, which wakes nothing) and says when the room hibernates
+and when a message wakes it; http://127.0.0.1:8080/_dashboard shows the whole server.
 """
 
 from __future__ import annotations
@@ -136,6 +138,8 @@ app = App({"chat": ChatRoom}, fetch=page)
 async def main(port: int, address: str, data_dir: str | None) -> None:
     async with open_server(app, address, port, data_dir=data_dir) as server:
         print(f"chat server listening on {server.url('/chat/<room>?nick=<name>')}", flush=True)
+        print(f"chat page: {server.url('/', 'http')}", flush=True)
+        print(f"dashboard: {server.url('/_dashboard', 'http')}", flush=True)
         # SIGTERM or Ctrl-C: every client gets a Close (1001) and is waited for; a second
         # one stops waiting (KeyboardInterrupt).
         signum = await wait_for_shutdown_signal(server)

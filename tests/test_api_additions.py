@@ -424,9 +424,9 @@ async def test_abort_from_a_task_fails_the_running_and_the_queued_events(
         # The running call fails at once (not after its 100 s), the queued one too.
         assert trio.current_time() - started < 10
         assert outcomes["wait_long"].startswith(
-            "the object was reset (ctx.abort(): from a task) while wait_long() of room "
+            "the object was reset (ctx.abort(): from a task) while wait_long() of room:r ran"
         )
-        assert outcomes["ping"].startswith("room ")
+        assert outcomes["ping"].startswith("room:r ")
         assert outcomes["ping"].endswith("was reset: ctx.abort(): from a task")
         constructed = log.constructed
         assert await stub.ping() == "pong"

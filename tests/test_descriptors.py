@@ -379,7 +379,7 @@ async def test_past_the_limit_health_and_metrics_answer_and_others_get_503(
             assert replies["/_health"].startswith(b"HTTP/1.1 200 OK\r\n")
             assert replies["/_health"].endswith(b"\r\n\r\nok\n")
             assert replies["/_metrics"].startswith(b"HTTP/1.1 200 OK\r\n")
-            assert b"\ntrio_hibernate_connections 1\n" in replies["/_metrics"]
+            assert b"\ntrio_hibernate_connections 1.0\n" in replies["/_metrics"]
             assert replies["/plain/a"].startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
             # Only GET: anything else past the limit is a 503.
             refused = await http_exchange(server.port, b"POST /_health HTTP/1.1\r\n\r\n")

@@ -730,7 +730,8 @@ async def test_handler_exception_is_logged_and_socket_stays_open(
         assert logged.levelno == logging.ERROR
         assert logged.exc_info is not None
         assert repr(logged.exc_info[1]) == "RuntimeError('boom: on purpose')"
-        assert ObjectId.from_name("room", "crash").hex in logged.getMessage()  # the id
+        assert "room:crash" in logged.getMessage()  # named, not by its 64-hex id
+        assert logged.__dict__["object_id"] == ObjectId.from_name("room", "crash").hex
 
         assert ws.closed is None
         assert await ask(ws, "and later?") == "echo: and later?"

@@ -212,9 +212,9 @@ async def test_health_and_metrics() -> None:
     assert status_of(metrics) == 200
     text = metrics.decode()
     assert "text/plain; version=0.0.4" in text
-    assert 'trio_hibernate_objects{state="live"} 1' in text
-    assert "\ntrio_hibernate_websockets 1\n" in text
-    assert "\ntrio_hibernate_wakes_total 1\n" in text
+    assert 'trio_hibernate_objects{state="live"} 1.0' in text
+    assert "\ntrio_hibernate_websockets 1.0\n" in text
+    assert "\ntrio_hibernate_wakes_total 1.0\n" in text
     assert "# TYPE trio_hibernate_hibernations_total counter" in text
 
 

@@ -268,12 +268,12 @@ async def _crash_alarm(th: TestHost, env: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     ("name", "crash", "message"),
     [
-        ("constructor", _crash_constructor, "constructor of crashy {} raised; closing"),
-        ("fetch", _crash_fetch, "fetch() of crashy {} raised"),
-        ("websocket_message", _crash_message, "MessageEvent handler of crashy {} raised"),
-        ("websocket_close", _crash_close, "CloseEvent handler of crashy {} raised"),
-        ("start_soon", _crash_background, "a task started by crashy {} with ctx.start_soon"),
-        ("alarm", _crash_alarm, "alarm() of crashy {} failed; retry 1 in 2 s"),
+        ("constructor", _crash_constructor, "constructor of crashy:{} raised; closing"),
+        ("fetch", _crash_fetch, "fetch() of crashy:{} raised"),
+        ("websocket_message", _crash_message, "websocket_message handler of crashy:{} raised"),
+        ("websocket_close", _crash_close, "websocket_close handler of crashy:{} raised"),
+        ("start_soon", _crash_background, "a task started by crashy:{} with ctx.start_soon"),
+        ("alarm", _crash_alarm, "alarm() of crashy:{} failed; retry 1 in 2 s"),
     ],
 )
 async def test_each_kind_of_crash_is_logged_once_with_the_object_and_contained(
@@ -293,9 +293,13 @@ async def test_each_kind_of_crash_is_logged_once_with_the_object_and_contained(
             assert (await th.fetch("crashy", "another", "/x")).body == b"fine"
             if name != "constructor":
                 assert (await th.fetch("crashy", name, "/x")).body == b"fine"
+            # Counted by hook for /_metrics (the parameter is the hook's name).
+            assert th.host.statistics().handler_errors == {name: 1}
     [record] = crashes(caplog)
     assert record.name == "trio_hibernate.object"
-    assert record.getMessage().startswith(message.format(object_id.hex))
+    # Named by its namespace and name (not the 64-hex id), the hook by its method name.
+    assert record.getMessage().startswith(message.format(name))
+    assert record.__dict__["object"] == f"crashy:{name}"
     assert record.__dict__["namespace"] == "crashy"
     assert record.__dict__["object_id"] == object_id.hex
     assert record.exc_info is not None

@@ -34,8 +34,8 @@ a :func:`open_host` and hand it sockets.
 # of _net/owner.py.
 #
 # trio_hibernate/_storage/ keeps objects' data: the Storage API, the SQLite backend,
-# alarms, the turn commit protocol. _server, _signals, _descriptors and _cli put a host
-# on a port and in a process; trio_hibernate/testing/ is the test kit.
+# alarms, the turn commit protocol. _server, _signals, _descriptors, _logging and _cli put
+# a host on a port and in a process; trio_hibernate/testing/ is the test kit.
 
 from ._app import App as App
 from ._autoresponse import WebSocketRequestResponsePair as WebSocketRequestResponsePair
@@ -60,6 +60,7 @@ from ._host import Host as Host, HostOptions as HostOptions, open_host as open_h
 from ._http import QueryParams as QueryParams, Request as Request, Response as Response
 from ._ids import ObjectId as ObjectId
 from ._limits import Limits as Limits
+from ._logging import JsonLogFormatter as JsonLogFormatter, configure_logging as configure_logging
 from ._object import DurableObject as DurableObject
 from ._server import Server as Server, open_server as open_server, serve_objects as serve_objects
 from ._signals import wait_for_shutdown_signal as wait_for_shutdown_signal
@@ -82,6 +83,7 @@ __all__ = [
     "HostOptions",
     "HostStatistics",
     "InvalidCloseCodeError",
+    "JsonLogFormatter",
     "LimitExceededError",
     "Limits",
     "Namespace",
@@ -107,6 +109,7 @@ __all__ = [
     "WebSocketRequestResponsePair",
     "WebSocketStateError",
     "__version__",
+    "configure_logging",
     "open_host",
     "open_server",
     "serve_objects",

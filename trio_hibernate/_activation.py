@@ -22,6 +22,7 @@ per message), and changes nothing else:
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from time import perf_counter
 from typing import TYPE_CHECKING, final
 
 import trio
@@ -136,7 +137,7 @@ class TurnRunner:
     """Runs turns of one activation: for its supervisor (:meth:`run`) and for
     connections (:meth:`can_run_inline`, :meth:`run_inline`). See the module."""
 
-    __slots__ = ("_activation", "_chain", "_core", "_dispatch", "_reaper", "_strict")
+    __slots__ = ("_activation", "_chain", "_core", "_dispatch", "_reaper", "_strict", "_turn_took")
 
     def __init__(
         self,
@@ -146,6 +147,7 @@ class TurnRunner:
         reaper: IdleReaper,
         chain: CallChain,
         strict: Callable[[], bool],
+        turn_took: Callable[[float], None],
     ) -> None:
         self._activation = activation
         self._dispatch = dispatch
@@ -155,10 +157,12 @@ class TurnRunner:
         #: Whether the host hibernates after every event (then the supervisor runs
         #: every turn: it stops after it).
         self._strict = strict
+        self._turn_took = turn_took  # the host's turn-duration histogram (/_metrics)
 
     async def run(self, event: Event) -> None:
         """Run ``event`` and commit its writes (the caller holds the turn lock)."""
         activation = self._activation
+        started = perf_counter()
         activation.owner = trio.lowlevel.current_task()
         try:
             with abort_ends_here:
@@ -171,6 +175,7 @@ class TurnRunner:
                     await commit.end_turn()
                 else:
                     commit.abandon()  # a reset: the turn's writes are not kept
+        self._turn_took(perf_counter() - started)  # the handler and its commit
 
     def can_run_inline(self) -> bool:
         """Whether a connection may run a message's turn now (see the module). Not

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from functools import partial
 from typing import TYPE_CHECKING, Final
 
-from ._containment import Containment, object_log
+from ._containment import Containment, object_label, object_log
 from ._core.sockets import SocketRecord, SocketState
 from ._websocket import WebSocket, check_text, record_of
 
@@ -111,9 +111,8 @@ def broadcast(
         return 0
     contained = Containment(
         object_log(*where),
-        "broadcast() of %s %s: a send failed; the socket is skipped, the others get the message",
-        where[0],
-        where[1],
+        "broadcast() of %s: a send failed; the socket is skipped, the others get the message",
+        object_label(*where),
     )
     if gate is not None and gate.closed:
         gate.hold(partial(_send_held, records, data, contained))

@@ -24,12 +24,14 @@ from typing import Any, Final
 
 import trio
 
+from . import _gcstats
 from ._app import App
 from ._compression import WebSocketCompression
 from ._errors import AppLoadError, StorageError
 from ._host import Host
 from ._limits import Limits
 from ._loading import AppSource, load_app, reload, reload_on_change
+from ._logging import configure_logging
 from ._server import open_server
 from ._signals import wait_for_shutdown_signal
 from ._version import __version__
@@ -342,6 +344,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", default="info", choices=_LOG_LEVELS, help="the least severe log shown"
     )
+    serve.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="log lines as text, or one JSON object per line with the object and peer as keys",
+    )
     talk = commands.add_parser(
         "connect",
         help="talk to a WebSocket: send stdin lines, print messages, reconnect",
@@ -384,10 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     stdin ends and every line is sent, 1 when the client closes for good.
     """
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_level, log_format=getattr(args, "log_format", "text"))
     if args.command == "connect":
         return _connect(args)
     if args.reload and not _has_watchfiles():
@@ -401,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:  # the app's own code raised: show where, then stop
             traceback.print_exc()
             return _fail(f"cannot load the app {args.app} (the traceback is above)")
+        _gcstats.install_from_environment()  # benchmarks: TRIO_HIBERNATE_GC_STATS=path
         return trio.run(_serve, app, args, source)
     except KeyboardInterrupt:
         print("trio-hibernate: interrupted", file=sys.stderr, flush=True)

@@ -2,7 +2,8 @@
 
 Application code is an object's constructor and handlers, its ``ctx.start_soon`` tasks and
 the app's hooks (``App.authorize``, ``App.fetch``). When it raises, the runtime logs the
-exception once, with its traceback and the object's namespace and id, and carries on: what
+exception once, with its traceback and the object's name (:func:`object_label`), counts
+it by hook (``/_metrics``), and carries on: what
 the caller sees instead (a 500, a Close 1011, a retried alarm) is decided by the code that
 entered :class:`Containment`, after the ``with`` block.
 
@@ -33,16 +34,39 @@ if TYPE_CHECKING:
     from ._hooks import AppContext
     from ._ids import ObjectId
 
-__all__ = ["Containment", "ObjectLog", "abort_ends_here", "object_log", "run_app_hook"]
+__all__ = [
+    "Containment",
+    "ObjectLog",
+    "abort_ends_here",
+    "object_label",
+    "object_log",
+    "run_app_hook",
+]
 
 log: Final = logging.getLogger("trio_hibernate.object")
 
 ObjectLog: TypeAlias = "logging.LoggerAdapter[logging.Logger]"
 
 
+def object_label(namespace: str, object_id: ObjectId) -> str:
+    """How log lines name an object: ``namespace:name``, or ``namespace:<64 hex digits>``
+    when it was addressed by id (``id_from_string``, ``new_unique_id``)."""
+    return f"{namespace}:{object_id.name or object_id.hex}"
+
+
 def object_log(namespace: str, object_id: ObjectId) -> ObjectLog:
-    """The object logger, with ``namespace`` and ``object_id`` (hex) on every record."""
-    return logging.LoggerAdapter(log, {"namespace": namespace, "object_id": object_id.hex})
+    """The object logger, with ``object`` (:func:`object_label`), ``namespace``,
+    ``object_id`` (hex) and ``object_name`` (None for an object addressed by id) on every
+    record (keys of the JSON log format)."""
+    return logging.LoggerAdapter(
+        log,
+        {
+            "object": object_label(namespace, object_id),
+            "namespace": namespace,
+            "object_id": object_id.hex,
+            "object_name": object_id.name,
+        },
+    )
 
 
 @final
@@ -61,14 +85,23 @@ class Containment:
         logger: where the record goes (an :func:`object_log` for an object's code).
         message: a ``%``-format naming the code that raised and what happens instead.
         args: the format's arguments, formatted only if something is logged.
+        on_error: called once per contained exception (the host's counter of handler
+            errors for this hook), before the record is logged.
     """
 
-    __slots__ = ("_args", "_logger", "_message")
+    __slots__ = ("_args", "_logger", "_message", "_on_error")
 
-    def __init__(self, logger: logging.Logger | ObjectLog, message: str, *args: object) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger | ObjectLog,
+        message: str,
+        *args: object,
+        on_error: Callable[[], object] | None = None,
+    ) -> None:
         self._logger = logger
         self._message = message
         self._args = args
+        self._on_error = on_error
 
     def __enter__(self) -> None:
         return None
@@ -82,6 +115,8 @@ class Containment:
         if exc_type is None or not issubclass(exc_type, Exception):
             return False
         assert exc is not None
+        if self._on_error is not None:
+            self._on_error()
         self._logger.error(self._message, *self._args, exc_info=(exc_type, exc, tb))
         return True
 
@@ -136,15 +171,23 @@ async def run_app_hook(
     ctx: AppContext,
     *,
     may_pass: bool,
+    on_error: Callable[[], object] | None = None,
 ) -> Response | Request | None:
     """Run an app-level hook (``App.authorize``, ``App.fetch``), containing its crash.
 
     The hook is called ``hook(request, ctx)`` or ``hook(request)``, as it is declared.
     Returns what the hook returned: a :class:`Response`, or, with ``may_pass`` (a hook
     that may let the request through: ``App.authorize``), None or a :class:`Request`.
-    A 500 if it raised or returned anything else (both logged).
+    A 500 if it raised or returned anything else (both logged, and ``on_error`` called).
     """
-    with Containment(log, "%s raised for %s %s; answering 500", what, request.method, request.path):
+    with Containment(
+        log,
+        "%s raised for %s %s; answering 500",
+        what,
+        request.method,
+        request.path,
+        on_error=on_error,
+    ):
         if hook_takes_context(hook):
             result: object = await hook(request, ctx)
         else:
@@ -154,5 +197,7 @@ async def run_app_hook(
         ):
             return result
         wanted = "a Response, a Request or None" if may_pass else "a Response"
+        if on_error is not None:
+            on_error()
         log.error("%s returned %r, not %s; answering 500", what, result, wanted)
     return Response(status=500, body=_ERROR_500)

@@ -115,6 +115,7 @@ class Runtime:
         self._last_message: str | bytes | None = None
         self._last_frame = b""
         self.frame_encoder = self.encode_frame  # shared by every connection (ConnectionOwner)
+        self.extra_operations: dict[str, Callable[[Request], Response]] = {}  # /_dashboard
 
     # -- for the facade ------------------------------------------------------------------
 
@@ -181,20 +182,13 @@ class Runtime:
     def statistics(self) -> HostStatistics:
         """Counts of objects, sockets, wakes and hibernations."""
         live, hibernated, websockets = self.objects.counts()
-        counters = self.counters
-        return HostStatistics(
+        return self.counters.snapshot(
             live_objects=live,
             hibernated_objects=hibernated,
             websockets=websockets,
             connections=len(self.connections),
-            wakes=counters.wakes,
-            hibernations=counters.hibernations,
-            auto_responses=counters.auto_responses,
-            seconds_in_memory=counters.seconds_in_memory,
-            storage_commits=counters.storage_commits,
             buffered_bytes=self.buffers.used,
-            bad_requests=counters.bad_requests,
-            internal_errors=counters.internal_errors,
+            alarms=self.alarms,
         )
 
     # -- for connections (_net.owner.ConnectionOwner) -------------------------------------
@@ -215,6 +209,8 @@ class Runtime:
 
     def operations(self, request: Request) -> Response:
         """The answer to a request for the server's own paths (``/_health``...)."""
+        if (extra := self.extra_operations.get(request.path)) is not None:
+            return extra(request)  # a path the server added (``/_dashboard``)
         return operations_response(request, self.statistics(), self.closing)
 
     def encode_frame(self, message: str | bytes) -> bytes:
@@ -250,12 +246,9 @@ class Runtime:
 
     def encode_call(self, value: object) -> bytes:
         """A stub call's argument or result as data (checked against the size limit)."""
-        return encode_data(
-            value,
-            what="A stub call's argument or result",
-            limit_name="max_message_bytes",
-            limit_bytes=self.limits.max_message_bytes,
-        )
+        limit = self.limits.max_message_bytes
+        what = "A stub call's argument or result"
+        return encode_data(value, what=what, limit_name="max_message_bytes", limit_bytes=limit)
 
     # -- delivery --------------------------------------------------------------------------
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from typing import NoReturn, Unpack, final
 
 import trio
 
 from ._app import App
+from ._dashboard import check_dashboard_token, serve_dashboard
 from ._descriptors import default_max_connections, descriptor_limit, fd_reserve
 from ._groups import open_owned_nursery
 from ._host import Host, HostOptions, open_host, runtime_of
@@ -50,6 +51,8 @@ async def serve_objects(
     *,
     backlog: int = 1024,
     max_connections: int | None = None,
+    dashboard: bool = True,
+    dashboard_token: str | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
     **host_options: Unpack[HostOptions],
 ) -> NoReturn:
@@ -68,6 +71,16 @@ async def serve_objects(
             of 256 (a quarter of a limit under 1024) less the descriptors object
             databases may hold (``3 * max_open_databases`` with a ``data_dir``). An
             explicit value must fit in that budget too (ValueError otherwise).
+        dashboard: Serve the live dashboard at ``/_dashboard`` (objects by state,
+            sockets and tags, wakes per second, memory per hibernated socket, recent
+            errors; its JSON at ``/_dashboard/state``) to the clients
+            ``dashboard_token`` and the address allow. False: those paths answer 404.
+        dashboard_token: The secret that opens the dashboard to whoever presents it
+            (``Authorization: Bearer <token>``, or ``/_dashboard?token=<token>`` in a
+            browser); at least 16 printable characters. Without one the dashboard is
+            served only when ``address`` is a loopback address, and there only to
+            requests naming a loopback ``Host`` with no proxy forwarding header (a
+            reverse proxy in front: give a token or block ``/_`` paths at the proxy).
         host_options: Passed to :func:`open_host` (:class:`HostOptions`), e.g. ``data_dir`` and
             ``max_open_databases`` (default: an eighth of the limit less the reserve,
             in databases of 3 descriptors).
@@ -79,7 +92,8 @@ async def serve_objects(
 
     Raises:
         ValueError: ``max_connections`` below 1, or over what the descriptor limit
-            leaves once the reserve and the databases are counted.
+            leaves once the reserve and the databases are counted; a ``dashboard_token``
+            shorter than 16 characters or with spaces or non-ASCII characters.
 
     Cancellation:
         Cancelling stops listening and shuts the host down as :func:`open_host` does
@@ -87,16 +101,27 @@ async def serve_objects(
     """
     if max_connections is not None and max_connections < 1:
         raise ValueError(f"max_connections must be at least 1, got {max_connections}")
+    check_dashboard_token(dashboard_token)
     # The host first: if its storage cannot be used, nothing has listened (a port that
     # accepts connections and never answers them is worse than no port).
     async with open_host(app, **host_options) as host:
         max_connections = _connection_budget(runtime_of(host).storage_backend, max_connections)
         listener = listen(address, port, backlog)
         try:
-            task_status.started(Server(host, listener))
-            await Acceptor(
-                runtime_of(host), host.serve_socket, listener, max_connections, descriptor_limit()
-            ).run()
+            server = Server(host, listener)
+            with (
+                serve_dashboard(runtime_of(host), server.address[0], dashboard_token)
+                if dashboard
+                else nullcontext()
+            ):
+                task_status.started(server)
+                await Acceptor(
+                    runtime_of(host),
+                    host.serve_socket,
+                    listener,
+                    max_connections,
+                    descriptor_limit(),
+                ).run()
         finally:
             trio.lowlevel.notify_closing(listener)
             listener.close()
@@ -136,6 +161,8 @@ async def open_server(
     *,
     backlog: int = 1024,
     max_connections: int | None = None,
+    dashboard: bool = True,
+    dashboard_token: str | None = None,
     **host_options: Unpack[HostOptions],
 ) -> AsyncIterator[Server]:
     """Serve ``app`` for the duration of the ``async with`` block; yields the Server.
@@ -151,6 +178,8 @@ async def open_server(
                 port,
                 backlog=backlog,
                 max_connections=max_connections,
+                dashboard=dashboard,
+                dashboard_token=dashboard_token,
                 task_status=task_status,
                 **host_options,
             )

@@ -27,7 +27,7 @@ import outcome
 import trio
 
 from ._activation import Activation, TurnRunner
-from ._containment import Containment, ObjectLog, abort_ends_here, object_log
+from ._containment import Containment, ObjectLog, abort_ends_here, object_label, object_log
 from ._context import ObjectContext, handles_of
 from ._core.codec import decode_data
 from ._core.events import (
@@ -66,7 +66,13 @@ __all__ = ["SupervisedEntry", "Supervisor", "SupervisorServices"]
 _TURNS_PER_CHECKPOINT: Final = 16
 
 _LOST_TEXT = "the storage commit of this turn failed; its writes were rolled back"
-_HANDLER_RAISED: Final = "%s handler of %s %s raised; the socket stays open"
+_HANDLER_RAISED: Final = "%s handler of %s raised; the socket stays open"
+#: The handler each socket event runs (log lines and ``/_metrics`` name it so).
+_HOOKS: Final = {
+    MessageEvent: "websocket_message",
+    CloseEvent: "websocket_close",
+    ErrorEvent: "websocket_error",
+}
 
 
 class SupervisedEntry(Protocol):
@@ -142,11 +148,12 @@ class Supervisor:
     :class:`_Dispatcher` made per activation runs each event against the instance.
     """
 
-    __slots__ = ("_entry", "_log", "_services")
+    __slots__ = ("_entry", "_label", "_log", "_services")
 
     def __init__(self, services: SupervisorServices, entry: SupervisedEntry) -> None:
         self._services = services
         self._entry = entry
+        self._label = object_label(entry.namespace, entry.object_id)
         self._log = object_log(entry.namespace, entry.object_id)
 
     async def run(
@@ -212,7 +219,7 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             sections = CriticalSections(
                 activation,
-                label=f"{entry.namespace} {entry.object_id}",
+                label=self._label,
                 holds=self._holds,
                 holding=self._holding,
                 log=self._log,
@@ -241,6 +248,7 @@ class Supervisor:
                 services.reaper,
                 ((entry.namespace, entry.object_id, None),),
                 strict=lambda: services.hibernate_after_every_event,
+                turn_took=services.counters.turn_took,
             )
             activation.runner = runner  # connections may run turns inline
             try:
@@ -257,11 +265,7 @@ class Supervisor:
                     dropped = []
                     while (event := core.pop_event()) is not None:
                         dropped.append(event)
-                    entry.fail(
-                        dropped,
-                        f"{entry.namespace} {entry.object_id} was reset: "
-                        f"{activation.reset_because}",
-                    )
+                    entry.fail(dropped, f"{self._label} was reset: {activation.reset_because}")
                 core.begin_stop()
                 services.counters.hibernated()
                 nursery.cancel_scope.cancel()
@@ -285,9 +289,9 @@ class Supervisor:
                 abort_ends_here,
                 Containment(
                     self._log,
-                    "constructor of %s %s raised; closing its WebSockets with 1011",
-                    entry.namespace,
-                    entry.object_id,
+                    "constructor of %s raised; closing its WebSockets with 1011",
+                    self._label,
+                    on_error=partial(services.counters.handler_error, "constructor"),
                 ),
             ):
                 sections.constructing = True
@@ -303,10 +307,7 @@ class Supervisor:
             # The sections were cancelled: by shutdown, or by ctx.abort() in a task.
             dropped = core.on_failed()
             if activation.is_reset():
-                entry.fail(
-                    dropped,
-                    f"{entry.namespace} {entry.object_id} was reset: {activation.reset_because}",
-                )
+                entry.fail(dropped, f"{self._label} was reset: {activation.reset_because}")
             else:
                 for event in dropped:
                     entry.refuse_unrun_event(event)
@@ -325,6 +326,7 @@ class Supervisor:
             nursery=nursery,  # where its flusher runs
             holding=self._holding,
             on_committed=self._services.counters.committed,
+            on_failed=self._services.counters.storage_failed,
             log=self._log,
         )
         activation.commit = commit
@@ -408,16 +410,15 @@ class Supervisor:
     async def _background(
         self, activation: Activation, async_fn: Callable[[], Awaitable[object]]
     ) -> None:
-        entry = self._entry
         waiting_turns.set(())  # no turn waits for this task (its context is its own copy)
         try:
             with (
                 abort_ends_here,
                 Containment(
                     self._log,
-                    "a task started by %s %s with ctx.start_soon raised",
-                    entry.namespace,
-                    entry.object_id,
+                    "a task started by %s with ctx.start_soon raised",
+                    self._label,
+                    on_error=partial(self._services.counters.handler_error, "start_soon"),
                 ),
             ):
                 await async_fn()
@@ -435,10 +436,12 @@ class _Dispatcher:
 
     __slots__ = (
         "_activation",
+        "_counters",
         "_ctx",
         "_entry",
         "_handle",
         "_instance",
+        "_label",
         "_log",
         "_on_message",
         "_services",
@@ -460,9 +463,19 @@ class _Dispatcher:
         self._ctx = ctx
         self._handle = handles_of(ctx)
         self._log = log
+        self._counters = services.counters
+        self._label = object_label(entry.namespace, entry.object_id)
         # Made once: a message costs no containment of its own.
-        self._on_message = Containment(
-            log, _HANDLER_RAISED, MessageEvent.__name__, entry.namespace, entry.object_id
+        self._on_message = self._contained("websocket_message")
+
+    def _contained(self, hook: str) -> Containment:
+        """The containment of a socket event's handler: logged, counted as ``hook``."""
+        return Containment(
+            self._log,
+            _HANDLER_RAISED,
+            hook,
+            self._label,
+            on_error=partial(self._counters.handler_error, hook),
         )
 
     async def dispatch(self, event: Event) -> None:
@@ -475,6 +488,7 @@ class _Dispatcher:
             record = event.record
             ws = self._handle(record)
             self._services.buffers.give(event.size)  # (pop_event resumed reading if due)
+            self._counters.messages_in += 1  # a plain int: the hot path
             call = self._instance.websocket_message(ws, event.data)
             contained = self._on_message
         elif kind is CloseEvent or kind is ErrorEvent:
@@ -485,9 +499,7 @@ class _Dispatcher:
                 call = self._instance.websocket_close(ws, event.code, event.reason, event.was_clean)
             else:
                 call = self._instance.websocket_error(ws, event.error)
-            contained = Containment(
-                self._log, _HANDLER_RAISED, kind.__name__, entry.namespace, entry.object_id
-            )
+            contained = self._contained(_HOOKS[kind])
         elif kind is AlarmEvent:
             assert isinstance(event, AlarmEvent)
             try:
@@ -519,12 +531,13 @@ class _Dispatcher:
                     with trio.move_on_after(timeout_ms / 1000) as limit:
                         await call
                     if limit.cancelled_caught:
+                        hook = _HOOKS[kind]
+                        self._counters.handler_error(hook)
                         self._log.error(
-                            "%s handler of %s %s exceeded the event timeout of %d ms and was "
+                            "%s handler of %s exceeded the event timeout of %d ms and was "
                             "cancelled; the instance is dropped (sockets stay connected)",
-                            kind.__name__,
-                            entry.namespace,
-                            entry.object_id,
+                            hook,
+                            self._label,
                             timeout_ms,
                         )
                         self._activation.stop_requested = True
@@ -533,11 +546,13 @@ class _Dispatcher:
                 entry.core.release(record)
 
     async def _fetch(self, event: FetchEvent) -> None:
-        entry = self._entry
         response: Response | None = None
         try:
             with Containment(
-                self._log, "fetch() of %s %s raised", entry.namespace, entry.object_id
+                self._log,
+                "fetch() of %s raised",
+                self._label,
+                on_error=partial(self._counters.handler_error, "fetch"),
             ):
                 try:
                     result: object = await self._instance.fetch(event.request)
@@ -545,6 +560,7 @@ class _Dispatcher:
                     if exc.limit_name != "max_websockets_per_object":
                         raise
                     # Spec 2, Rule: refuse the upgrade clearly, disturb nothing else.
+                    self._counters.refused("websocket_limit")
                     response = Response(status=503, body=f"Service Unavailable: {exc}\n")
                 except ConnectionIdError as exc:
                     # The client's _pk: a malformed one gets 400, one in use 409.
@@ -554,10 +570,10 @@ class _Dispatcher:
                     if isinstance(result, Response):
                         response = result
                     else:
+                        self._counters.handler_error("fetch")
                         self._log.error(
-                            "fetch() of %s %s returned %r, not a Response; answering 500",
-                            entry.namespace,
-                            entry.object_id,
+                            "fetch() of %s returned %r, not a Response; answering 500",
+                            self._label,
                             result,
                         )
         finally:
@@ -601,9 +617,7 @@ class _Dispatcher:
             if result is None:  # cancelled (shutdown), or unwound by ctx.abort()
                 what = "the host shut down" if reset is None else f"the object was reset ({reset})"
                 result = outcome.Error(
-                    RuntimeError(
-                        f"{what} while {event.method}() of {entry.namespace} {entry.object_id} ran"
-                    )
+                    RuntimeError(f"{what} while {event.method}() of {self._label} ran")
                 )
             self._activation.gate.hold(
                 partial(event.reply.settle, result), partial(self._drop_call, event, result)
@@ -616,10 +630,7 @@ class _Dispatcher:
         if self._activation.reset_because is not None and isinstance(result, outcome.Error):
             event.reply.settle(result)
             return
-        entry = self._entry
-        event.reply.fail(
-            StorageCommitError(f"{entry.namespace} {entry.object_id}: {self._lost_text()}")
-        )
+        event.reply.fail(StorageCommitError(f"{self._label}: {self._lost_text()}"))
 
     async def _alarm(self, event: AlarmEvent) -> None:
         entry = self._entry
@@ -627,22 +638,23 @@ class _Dispatcher:
         storage = self._ctx.storage
         retry_count = event.retry_count
         delay = alarms.retry_delay(retry_count)
+        counted = partial(self._counters.handler_error, "alarm")
         if delay is not None:
             failed = Containment(
                 self._log,
-                "alarm() of %s %s failed; retry %d in %g s",
-                entry.namespace,
-                entry.object_id,
+                "alarm() of %s failed; retry %d in %g s",
+                self._label,
                 retry_count + 1,
                 delay,
+                on_error=counted,
             )
         else:
             failed = Containment(
                 self._log,
-                "alarm() of %s %s failed on its last retry (%d); giving up",
-                entry.namespace,
-                entry.object_id,
+                "alarm() of %s failed on its last retry (%d); giving up",
+                self._label,
                 retry_count,
+                on_error=counted,
             )
         current: float | None = None
         try:
@@ -664,10 +676,7 @@ class _Dispatcher:
         alarms.retry(entry.alarm_key, retry_count)
         if delay is None and current is not None:
             with Containment(  # the alarm then stays set, to fire on restart
-                self._log,
-                "could not delete the alarm of %s %s after its last retry",
-                entry.namespace,
-                entry.object_id,
+                self._log, "could not delete the alarm of %s after its last retry", self._label
             ):
                 if stored_alarm(storage) == current:
                     await storage.delete_alarm()

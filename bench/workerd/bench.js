@@ -4,6 +4,9 @@
 //                      answers "ping" with "pong" by auto-response (without waking).
 //   /broadcast/<name>  one object holds every socket of the room; a message from any of them
 //                      is sent to all of them (getWebSockets() loop calling send).
+//   /writer/<name>     (storage.capnp only) each message m: storage.put(m.slice(0, 4), m), then
+//                      m is sent back; the output gate holds the reply until the write is
+//                      durable (a SQLite-backed object on local disk).
 //   /_stats            {"constructed": N}: Durable Object constructor runs so far (one
 //                      isolate serves the whole process, so a module global counts them all).
 
@@ -56,6 +59,29 @@ export class Broadcast extends DurableObject {
   }
 }
 
+export class Writer extends DurableObject {
+  constructor(ctx, env) {
+    super(ctx, env);
+    constructed += 1;
+  }
+
+  async fetch(request) {
+    if (request.headers.get("upgrade") !== "websocket") {
+      return new Response("WebSocket only", { status: 426 });
+    }
+    return acceptHibernatable(this.ctx);
+  }
+
+  async webSocketMessage(ws, message) {
+    // Not awaited, as Cloudflare recommends: the output gate holds the send until the
+    // put is durable, and puts of the next messages join the same write.
+    this.ctx.storage.put(String(message).slice(0, 4), message);
+    ws.send(message);
+  }
+}
+
+const NAMESPACES = { echo: "ECHO", broadcast: "BROADCAST", writer: "WRITER" };
+
 export default {
   async fetch(request, env) {
     const parts = new URL(request.url).pathname.split("/");
@@ -64,9 +90,11 @@ export default {
         headers: { "content-type": "application/json" },
       });
     }
-    const namespace = parts[1] === "echo" ? env.ECHO : parts[1] === "broadcast" ? env.BROADCAST : null;
-    if (namespace === null || !parts[2]) {
-      return new Response("expected /echo/<name> or /broadcast/<name>", { status: 404 });
+    const namespace = env[NAMESPACES[parts[1]]];
+    if (namespace === undefined || !parts[2]) {
+      return new Response("expected /echo/<name>, /broadcast/<name> or /writer/<name>", {
+        status: 404,
+      });
     }
     return namespace.get(namespace.idFromName(parts[2])).fetch(request);
   },

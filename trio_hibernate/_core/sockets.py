@@ -559,6 +559,11 @@ class SocketRegistry:
         members = self._by_tag.get(tag)
         return list(members) if members else []
 
+    def tag_counts(self) -> dict[str, int]:
+        """How many registered sockets carry each tag (from the index: no socket is
+        visited)."""
+        return {tag: len(members) for tag, members in self._by_tag.items()}
+
     def check_valid(self) -> None:
         """Assert the invariants in the module docstring, the registered records' own
         included (for tests)."""

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, final
 import h11
 import trio
 
+from .._containment import object_label
 from .._errors import BadRequest
 from .gatekeeper import Answer, Gatekeeper
 from .http import HttpExchange, raw_response, simple_response
@@ -29,9 +30,10 @@ from .websocket import WebSocketTransport
 from .writer import REFUSAL_LINGER_SECONDS
 
 if TYPE_CHECKING:
+    from .._core.sockets import SocketRecord
     from .._http import Request
     from .channel import ByteChannel
-    from .owner import ConnectionOwner
+    from .owner import ConnectionOwner, ObjectLink
 
 __all__ = ["Phase", "ServerConnection"]
 
@@ -75,9 +77,11 @@ class ServerConnection:
         """
         owner = self._owner
         transport = self._transport
+        link: ObjectLink | None = None  # the object that accepted the WebSocket
         try:
             try:
-                if await self._http_phase():
+                link = await self._http_phase()
+                if link is not None:
                     self.phase = Phase.WEBSOCKET
                     await transport.run()
             except trio.ClosedResourceError:
@@ -95,6 +99,8 @@ class ServerConnection:
         finally:
             self.phase = Phase.CLOSED
             transport.connection_over()
+            if link is not None and log.isEnabledFor(logging.DEBUG):
+                self._log_closed(link)
             owner.connection_ended(self)
             await self._channel.aclose()
 
@@ -124,8 +130,9 @@ class ServerConnection:
         else:
             transport.abort()
 
-    async def _http_phase(self) -> bool:
-        """Read one request, have it answered. True if it became a WebSocket."""
+    async def _http_phase(self) -> ObjectLink | None:
+        """Read one request, have it answered. The object that accepted the WebSocket if
+        it became one, else None."""
         owner = self._owner
         http = HttpExchange(owner, self._channel, self._writer)
         request: Request | None = None
@@ -137,12 +144,12 @@ class ServerConnection:
                     request = await http.read_request(self._transport)
                 except h11.RemoteProtocolError as exc:
                     await self._refuse(exc.error_status_hint, f"Bad Request: {exc}")
-                    return False
+                    return None
                 except BadRequest as exc:
                     await self._refuse(exc.status, str(exc))
-                    return False
+                    return None
             if request is None:
-                return False  # EOF, or the handshake timed out
+                return None  # EOF, or the handshake timed out
             answer: Answer | None = None
             with trio.move_on_after(owner.request_timeout):
                 answer = await gatekeeper.answer(request)
@@ -158,22 +165,64 @@ class ServerConnection:
                 )
                 transport.end_exchange()
                 http.send_response(request, simple_response(504, "Gateway Timeout"))
-                return False
+                return None
             if answer.record is not None:
                 assert answer.link is not None
                 transport.accept(answer.link, answer.record)
                 upgraded = True
                 transport.upgraded(*http.upgrade(request, answer.response, answer.record))
-                return True
+                if log.isEnabledFor(logging.DEBUG):
+                    self._log_opened(answer.link, answer.record)
+                return answer.link
             transport.end_exchange()  # nothing may follow (a late frame)
             http.send_response(request, answer.response)
-            return False
+            return None
         finally:
             http.release_body()  # the phase ended early (a bug, a cancellation)
             if request is not None and not upgraded:
                 # Answered without an upgrade (or not at all): whichever object accepted
                 # the socket, or accepts it later, lets it go with no event.
                 gatekeeper.let_go(request)
+
+    def _log_opened(self, link: ObjectLink, record: SocketRecord) -> None:
+        """The DEBUG line of an accepted WebSocket (see docs/operations.md)."""
+        peer = self._channel.peer()
+        label = object_label(link.namespace, link.object_id)
+        log.debug(
+            "%s: WebSocket open: %s (%s)",
+            peer,
+            label,
+            record.url,
+            extra={
+                "peer": peer,
+                "object": label,
+                "namespace": link.namespace,
+                "object_id": link.object_id.hex,
+                "url": record.url,
+            },
+        )
+
+    def _log_closed(self, link: ObjectLink) -> None:
+        """The DEBUG line of a WebSocket's end: its close code and who closed it."""
+        # Not decided by then: the task was cancelled (a forced shutdown), no Close sent.
+        code, closed_by = self._transport.ended or (1006, "dropped")
+        peer = self._channel.peer()
+        label = object_label(link.namespace, link.object_id)
+        log.debug(
+            "%s: WebSocket closed: %s, code %d by %s",
+            peer,
+            label,
+            code,
+            closed_by,
+            extra={
+                "peer": peer,
+                "object": label,
+                "namespace": link.namespace,
+                "object_id": link.object_id.hex,
+                "close_code": code,
+                "closed_by": closed_by,
+            },
+        )
 
     def _send_raw_response(self, status: int, message: str) -> None:
         writer = self._writer

@@ -18,6 +18,7 @@ import base64
 import binascii
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Final, final
 
 import attrs
@@ -164,6 +165,7 @@ class Gatekeeper:
                 "must carry the socket an object accepted with ctx.accept_websocket; "
                 "from App.fetch, return what stub.fetch(request) answered)"
             )
+        self._owner.counters.handler_error("App.fetch" if answered_by == "App.fetch" else "fetch")
         log.error("%s for %s answered 101 with %s; answering 500", answered_by, request.path, why)
         return Answer(simple_response(500, "Internal Server Error"))
 
@@ -204,23 +206,47 @@ class Gatekeeper:
                 request, owner.allowed_origins
             )
             if refused is not None:
+                cause = "origin" if refused.status == 403 else "handshake"
+                owner.counters.refused(cause)
                 log.info(
-                    "refused a WebSocket upgrade for %s from %s: %d",
+                    "refused a WebSocket upgrade for %s from %s: %d (%s)",
                     request.path,
                     self._peer(),
                     refused.status,
+                    cause,
+                    extra={"peer": self._peer(), "path": request.path, "cause": cause},
                 )
                 return request, refused
         app = owner.app
         ctx = AppContext(owner)
+        counters = owner.counters
         if app.authorize is not None:
+            crashes = counters.handler_errors.get("App.authorize", 0)
             verdict = await run_app_hook(
-                "App.authorize", app.authorize, request, ctx, may_pass=True
+                "App.authorize",
+                app.authorize,
+                request,
+                ctx,
+                may_pass=True,
+                on_error=partial(counters.handler_error, "App.authorize"),
             )
             if isinstance(verdict, Response):
+                # A refusal (a rate limit's 429 too), unless it is the 500 of a crash.
+                if counters.handler_errors.get("App.authorize", 0) == crashes:
+                    counters.refused("authorize")
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug(
+                            "App.authorize refused %s %s from %s: %d",
+                            request.method,
+                            request.path,
+                            self._peer(),
+                            verdict.status,
+                            extra={"peer": self._peer(), "path": request.path},
+                        )
                 return request, verdict
             if verdict is not None:
                 if verdict.websocket is not request.websocket:
+                    counters.handler_error("App.authorize")
                     log.error(
                         "App.authorize for %s returned a Request that does not carry the "
                         "request's WebSocket (make it with request.with_context() or "
@@ -234,7 +260,14 @@ class Gatekeeper:
             if routed is not None:
                 return request, routed
         if app.fetch is not None:
-            response = await run_app_hook("App.fetch", app.fetch, request, ctx, may_pass=False)
+            response = await run_app_hook(
+                "App.fetch",
+                app.fetch,
+                request,
+                ctx,
+                may_pass=False,
+                on_error=partial(counters.handler_error, "App.fetch"),
+            )
             assert isinstance(response, Response)
             return request, response
         return request, simple_response(404, f"Not Found: {request.path}")

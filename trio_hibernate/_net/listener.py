@@ -297,6 +297,7 @@ class Acceptor:
         return False
 
     def _note_refusal(self) -> None:
+        self.owner.counters.refused("connection_limit")
         self.refused += 1
         if self.refused in (1, 10, 100) or self.refused % 1000 == 0:
             log.warning(

@@ -52,6 +52,10 @@ class ObjectLink(Protocol):
     """An object, as a connection sees it: the one a request was routed to, or the one
     that accepted its WebSocket."""
 
+    namespace: str
+    object_id: ObjectId
+    """With ``namespace``, names the object in log lines (``_containment.object_label``)."""
+
     def inline_turns(self) -> InlineTurns | None:
         """What runs a message's turn in the connection's task, when the object can take
         one now (live, idle, nothing queued); None: deliver it instead."""
@@ -149,6 +153,11 @@ class ListenerOwner(Protocol):
     @property
     def connection_count(self) -> int:
         """Open client connections."""
+        ...
+
+    @property
+    def counters(self) -> Counters:
+        """Where clients refused past the connection limit are counted."""
         ...
 
     def operations(self, request: Request) -> Response:

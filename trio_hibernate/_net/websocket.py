@@ -23,6 +23,7 @@ from wsproto.connection import Connection as WSConnection, ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.frame_protocol import CloseReason
 
+from .._containment import object_label
 from .._core.events import CloseEvent, ErrorEvent, MessageEvent
 from .._core.sockets import should_pause_reading
 from .._errors import WebSocketProtocolError
@@ -94,6 +95,25 @@ def _answer_close(
     return reply, ErrorEvent(record, WebSocketProtocolError(code, reason))
 
 
+def _where(channel: ByteChannel, link: ObjectLink | None) -> str:
+    """The peer, and the object its socket belongs to (``namespace:name``), for the log."""
+    if link is None:
+        return channel.peer()
+    return f"{channel.peer()} ({object_label(link.namespace, link.object_id)})"
+
+
+def _how_it_ended(event: CloseEvent | ErrorEvent) -> tuple[int, str]:
+    """For the log line of the socket's end: its close code and who closed it (``peer``,
+    ``server``, or ``dropped``: the connection was lost with no Close frame)."""
+    if isinstance(event, ErrorEvent):  # we closed with the error's code
+        error = event.error
+        return (error.code if isinstance(error, WebSocketProtocolError) else 1011, "server")
+    if not event.was_clean:
+        return (event.code, "dropped")
+    # The peer's Close, or its answer to the object's own close() (decided just after).
+    return (event.code, "server" if event.record.server_closed else "peer")
+
+
 @final
 class WebSocketTransport:
     """The transport of a connection's WebSocket (see the module). It exists from the
@@ -110,6 +130,7 @@ class WebSocketTransport:
         "_terminal",
         "_watchdog",
         "_ws",
+        "ended",
         "held",
         "writer",
     )
@@ -129,6 +150,7 @@ class WebSocketTransport:
         self._resume: trio.Event | None = None
         self._watchdog: trio.CancelScope | None = None
         self._terminal = False  # the terminal event is decided; no other may follow
+        self.ended: tuple[int, str] | None = None  # for the log: see _how_it_ended
 
     # -- set up by the connection ----------------------------------------------------------
 
@@ -330,6 +352,7 @@ class WebSocketTransport:
         if self._terminal:
             return
         self._terminal = True
+        self.ended = _how_it_ended(event)
         event.record.decide_end()
         if self._watchdog is not None:
             self._watchdog.cancel()
@@ -342,6 +365,7 @@ class WebSocketTransport:
         """Queue one data message (see :class:`~trio_hibernate._core.sockets.Transport`)."""
         # Nothing may follow a Close frame. (A dead channel: the writer drops it.)
         if not self._terminal:
+            self._owner.counters.messages_out += 1  # a plain int: the hot path
             self.writer.write(self._encode(data))
 
     def start_close(self, code: int | None, reason: str) -> None:
@@ -377,6 +401,7 @@ class WebSocketTransport:
         """Close with ``code``, no handler runs (host shutdown, object reset). Before
         the upgrade nothing is written: the fetch's answer (a 500) must still go out."""
         decided, self._terminal = self._terminal, True
+        self.ended = self.ended or (code, "server")
         self.resume_reading()
         ws = self._ws
         if ws is None and not self._channel.dead:
@@ -408,7 +433,7 @@ class WebSocketTransport:
     def drop_slow_reader(self, reason: str) -> None:
         """Outbound bytes cannot be buffered for this peer: drop the connection (a Close
         frame would wait behind the bytes it is not reading)."""
-        log.warning("%s: disconnected: %s", self._channel.peer(), reason)
+        log.warning("%s: disconnected: %s", _where(self._channel, self._entry), reason)
         if self._record is not None:
             self._end(ErrorEvent(self._record, WebSocketProtocolError(1011, reason)))
         self.abort()

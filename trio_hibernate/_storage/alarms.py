@@ -150,6 +150,12 @@ class AlarmScheduler:
         self._heap: list[tuple[float, int, AlarmKey]] = []
         self._seq = itertools.count()
         self._changed = trio.Event()
+        self.fired = 0
+        """Alarms that came due and were handed to ``fire`` (retries included)."""
+        self.retried = 0
+        """Retries scheduled after a failed run."""
+        self.given_up = 0
+        """Alarms whose last retry failed: nothing more is scheduled for them."""
 
     def __len__(self) -> int:
         return len(self._due)
@@ -180,7 +186,10 @@ class AlarmScheduler:
         retry (see :meth:`retry_delay`). Returns its delay in seconds, or None when that
         was the last retry (nothing is scheduled then)."""
         delay = self.retry_delay(retry_count)
-        if delay is not None:
+        if delay is None:
+            self.given_up += 1
+        else:
+            self.retried += 1
             self.schedule(key, self._wall_clock() + delay, retry_count + 1)
         return delay
 
@@ -206,5 +215,6 @@ class AlarmScheduler:
                 return delay
             heapq.heappop(heap)
             del self._due[key]
+            self.fired += 1
             self._fire(key, when, pending[1])
         return float("inf")

@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Protocol, final
 
 import trio
 
+from .._containment import object_label
 from .api import Storage, StorageState
 
 if TYPE_CHECKING:
@@ -129,6 +130,9 @@ class TurnCommit:
         holding: made and entered around a background task's transaction, which holds
             the object as a turn does (stub calls made in it know the object waits).
         on_committed: called after every commit that is durable (the host's counter).
+        on_failed: called with what failed when a commit, or opening the object's
+            database, fails (the host's storage health, ``/_health``); a later durable
+            commit clears it through ``on_committed``.
         log: the object's logger.
     """
 
@@ -144,6 +148,7 @@ class TurnCommit:
         "_nursery",
         "_obj",
         "_on_committed",
+        "_on_failed",
         "_services",
         "state",
         "storage",
@@ -158,6 +163,7 @@ class TurnCommit:
         nursery: trio.Nursery,
         holding: Callable[[], AbstractContextManager[object]],
         on_committed: Callable[[], None],
+        on_failed: Callable[[str], None],
         log: ObjectLog,
     ) -> None:
         self._activation = activation
@@ -166,6 +172,7 @@ class TurnCommit:
         self._nursery = nursery
         self._holding = holding
         self._on_committed = on_committed
+        self._on_failed = on_failed
         self._log = log
         self._in_flight: _InFlight | None = None
         self._flushing = False  # the flusher task runs
@@ -185,8 +192,7 @@ class TurnCommit:
         """The activation's ``ctx.storage``."""
 
     def _open(self) -> ObjectDatabase:
-        obj = self._obj
-        return self._services.storage_backend.open(obj.namespace, obj.object_id)
+        return _open_database(self._services.storage_backend, self._obj, self._on_failed)
 
     def _in_turn(self) -> bool:
         return self._activation.owner is trio.lowlevel.current_task()
@@ -203,7 +209,7 @@ class TurnCommit:
         """
         storage = self.state
         if self._failed is not None:
-            self._drop_uncommitted()  # after a failed commit nothing more is kept
+            _drop_uncommitted(self.state)  # after a failed commit nothing more is kept
             return
         if not storage.dirty:
             storage.end_read_only_turn()
@@ -215,7 +221,7 @@ class TurnCommit:
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
         except trio.Cancelled:
-            self._drop_uncommitted()
+            _drop_uncommitted(self.state)
             raise
         if self._flushing:
             storage.close_cursors()  # a cursor lasts one turn, even before its commit
@@ -275,7 +281,7 @@ class TurnCommit:
         """The object is being reset: roll back the writes not yet committed and drop
         the messages held for them (rule 6); returns how many. A commit already made is
         left to its flush, and the messages held for it are released when it lands."""
-        return self._drop_uncommitted()
+        return _drop_uncommitted(self.state)
 
     def release(self) -> None:
         """The activation has ended (its flusher too): drop unacknowledged writes
@@ -391,24 +397,15 @@ class TurnCommit:
         storage.rollback()
         dropped = storage.gate.fail()
         self._activation.request_stop()
-        obj = self._obj
+        label = object_label(self._obj.namespace, self._obj.object_id)
+        self._on_failed(f"the storage commit of {label} failed: {exc}")
         self._log.error(
-            "storage commit of %s %s failed: %d held message(s) dropped, the instance is reset",
-            obj.namespace,
-            obj.object_id,
+            "storage commit of %s failed: %d held message(s) dropped, the instance is reset",
+            label,
             dropped,
             exc_info=exc,
         )
         self._wake()
-
-    def _drop_uncommitted(self) -> int:
-        """Roll back the writes not yet committed, drop the messages held for them."""
-        storage = self.state
-        if not storage.dirty:
-            storage.end_read_only_turn()
-            return 0
-        storage.rollback()
-        return storage.gate.drop(storage.gate.next_commit)
 
     def _wake(self) -> None:
         """Wake whoever waits for a commit to land (:meth:`commit`)."""
@@ -442,7 +439,7 @@ async def _checkpoint(storage: StorageState, obj: CommittedObject, log: ObjectLo
         with trio.CancelScope(shield=True):  # the connection is the thread's meanwhile
             await trio.to_thread.run_sync(storage.checkpoint_sync)
     except (sqlite3.Error, OSError):
-        log.exception("checkpoint of %s %s failed", obj.namespace, obj.object_id)
+        log.exception("checkpoint of %s failed", object_label(obj.namespace, obj.object_id))
     finally:
         storage.busy = False
 
@@ -457,3 +454,26 @@ def _commit_with_alarm(
     if change is None:
         index.record(obj.alarm_key, None)
     storage.dirty = False
+
+
+def _open_database(
+    backend: StorageBackend, obj: CommittedObject, on_failed: Callable[[str], None]
+) -> ObjectDatabase:
+    """The object's database; a failure to open it also makes the host unhealthy."""
+    try:
+        return backend.open(obj.namespace, obj.object_id)
+    except (sqlite3.Error, OSError) as exc:  # the caller sees it
+        on_failed(
+            f"cannot open the database of {object_label(obj.namespace, obj.object_id)}: {exc}"
+        )
+        raise
+
+
+def _drop_uncommitted(storage: StorageState) -> int:
+    """Roll back the writes not yet committed, drop the messages held for them (rule 6);
+    returns how many."""
+    if not storage.dirty:
+        storage.end_read_only_turn()
+        return 0
+    storage.rollback()
+    return storage.gate.drop(storage.gate.next_commit)

@@ -171,7 +171,7 @@ def test_broadcast_waits_for_the_output_gate() -> None:
     sends, released by the commit, dropped by a failed one."""
     room = live_room()
     (a, a_t), (_, b_t) = room.accept(), room.accept()
-    room.gate.closed = True  # the turn wrote to storage
+    room.gate.wrote()  # the turn wrote to storage
     a.send("one")
     assert room.ctx.broadcast("two") == 2  # the sockets it waits for
     a.send("three")
@@ -179,7 +179,7 @@ def test_broadcast_waits_for_the_output_gate() -> None:
     room.gate.open()
     assert (a_t.sent, b_t.sent) == (["one", "two", "three"], ["two"])
 
-    room.gate.closed = True
+    room.gate.wrote()
     room.ctx.broadcast("lost")
     assert room.gate.drop() == 1  # one held action for the whole broadcast
     room.gate.open()
@@ -190,7 +190,7 @@ def test_a_held_broadcast_contains_a_failing_send(caplog: pytest.LogCaptureFixtu
     room = live_room()
     room.accept(transport=BrokenTransport())
     _, good = room.accept()
-    room.gate.closed = True
+    room.gate.wrote()
     assert room.ctx.broadcast("later") == 2
     with caplog.at_level(logging.ERROR, "trio_hibernate.object"):
         room.gate.open()  # the commit's caller never sees the broken connection's error
@@ -203,7 +203,7 @@ def test_a_held_send_refuses_a_lone_surrogate_at_once() -> None:
     UnicodeEncodeError, out of the supervisor and the host."""
     room = live_room()
     ws, transport = room.accept()
-    room.gate.closed = True
+    room.gate.wrote()
     with pytest.raises(UnicodeEncodeError):
         ws.send("\udc00")
     room.gate.open()

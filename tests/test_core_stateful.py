@@ -935,7 +935,7 @@ class HibernationMachine(RuleBasedStateMachine):
         Close frame waits for the commit (which may fail)."""
         sock = _pick(self._reachable(), index)
         assert sock.owner.gate is not None
-        sock.owner.gate.closed = True
+        sock.owner.gate.wrote()
         self._close(sock, code, None)
 
     def _close(self, sock: SocketModel, code: int | None, reason: str | None) -> None:
@@ -1257,7 +1257,7 @@ class HibernationMachine(RuleBasedStateMachine):
         """The object wrote to storage: its output gate closes until the commit."""
         obj = _pick([obj for obj in self._live() if not obj.gate_closed()], o)
         assert obj.gate is not None
-        obj.gate.closed = True
+        obj.gate.wrote()
 
     @precondition(lambda self: bool(self._gated()))
     @rule(o=OBJECT, ok=st.booleans())

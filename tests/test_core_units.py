@@ -1235,7 +1235,7 @@ def test_sends_and_closes_wait_for_the_commit_in_order() -> None:
     first, first_transport = accepted(ctx)
     second, second_transport = accepted(ctx)
     first.send("before the write")
-    gate.closed = True  # what a storage write does
+    gate.wrote()  # what a storage write does
     first.send("after the write")
     second.send(b"to the other")
     first.close(1000, "done")
@@ -1261,7 +1261,7 @@ def test_handles_made_by_get_websockets_use_the_context_gate() -> None:
         spawn=_no_spawn,
         gate=gate,
     ).get_websockets()[0]
-    gate.closed = True
+    gate.wrote()
     fresh.send("held")
     assert transport.sent == []
     gate.open()
@@ -1271,7 +1271,7 @@ def test_handles_made_by_get_websockets_use_the_context_gate() -> None:
 def test_a_failed_write_drops_the_held_messages() -> None:
     _, ctx, gate = gated_object()
     ws, transport = accepted(ctx)
-    gate.closed = True
+    gate.wrote()
     ws.send("lost")
     ws.send(b"lost too")
     assert gate.drop() == 2
@@ -1288,7 +1288,7 @@ def test_a_close_dropped_by_a_failed_write_does_not_wedge_the_socket() -> None:
     # end it from the object's side.
     core, ctx, gate = gated_object()
     ws, transport = accepted(ctx)
-    gate.closed = True
+    gate.wrote()
     ws.close(4000, "bye")
     assert gate.drop() == 1
     assert transport.closes == []
@@ -1435,7 +1435,7 @@ def test_a_dropped_close_after_the_peer_ended_leaves_the_end() -> None:
     core, ctx, gate = gated_object()
     ws, transport = accepted(ctx)
     record = record_of(core, ws)
-    gate.closed = True
+    gate.wrote()
     ws.close(4000, "held")
     record.decide_end()  # the peer closed while the Close frame was held
     assert state_of(record) is SocketState.ENDED_AFTER_CLOSE

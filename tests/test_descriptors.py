@@ -36,7 +36,7 @@ from trio_hibernate import (
 )
 from trio_hibernate._descriptors import default_max_open_databases, fd_reserve
 from trio_hibernate._ids import ObjectId
-from trio_hibernate._storage.sqlite import SqliteBackend, SqliteDatabase
+from trio_hibernate._storage.sqlite import FLUSH_DESCRIPTORS, SqliteBackend, SqliteDatabase
 
 pytestmark = [
     pytest.mark.integration,
@@ -80,7 +80,7 @@ def test_a_file_database_holds_three_descriptors_and_the_pool_keeps_to_its_limit
     tmp_path: Path,
 ) -> None:
     backend = SqliteBackend(tmp_path, max_open_databases=2)
-    assert backend.max_descriptors == 6
+    assert backend.max_descriptors == 6 + FLUSH_DESCRIPTORS
     dbs: list[SqliteDatabase] = []
     try:
         for i in range(3):

@@ -31,6 +31,7 @@ from trio_hibernate import (
 )
 from trio_hibernate._core.events import CallEvent, Reply
 from trio_hibernate._host import runtime_of
+from trio_hibernate._runtime import Runtime
 from trio_hibernate._storage.alarms import AlarmIndex
 from trio_hibernate._storage.sqlite import SqliteDatabase
 from trio_hibernate.testing import TestHost, open_test_host
@@ -179,29 +180,31 @@ async def test_an_object_woken_just_before_shutdown_is_not_constructed(
 
 
 class CommitHeldUntilShutdown:
-    """Patches ``SqliteDatabase.commit``: once :attr:`armed`, a commit in a worker thread
-    waits until the Trio task that runs it is cancelled (the host shutting down), then
-    goes on. :attr:`entered` is set (in Trio) when such a commit starts waiting."""
+    """Patches ``SqliteDatabase.flush`` (a commit's worker-thread part): once
+    :attr:`armed`, a flush waits until the host begins to shut down, then goes on.
+    :attr:`entered` is set (in Trio) when such a flush starts waiting."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.armed = False
         self.entered = trio.Event()
         self.resumed = False
-        real_commit = SqliteDatabase.commit
+        shutting_down = threading.Event()
+        real_flush = SqliteDatabase.flush
+        real_shutdown = Runtime.shutdown
 
-        def commit(db: SqliteDatabase) -> None:
-            if self.armed and threading.current_thread() is not threading.main_thread():
+        def flush(db: SqliteDatabase) -> bool:
+            if self.armed:
                 self.armed = False
                 trio.from_thread.run_sync(self.entered.set)
-                try:
-                    # Runs in the task that waits for this thread, so the host's
-                    # cancellation of that task (at shutdown) ends the wait.
-                    trio.from_thread.run(trio.sleep_forever)
-                except trio.Cancelled:
-                    self.resumed = True
-            real_commit(db)
+                self.resumed = shutting_down.wait(WAIT)
+            return real_flush(db)
 
-        monkeypatch.setattr(SqliteDatabase, "commit", commit)
+        async def shutdown(runtime: Runtime, grace: float) -> None:
+            shutting_down.set()
+            await real_shutdown(runtime, grace)
+
+        monkeypatch.setattr(SqliteDatabase, "flush", flush)
+        monkeypatch.setattr(Runtime, "shutdown", shutdown)
 
 
 async def test_the_alarm_index_outlives_a_commit_still_running_at_close(

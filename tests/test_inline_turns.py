@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from helpers import accept_upgrade
 from trio.testing import MockClock
 
 from trio_hibernate import App, DurableObject, ObjectContext, Request, Response, WebSocket
-from trio_hibernate._storage.sqlite import SqliteDatabase
+from trio_hibernate._storage.api import StorageState
 from trio_hibernate.testing import TestHost, TestWebSocket, WebSocketClosed, open_test_host
 
 NS = "probe"
@@ -243,20 +242,20 @@ async def test_an_inline_turns_reply_waits_for_its_commit_and_a_failed_commit_dr
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The output gate and the commit of an inline turn: a durable host (commits run in a
-    worker thread) whose commit fails once: the reply of the writing turn is dropped,
-    the object is reset, nothing is stored; the next turn sees the old value."""
+    """The output gate and the commit of an inline turn: a durable host (commits are
+    flushed in a worker thread) whose commit fails once: the reply of the writing turn
+    is dropped, the object is reset, nothing is stored; the next turn sees the old value."""
     failures = 1
-    real_commit = SqliteDatabase.commit
+    real_commit = StorageState.commit_sync
 
-    def commit(db: SqliteDatabase) -> None:
+    def commit(state: StorageState) -> None:  # the COMMIT of writes (not of a read)
         nonlocal failures
-        if failures and threading.current_thread() is not threading.main_thread():
+        if failures:
             failures -= 1
             raise sqlite3.OperationalError("disk I/O error (injected)")
-        real_commit(db)
+        real_commit(state)
 
-    monkeypatch.setattr(SqliteDatabase, "commit", commit)
+    monkeypatch.setattr(StorageState, "commit_sync", commit)
     app, env = probe_app()
     async with open_test_host(app, data_dir=tmp_path) as th:
         ws = await warm(th)

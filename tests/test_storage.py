@@ -642,24 +642,23 @@ async def test_background_transaction_rollback_does_not_undo_a_turns_acknowledge
 
 
 class BlockedCommits:
-    """Patches ``SqliteDatabase.commit`` so that commits in worker threads wait for
-    :meth:`release` (commits on the event loop thread, of read-only turns, pass)."""
+    """Patches ``SqliteDatabase.flush`` (the worker thread's part of a commit, which
+    makes it durable) so that flushes wait for :meth:`release`."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.entered = threading.Event()
         self._release = threading.Event()
         self.commits = 0
-        real_commit = SqliteDatabase.commit
+        real_flush = SqliteDatabase.flush
 
-        def commit(db: SqliteDatabase) -> None:
-            if threading.current_thread() is not threading.main_thread():
-                self.commits += 1
-                self.entered.set()
-                if not self._release.wait(timeout=WAIT):
-                    raise AssertionError("the test never released the commit")
-            real_commit(db)
+        def flush(db: SqliteDatabase) -> bool:
+            self.commits += 1
+            self.entered.set()
+            if not self._release.wait(timeout=WAIT):
+                raise AssertionError("the test never released the commit")
+            return real_flush(db)
 
-        monkeypatch.setattr(SqliteDatabase, "commit", commit)
+        monkeypatch.setattr(SqliteDatabase, "flush", flush)
 
     def release(self) -> None:
         self._release.set()
@@ -712,6 +711,7 @@ async def test_output_gate_holds_replies_until_the_commit_is_durable(
         assert await recv_text(ws) == "and another"
         assert await recv_text(ws) == "second sees 1"
         assert handled == ["write", "second"]
+        assert blocked_commits.commits == 1  # "second" wrote nothing: no commit of its own
 
 
 async def held_until_released(
@@ -723,12 +723,11 @@ async def held_until_released(
     await trio.to_thread.run_sync(blocked_commits.entered.wait, WAIT)
     assert blocked_commits.commits == 1
     await nothing_arrives(ws, 0.3)
-    # Input gate: the next event waits for the commit as well.
+    # Group commit: the next event runs while the commit is flushed, and reads the
+    # write; its reply waits for that write to be durable, though it wrote nothing.
     await ws.send_message("second")
     await nothing_arrives(ws, 0.2)
-    assert handled == ["write"]
-    with open_db(data_dir) as db:
-        assert db.get_many(["k"]) == {}  # indeed not durable yet
+    assert handled == ["write", "second"]
 
 
 async def test_failed_commit_drops_the_replies_and_resets_the_object(
@@ -743,7 +742,7 @@ async def test_failed_commit_drops_the_replies_and_resets_the_object(
 
     def commit(db: SqliteDatabase) -> None:
         nonlocal failures
-        if failures and threading.current_thread() is not threading.main_thread():
+        if failures:  # the first commit: the turn that writes (COMMIT, before its flush)
             failures -= 1
             raise sqlite3.OperationalError("disk I/O error (injected)")
         real_commit(db)

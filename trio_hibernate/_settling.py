@@ -36,7 +36,7 @@ class CommitState(Protocol):
 
     @property
     def committing(self) -> bool:
-        """True while a commit runs (in a worker thread with a durable backend)."""
+        """True while a commit is flushed (in a worker thread, with a durable backend)."""
         ...
 
 
@@ -87,12 +87,14 @@ def busy_objects(entries: Iterable[RestingEntry]) -> list[str]:
         state = core.state
         if core.queued:
             why = f"{core.queued} event(s) queued, {state.value}"
+        elif state is ObjectState.LIVE and _committing(activation):
+            # Before idle: a parked object's last commit may still be flushing, its
+            # replies held by the output gate.
+            why = "its storage commit is running"
         elif state is ObjectState.HIBERNATED or (
             state is ObjectState.LIVE and activation is not None and activation.at_rest
         ):
             continue  # at rest
-        elif state is ObjectState.LIVE and _committing(activation):
-            why = "its storage commit is running"
         elif state is ObjectState.LIVE:
             why = "a turn is running"
         else:

@@ -230,7 +230,7 @@ class Supervisor:
                 core=core,
                 spawn=spawn,
                 gate=activation.gate,
-                storage=partial(self._open_storage, activation),
+                storage=partial(self._open_storage, activation, nursery),
                 namespaces=services.get_namespace,
                 wall_clock=services.wall_clock,
                 block=sections.block,
@@ -318,11 +318,12 @@ class Supervisor:
         core.on_started()
         return instance
 
-    def _open_storage(self, activation: Activation) -> Storage:
+    def _open_storage(self, activation: Activation, nursery: trio.Nursery) -> Storage:
         commit = TurnCommit(
             activation,
             self._services,
             self._entry,
+            nursery=nursery,  # where its flusher runs
             holding=self._holding,
             on_committed=self._services.counters.committed,
             on_failed=self._services.counters.storage_failed,

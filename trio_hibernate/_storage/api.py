@@ -5,12 +5,14 @@ Semantics, as in Durable Objects:
 * Every operation is atomic: a batch ``put``/``delete`` is validated whole before anything
   changes, and ``transaction(fn)`` is all or nothing.
 * Writes in one turn (one event handler) are coalesced: they go into the object's open
-  SQLite transaction, which the runtime commits once when the turn ends, in a worker
-  thread (the event loop never waits on a disk flush). Reads see the turn's own writes.
-* Output gate: messages the object sends after a write are held until that write is
-  durable; if the commit fails they are dropped and the instance is reset.
-* Input gate: events run one turn at a time and the next turn starts only after the
-  commit, so no other event reaches the object while its writes are in flight.
+  SQLite transaction, committed when the turn ends. Reads see every write made before
+  them, by this turn or an earlier one, durable yet or not.
+* Group commit: events run one turn at a time, but the next turn does not wait for the
+  previous turn's disk flush; the turns that run while one flush is in flight share the
+  next commit (``commit.py`` has the rules). The event loop never waits on the disk.
+* Output gate: messages the object sends after a write (its own turn's or an earlier
+  turn's) are held until that write is durable; if the commit fails they are dropped
+  and the instance is reset.
 
 Writes made outside a turn (by a ``ctx.start_soon`` task) are committed before the call
 returns.
@@ -238,7 +240,7 @@ class SqlStorage:
                 ``RELEASE``).
             sqlite3.Error: the query holds no statement, a statement before the last
                 has parameters, or a statement failed.
-            RuntimeError: a commit is in flight (from a ``ctx.start_soon`` task).
+            RuntimeError: a checkpoint is running (from a ``ctx.start_soon`` task).
         """
         state = self._state
         limits = state.limits
@@ -260,10 +262,10 @@ class SqlStorage:
     def database_size(self) -> int:
         """Bytes the object's database takes: its pages in use times the page size
         (Cloudflare's ``databaseSize``). It includes the key-value data and the alarm,
-        and the turn's writes not yet committed.
+        and the writes not yet committed.
 
         Raises:
-            RuntimeError: a commit is in flight (from a ``ctx.start_soon`` task).
+            RuntimeError: a checkpoint is running (from a ``ctx.start_soon`` task).
         """
         return self._state.database().database_size()
 
@@ -295,17 +297,18 @@ def _check_sql_limit(limits: Limits, name: str, value: int, what: str) -> None:
 @final
 class StorageState:
     """The runtime's side of one activation's storage: the database connection, the
-    turn's writes and alarm change, a commit in flight, the checks of keys and values.
+    writes not yet committed and their alarm change, the checks of keys and values.
 
     Not for object code (:class:`Storage` is the API it sees); the commit protocol
     (``commit.py``) drives it.
     """
 
     __slots__ = (
-        "_commit_done",
+        "_busy_done",
         "_db",
         "_open_db",
         "alarm_set",
+        "committing",
         "dirty",
         "exclusive",
         "finish_outside_turn",
@@ -327,7 +330,7 @@ class StorageState:
     ) -> None:
         self._open_db = open_db
         self._db: ObjectDatabase | None = None
-        self._commit_done: trio.Event | None = None
+        self._busy_done: trio.Event | None = None
         self.limits = limits
         self.gate = gate
         self.finish_outside_turn = finish_outside_turn
@@ -337,7 +340,11 @@ class StorageState:
         self.exclusive = exclusive
         """A background task's transaction: a turn of its own, committed at the end."""
         self.dirty = False
-        """True when writes are waiting for the turn's commit."""
+        """True when the open transaction holds writes (of this turn, or of turns that
+        ended while the previous commit was being flushed) not yet committed."""
+        self.committing = False
+        """True while a commit is being made durable (flushed in a worker thread), or
+        writes wait to join the next one: outputs may be held though no turn runs."""
         self.savepoints = 0
         """Nested ``transaction()`` calls open now."""
         self.alarm_set: float | object | None = ...
@@ -347,12 +354,12 @@ class StorageState:
         """The object's database, opened on first use.
 
         Raises:
-            RuntimeError: a commit is in flight (storage used synchronously from a
-                ``ctx.start_soon`` task).
+            RuntimeError: a worker thread uses the connection (a checkpoint; storage used
+                synchronously from a ``ctx.start_soon`` task).
         """
-        if self._commit_done is not None:
+        if self._busy_done is not None:
             raise RuntimeError(
-                "storage used synchronously while a commit is in flight (from a "
+                "storage used synchronously while its database is checkpointed (from a "
                 "ctx.start_soon task?): await ctx.storage.sync() first"
             )
         if self._db is None:
@@ -362,7 +369,7 @@ class StorageState:
     def wrote(self) -> None:
         """A write happened: it waits for the commit, and so do outgoing messages."""
         self.dirty = True
-        self.gate.closed = True
+        self.gate.wrote()
 
     async def after_write(self) -> None:
         """A write's checkpoint; outside a turn, its commit."""
@@ -372,22 +379,23 @@ class StorageState:
             await self.finish_outside_turn()
 
     async def settled(self) -> None:
-        """Wait for an in-flight commit (only a background task can meet one)."""
-        while self._commit_done is not None:
-            await self._commit_done.wait()
+        """Wait while a worker thread uses the connection (a checkpoint, made at a turn
+        boundary: only a background task can meet one)."""
+        while self._busy_done is not None:
+            await self._busy_done.wait()
 
     @property
-    def committing(self) -> bool:
-        """True while a commit runs in a worker thread."""
-        return self._commit_done is not None
+    def busy(self) -> bool:
+        """True while a worker thread uses the connection (a checkpoint)."""
+        return self._busy_done is not None
 
-    @committing.setter
-    def committing(self, value: bool) -> None:
+    @busy.setter
+    def busy(self, value: bool) -> None:
         if value:
-            self._commit_done = trio.Event()
-        elif self._commit_done is not None:
-            self._commit_done.set()
-            self._commit_done = None
+            self._busy_done = trio.Event()
+        elif self._busy_done is not None:
+            self._busy_done.set()
+            self._busy_done = None
 
     def take_alarm_change(self) -> float | object | None:
         """The alarm written since the last call (``...`` if none); resets it."""
@@ -395,22 +403,42 @@ class StorageState:
         return change
 
     def commit_sync(self) -> None:
-        """Commit in the calling thread (the runtime calls it in a worker thread)."""
+        """Commit the open transaction (``COMMIT``, no disk flush: see :meth:`flush_sync`)."""
         if self._db is not None:
             self._db.commit()
 
+    def flush_sync(self) -> bool:
+        """Make every commit so far durable (the runtime runs it in a worker thread).
+        Returns whether the database asks for a checkpoint."""
+        return self._db is not None and self._db.flush()
+
+    def checkpoint_sync(self) -> None:
+        """Checkpoint the database (in a worker thread, while :attr:`busy`)."""
+        if self._db is not None:
+            self._db.checkpoint()
+
     def committed(self) -> None:
-        """The commit succeeded: release the held messages."""
+        """Every commit is durable: release the held messages."""
         self.dirty = False
         self.gate.open()
 
-    def failed(self) -> int:
-        """The commit failed: roll back, drop held messages. Returns how many."""
+    def rollback(self) -> None:
+        """Forget the writes not yet committed (and their alarm change)."""
         self.dirty = False
         self.alarm_set = ...
         if self._db is not None:
             self._db.rollback()
+
+    def failed(self) -> int:
+        """The commit failed: roll back, drop held messages. Returns how many."""
+        self.rollback()
         return self.gate.drop()
+
+    def close_cursors(self) -> None:
+        """The turn ended but its writes wait for the next commit: its cursors end
+        now all the same (a cursor lasts one turn)."""
+        if self._db is not None:
+            self._db.close_cursors()
 
     def end_read_only_turn(self) -> None:
         """Close a transaction that only read (no disk flush needed)."""
@@ -616,9 +644,11 @@ class Storage:
         return result
 
     async def sync(self) -> None:
-        """Wait until every write so far is durable."""
-        if self._state.dirty and not self._state.in_turn():
-            await self._state.finish_outside_turn()
+        """Wait until every write so far is durable (in a turn: a checkpoint, as the
+        turn's writes are committed when it ends)."""
+        state = self._state
+        if (state.dirty or state.committing) and not state.in_turn():
+            await state.finish_outside_turn()
         else:
             await trio.lowlevel.checkpoint()
 
@@ -714,7 +744,7 @@ def stored_alarm(storage: Storage) -> float | None:
     one).
 
     Raises:
-        RuntimeError: a commit is in flight.
+        RuntimeError: a checkpoint is running.
         sqlite3.Error, OSError: the database cannot be opened or read.
     """
     return storage._state.database().get_alarm()

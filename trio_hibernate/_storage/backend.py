@@ -5,9 +5,13 @@ several machines) implements these protocols and is passed to ``open_host`` as
 ``storage_backend``. Objects never see a backend: they use ``ctx.storage``.
 
 Threading contract: the runtime calls every method of an :class:`ObjectDatabase` from the
-event loop thread except :meth:`ObjectDatabase.commit`, which it runs in a worker thread
-when the backend is :attr:`StorageBackend.durable`; never two calls at once, except that
-a :class:`UserCursor` may be read during a commit (see there). A backend
+event loop thread, except :meth:`ObjectDatabase.flush`, which it runs in a worker thread
+when the backend is :attr:`StorageBackend.durable`, while the event loop thread goes on
+using the database (the next turns read, write and commit): ``flush`` must not use what
+those calls use (the SQLite one syncs the write-ahead log through a descriptor of its
+own). :meth:`ObjectDatabase.commit` runs on the event loop thread, so it must not wait
+for the disk: it makes the writes visible to later reads, and :meth:`ObjectDatabase.flush`
+makes them durable (group commit: one flush for the commits of several turns). A backend
 may do work of its own on a database between the runtime's calls (the SQLite one closes
 idle connections to stay within its descriptor budget), as long as the database object
 the runtime holds keeps working.
@@ -39,9 +43,8 @@ class UserCursor(Protocol):
     Statements that may write have run to completion when it is returned; a read may
     still be stepping, until :meth:`close` or its last row. When the database's
     transaction ends (commit, rollback, close, ``delete_all``) a cursor with rows left
-    is closed and says why in :attr:`closed_because`. :meth:`fetchone` is called from
-    the event loop thread, possibly while :meth:`ObjectDatabase.commit` runs in a worker
-    thread (a ``ctx.start_soon`` task reading a cursor): the backend keeps the two apart.
+    is closed and says why in :attr:`closed_because` (so is one left when the turn
+    that made it ends: :meth:`ObjectDatabase.close_cursors`).
     """
 
     @property
@@ -79,7 +82,25 @@ class ObjectDatabase(Protocol):
     @property
     def in_transaction(self) -> bool: ...
     def begin(self) -> None: ...
-    def commit(self) -> None: ...
+    def commit(self) -> None:
+        """Commit the open transaction: its writes are kept, and durable once
+        :meth:`flush` returns (or the database is closed). Never waits for the disk."""
+        ...
+
+    def flush(self) -> bool:
+        """Make every commit so far durable (a worker thread; see the module).
+        Returns whether the database asks for a :meth:`checkpoint`."""
+        ...
+
+    def checkpoint(self) -> None:
+        """Maintenance a flush asked for; run in a worker thread at a turn boundary,
+        no transaction open, the database not used meanwhile."""
+        ...
+
+    def close_cursors(self) -> None:
+        """Close the object's cursors with rows left, as :meth:`commit` would."""
+        ...
+
     def rollback(self) -> None: ...
     def savepoint(self, name: str) -> None: ...
     def release(self, name: str) -> None: ...
@@ -111,7 +132,8 @@ class StorageBackend(Protocol):
 
     @property
     def durable(self) -> bool:
-        """True when data outlives the process (commits then run in worker threads)."""
+        """True when data outlives the process (commits are then flushed in worker
+        threads; otherwise the runtime never calls :meth:`ObjectDatabase.flush`)."""
         ...
 
     @property

@@ -2,11 +2,27 @@
 
 The key-value API lives in a table of that database (``_th_kv``), next to whatever tables
 the object creates with ``sql.exec``; the alarm lives in ``_th_meta``. Statements run on
-the caller's thread inside one open transaction per turn (no disk flush happens there);
-only ``COMMIT`` flushes, and the runtime runs it in a worker thread.
+the caller's thread inside the open transaction.
 
-Every method here is synchronous and not thread-safe; the runtime never uses one
-database from two threads at once.
+Durability (group commit): a file database runs in WAL mode with ``synchronous = NORMAL``,
+so ``COMMIT`` (on the event loop thread) appends the transaction to the write-ahead log
+without a disk flush, and later reads see it at once; :meth:`SqliteDatabase.flush`,
+which the runtime runs in a worker thread, then makes every commit so far durable with
+one ``fsync`` of the ``-wal`` file, through a descriptor of its own. The connection is
+therefore only ever used by one thread, while the next turns go on reading and writing
+during a flush. That is what ``synchronous = FULL`` does at each ``COMMIT`` (an ``fsync``
+of the log), moved out of the connection so that one flush covers several commits.
+The log stays consistent as SQLite keeps it with ``NORMAL``: each commit is appended
+whole, with checksums, and a restart of the log syncs its new header. Checkpoints (the
+log copied into the database file, both synced) would flush on the committing thread,
+so the automatic ones are off: a flush that finds the log past
+:data:`CHECKPOINT_WAL_BYTES` asks for one, and the runtime runs
+:meth:`SqliteDatabase.checkpoint` in a worker thread at the next commit, while it holds
+the object (as commits ran before group commit, once per that many bytes); closing the
+last connection checkpoints the rest, as SQLite does.
+
+Every method here except :meth:`SqliteDatabase.flush` is synchronous, not thread-safe,
+and called from one thread at a time.
 
 The object's own SQL (``sql.exec``, :meth:`SqliteDatabase.execute_user`) runs under
 rules the runtime's statements do not: SQLite's limits are set to the ``Limits.max_sql_*``
@@ -44,10 +60,23 @@ from .statements import SqlStatement, split_statements
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-__all__ = ["DESCRIPTORS_PER_DATABASE", "SqliteBackend", "SqliteDatabase", "SqliteUserCursor"]
+__all__ = [
+    "CHECKPOINT_WAL_BYTES",
+    "DESCRIPTORS_PER_DATABASE",
+    "FLUSH_DESCRIPTORS",
+    "SqliteBackend",
+    "SqliteDatabase",
+    "SqliteUserCursor",
+]
 
 #: Descriptors held by one open file database in WAL mode: the database, -wal and -shm.
 DESCRIPTORS_PER_DATABASE: Final = 3
+#: Flushes of one backend that hold a descriptor (their -wal file's) at once; more wait.
+FLUSH_DESCRIPTORS: Final = 8
+#: A flush that finds the write-ahead log larger than this checkpoints it (SQLite's own
+#: automatic checkpoint comes at 1,000 pages, 4 MiB with the default page size); the
+#: log is then truncated back to this size when it restarts (``journal_size_limit``).
+CHECKPOINT_WAL_BYTES: Final = 4 * 1024 * 1024
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS _th_kv (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
@@ -104,6 +133,63 @@ _DATABASE_SIZE: Final = (
 SqlValue = None | int | float | str | bytes
 
 
+def _list_query(
+    prefix: str | None, start: str | None, end: str | None, reverse: bool, limit: int | None
+) -> tuple[str, list[SqlValue]]:
+    """The query of :meth:`SqliteDatabase.list` and its arguments."""
+    where: list[str] = []
+    args: list[SqlValue] = []
+    if prefix:
+        where.append("key >= ?")
+        args.append(prefix)
+        upper = prefix_upper_bound(prefix)
+        if upper is not None:
+            where.append("key < ?")
+            args.append(upper)
+    if start is not None:
+        where.append("key >= ?")
+        args.append(start)
+    if end is not None:
+        where.append("key < ?")
+        args.append(end)
+    sql = "SELECT key, value FROM _th_kv"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY key DESC" if reverse else " ORDER BY key"
+    if limit is not None:
+        sql += " LIMIT ?"
+        args.append(limit)
+    return sql, args
+
+
+def _sync_log(path: Path, synced: tuple[int, int] | None) -> tuple[int, tuple[int, int] | None]:
+    """``fsync`` the write-ahead log of the database at ``path``; returns its size in
+    bytes (0 if there is none: closing the last connection checkpointed it into the
+    database file, synced that, and deleted it) and its identity (device, inode).
+
+    A log that is not the one ``synced`` names (it was created since: the first flush
+    after the database was opened) also has its folder synced, so that the new file's
+    name survives a power loss, as SQLite itself does for a log it creates.
+    """
+    try:
+        fd = os.open(f"{path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return 0, None
+    try:
+        os.fsync(fd)
+        status = os.fstat(fd)
+    finally:
+        os.close(fd)
+    identity = (status.st_dev, status.st_ino)
+    if identity != synced:
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    return status.st_size, identity
+
+
 def prefix_upper_bound(prefix: str) -> str | None:
     """The smallest string greater than every string starting with ``prefix``.
 
@@ -129,7 +215,17 @@ class SqliteDatabase:
     call opens a new one. A memory database (no ``reconnect``) is never closed by the pool.
     """
 
-    __slots__ = ("_commit_lock", "_conn", "_pool", "_reconnect", "_user_cursors")
+    __slots__ = (
+        "_commit_lock",
+        "_conn",
+        "_flush_lock",
+        "_flushes",
+        "_path",
+        "_pool",
+        "_reconnect",
+        "_synced_log",
+        "_user_cursors",
+    )
 
     def __init__(
         self,
@@ -137,14 +233,22 @@ class SqliteDatabase:
         *,
         reconnect: Callable[[], sqlite3.Connection] | None = None,
         pool: _ConnectionPool | None = None,
+        path: Path | None = None,
+        flushes: threading.BoundedSemaphore | None = None,
     ) -> None:
         if conn is None and (reconnect is None or pool is None):
             raise ValueError("a SqliteDatabase needs a connection, or reconnect and a pool")
         self._conn = conn
+        self._path = path  # None in memory; flush() syncs its -wal file
+        self._flushes = flushes
+        # Held by a flush (in its worker thread): the pool never closes a connection
+        # while its log is being synced (the descriptor budget counts it as open).
+        self._flush_lock = threading.Lock()
+        self._synced_log: tuple[int, int] | None = None  # the log whose folder is synced
         self._reconnect = reconnect
         self._pool = pool
-        # Held by a commit (in its worker thread): the pool never closes a connection
-        # whose commit is still returning.
+        # Held by a checkpoint (in its worker thread): the pool never closes a connection
+        # in use, and a cursor is not stepped meanwhile.
         self._commit_lock = threading.Lock()
         # The object's cursors with rows left: the transaction's end closes them.
         self._user_cursors: weakref.WeakSet[SqliteUserCursor] = weakref.WeakSet()
@@ -178,12 +282,17 @@ class SqliteDatabase:
         if not self._commit_lock.acquire(blocking=False):
             return False
         try:
-            conn = self._conn
-            if conn is None or conn.in_transaction:
+            if not self._flush_lock.acquire(blocking=False):
                 return False
-            self._conn = None
-            conn.close()
-            return True
+            try:
+                conn = self._conn
+                if conn is None or conn.in_transaction:
+                    return False
+                self._conn = None
+                conn.close()
+                return True
+            finally:
+                self._flush_lock.release()
         finally:
             self._commit_lock.release()
 
@@ -202,16 +311,45 @@ class SqliteDatabase:
             conn.execute("BEGIN")
 
     def commit(self) -> None:
-        """Make the turn's writes durable. Flushes to disk: run it in a worker thread.
+        """Commit the open transaction: appended to the write-ahead log, no disk flush
+        (:meth:`flush` makes it durable). Fast enough for the event loop thread.
 
-        Never reconnects (nor touches the pool, which belongs to the event loop thread):
-        a closed connection had no transaction to commit.
+        Never reconnects: a closed connection had no transaction to commit.
         """
         with self._commit_lock:
             self._end_user_cursors(_COMMITTED)
             conn = self._conn
             if conn is not None and conn.in_transaction:
                 conn.execute("COMMIT")
+
+    def flush(self) -> bool:
+        """Make every commit so far durable: ``fsync`` the write-ahead log through a
+        descriptor of its own, never the connection (which the event loop thread may use
+        meanwhile). Returns whether the log is past :data:`CHECKPOINT_WAL_BYTES` (the
+        runtime then runs :meth:`checkpoint`). Raises OSError if the sync failed."""
+        path = self._path
+        if path is None or self._flushes is None:
+            return False  # in memory: nothing outlives the process anyway
+        with self._flushes, self._flush_lock:
+            # Closed since the commit (by the pool): closing checkpointed and synced.
+            if self._conn is None:
+                return False
+            size, self._synced_log = _sync_log(path, self._synced_log)
+            return size > CHECKPOINT_WAL_BYTES
+
+    def checkpoint(self) -> None:
+        """Copy the write-ahead log into the database file, syncing both (``PASSIVE``;
+        the runtime runs it in a worker thread, between transactions, and waits for it).
+        Raises sqlite3.Error if it failed (the log keeps the commits)."""
+        with self._commit_lock:
+            conn = self._conn
+            if conn is not None and not conn.in_transaction:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def close_cursors(self) -> None:
+        """Close the object's cursors with rows left, as :meth:`commit` does (the turn
+        that made them ended, its writes wait for the next commit)."""
+        self._end_user_cursors(_COMMITTED)
 
     def rollback(self) -> None:
         """Forget the turn's writes."""
@@ -277,28 +415,7 @@ class SqliteDatabase:
         limit: int | None,
     ) -> list[tuple[str, bytes]]:
         """Entries with ``start <= key < end`` and the prefix, in key order."""
-        where: list[str] = []
-        args: list[SqlValue] = []
-        if prefix:
-            where.append("key >= ?")
-            args.append(prefix)
-            upper = prefix_upper_bound(prefix)
-            if upper is not None:
-                where.append("key < ?")
-                args.append(upper)
-        if start is not None:
-            where.append("key >= ?")
-            args.append(start)
-        if end is not None:
-            where.append("key < ?")
-            args.append(end)
-        sql = "SELECT key, value FROM _th_kv"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY key DESC" if reverse else " ORDER BY key"
-        if limit is not None:
-            sql += " LIMIT ?"
-            args.append(limit)
+        sql, args = _list_query(prefix, start, end, reverse, limit)
         return self._connection().execute(sql, args).fetchall()
 
     def delete_all(self) -> None:
@@ -750,6 +867,7 @@ class SqliteBackend:
         if max_open_databases is None:
             max_open_databases = default_max_open_databases(DESCRIPTORS_PER_DATABASE)
         self._pool = _ConnectionPool(max_open_databases)
+        self._flushes = threading.BoundedSemaphore(FLUSH_DESCRIPTORS)
 
     @property
     def durable(self) -> bool:
@@ -768,8 +886,10 @@ class SqliteBackend:
 
     @property
     def max_descriptors(self) -> int:
-        """``3 * max_open_databases`` for files; 0 in memory."""
-        return 0 if self.data_dir is None else DESCRIPTORS_PER_DATABASE * self._pool.limit
+        """``3 * max_open_databases + FLUSH_DESCRIPTORS`` for files; 0 in memory."""
+        if self.data_dir is None:
+            return 0
+        return DESCRIPTORS_PER_DATABASE * self._pool.limit + FLUSH_DESCRIPTORS
 
     @property
     def open_descriptors(self) -> int:
@@ -813,13 +933,16 @@ class SqliteBackend:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             try:
                 conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA synchronous = FULL")
+                # COMMIT without a flush; flush() syncs the log (see the module).
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute("PRAGMA wal_autocheckpoint = 0")
+                conn.execute(f"PRAGMA journal_size_limit = {CHECKPOINT_WAL_BYTES}")
             except BaseException:
                 conn.close()
                 raise
             return conn
 
-        db = SqliteDatabase(reconnect=connect, pool=self._pool)
+        db = SqliteDatabase(reconnect=connect, pool=self._pool, path=path, flushes=self._flushes)
         db._connection()  # room is made before it connects: the budget is never passed
         return db
 

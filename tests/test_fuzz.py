@@ -892,3 +892,21 @@ def test_fuzzer_finds_leave_the_server_alive(request_bytes: bytes) -> None:
             assert int(match[1]) == 405, answer.data[:300]
 
     run_with_server(body)
+
+
+def test_frames_after_the_peers_close_do_not_cut_our_last_frame() -> None:
+    """Found by this suite: a 64 KiB message, an empty Close, and another 64 KiB message
+    sent after it. Closing the socket with the last message unread reset the connection,
+    and the reset destroyed the end of our echo before the client had read it. Now the
+    server lingers (reading and dropping) when the peer sent more after its Close."""
+    big = Frame(opcode=2, payload=b"x" * 65535)
+    session = FrameSession("after-close", (big, Frame(opcode=8), big), half_close=False)
+
+    async def body(server: Server, witness: RawWebSocket) -> None:
+        answer = await frame_exchange(server.port, session)
+        check_frames_answer(session, answer)
+        frames, _ = parse_server_frames(answer.data)
+        assert [frame.opcode for frame in frames] == [2, 8]
+        await check_alive(server, witness, after=1)
+
+    run_with_server(body)

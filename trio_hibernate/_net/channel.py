@@ -59,6 +59,12 @@ class ByteChannel(Protocol):
     async def send_eof(self) -> None:
         """Send EOF after what was sent (if the peer is gone, nothing happens)."""
 
+    def discard_unread(self) -> bool:
+        """Read and drop what the peer has sent and nobody read, without waiting; True if
+        there was any. (Closing a socket with unread bytes resets the connection, and a
+        reset may destroy what the peer has not read yet of ours.)"""
+        ...
+
     def abort(self) -> None:
         """Make the channel dead; a task waiting in ``receive`` or ``send_some`` gets
         ``trio.ClosedResourceError``. Does nothing if already dead."""
@@ -69,6 +75,11 @@ class ByteChannel(Protocol):
     def peer(self) -> str:
         """Who is at the other end, for log lines."""
         ...
+
+
+#: How many reads :meth:`SocketChannel.discard_unread` makes at most (a peer that keeps
+#: sending is lingered for instead: see ``Writer.linger``).
+_LINGER_READS: Final = 16
 
 
 @final
@@ -114,6 +125,19 @@ class SocketChannel:
         """See :meth:`ByteChannel.send_eof`: EOF after the bytes the kernel holds."""
         with contextlib.suppress(OSError):  # already reset by the peer
             self._sock.shutdown(socket.SHUT_WR)
+
+    def discard_unread(self) -> bool:
+        """See :meth:`ByteChannel.discard_unread` (at most ``_LINGER_READS`` reads)."""
+        found = False
+        for _ in range(_LINGER_READS):
+            try:
+                data = self._sock.recv(_RECV_BYTES, socket.MSG_DONTWAIT)
+            except OSError:  # nothing there (BlockingIOError), or reset
+                return found
+            if not data:
+                return found
+            found = True
+        return found
 
     def abort(self) -> None:
         """See :meth:`ByteChannel.abort`."""
@@ -194,6 +218,11 @@ class StreamChannel:
                 pass  # the peer is gone, or we closed it: there is nothing to end
             finally:
                 self._sending = None
+
+    def discard_unread(self) -> bool:
+        """See :meth:`ByteChannel.discard_unread`: a stream cannot be read without
+        waiting, so nothing is read here (False)."""
+        return False
 
     def abort(self) -> None:
         """See :meth:`ByteChannel.abort`."""

@@ -186,6 +186,11 @@ class Writer:
         if self._backlog is None:
             await channel.send_eof()
         # Else the flusher sends EOF once the backlog is out.
+        if handshake_done and channel.discard_unread():
+            # The peer sent more after its Close (a broken client): it may still be
+            # sending, and closing on its unread bytes would reset the connection before
+            # it has read ours. Linger as for any peer still sending.
+            handshake_done = False
         discarded = 0
         with trio.move_on_after(seconds):
             while not handshake_done and (data := await channel.receive()):

@@ -162,32 +162,42 @@ def _list_query(
     return sql, args
 
 
-def _sync_log(path: Path, synced: tuple[int, int] | None) -> tuple[int, tuple[int, int] | None]:
-    """``fsync`` the write-ahead log of the database at ``path``; returns its size in
-    bytes (0 if there is none: closing the last connection checkpointed it into the
-    database file, synced that, and deleted it) and its identity (device, inode).
+@final
+class _LogSync:
+    """``fsync`` of the write-ahead log of the database at ``path`` (see ``flush``)."""
 
-    A log that is not the one ``synced`` names (it was created since: the first flush
-    after the database was opened) also has its folder synced, so that the new file's
-    name survives a power loss, as SQLite itself does for a log it creates.
-    """
-    try:
-        fd = os.open(f"{path}-wal", os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return 0, None
-    try:
-        os.fsync(fd)
-        status = os.fstat(fd)
-    finally:
-        os.close(fd)
-    identity = (status.st_dev, status.st_ino)
-    if identity != synced:
-        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    __slots__ = ("_path", "_synced")
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._synced: tuple[int, int] | None = None  # the log whose folder is synced
+
+    def __call__(self) -> int:
+        """Sync the log; return its size in bytes (0 if there is none: closing the last
+        connection checkpointed it into the database file, synced that, and deleted it).
+
+        A log that is not the one synced before (it was created since: the first flush
+        after the database was opened) also has its folder synced, so that the new file's
+        name survives a power loss, as SQLite itself does for a log it creates.
+        """
         try:
-            os.fsync(folder)
+            fd = os.open(f"{self._path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return 0
+        try:
+            os.fsync(fd)
+            status = os.fstat(fd)
         finally:
-            os.close(folder)
-    return status.st_size, identity
+            os.close(fd)
+        identity = (status.st_dev, status.st_ino)
+        if identity != self._synced:
+            folder = os.open(self._path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+            self._synced = identity
+        return status.st_size
 
 
 def prefix_upper_bound(prefix: str) -> str | None:
@@ -220,10 +230,9 @@ class SqliteDatabase:
         "_conn",
         "_flush_lock",
         "_flushes",
-        "_path",
         "_pool",
         "_reconnect",
-        "_synced_log",
+        "_sync_log",
         "_user_cursors",
     )
 
@@ -239,12 +248,11 @@ class SqliteDatabase:
         if conn is None and (reconnect is None or pool is None):
             raise ValueError("a SqliteDatabase needs a connection, or reconnect and a pool")
         self._conn = conn
-        self._path = path  # None in memory; flush() syncs its -wal file
+        self._sync_log = None if path is None else _LogSync(path)  # flush() syncs it
         self._flushes = flushes
         # Held by a flush (in its worker thread): the pool never closes a connection
         # while its log is being synced (the descriptor budget counts it as open).
         self._flush_lock = threading.Lock()
-        self._synced_log: tuple[int, int] | None = None  # the log whose folder is synced
         self._reconnect = reconnect
         self._pool = pool
         # Held by a checkpoint (in its worker thread): the pool never closes a connection
@@ -327,15 +335,12 @@ class SqliteDatabase:
         descriptor of its own, never the connection (which the event loop thread may use
         meanwhile). Returns whether the log is past :data:`CHECKPOINT_WAL_BYTES` (the
         runtime then runs :meth:`checkpoint`). Raises OSError if the sync failed."""
-        path = self._path
-        if path is None or self._flushes is None:
+        sync_log = self._sync_log
+        if sync_log is None or self._flushes is None:
             return False  # in memory: nothing outlives the process anyway
         with self._flushes, self._flush_lock:
             # Closed since the commit (by the pool): closing checkpointed and synced.
-            if self._conn is None:
-                return False
-            size, self._synced_log = _sync_log(path, self._synced_log)
-            return size > CHECKPOINT_WAL_BYTES
+            return self._conn is not None and sync_log() > CHECKPOINT_WAL_BYTES
 
     def checkpoint(self) -> None:
         """Copy the write-ahead log into the database file, syncing both (``PASSIVE``;

@@ -47,6 +47,17 @@ class Probe(DurableObject):
             except trio.Cancelled:
                 env["cancelled"].append(message)
                 raise
+        elif message.startswith("nursery"):
+            async with trio.open_nursery() as nursery:  # a scope of the turn's own
+                nursery.start_soon(env["release"].wait)
+        elif message.startswith("within"):
+            with trio.move_on_after(100):  # a scope of the turn's own
+                await env["release"].wait()
+        elif message == "stubborn":
+            try:
+                await env["release"].wait()
+            finally:
+                ws.send("from the old instance")  # after the reset: dropped
         elif message == "boom":
             raise RuntimeError("boom (raised on purpose)")
         elif message == "sleep":
@@ -275,3 +286,81 @@ async def test_an_inline_turns_reply_waits_for_its_commit_and_a_failed_commit_dr
     assert len(failed) == 1
     assert failed[0].levelno == logging.ERROR
     assert "1 held message(s) dropped" in failed[0].getMessage()
+
+
+async def test_a_reset_cancels_a_turn_blocked_in_a_scope_of_its_own(
+    autojump_clock: MockClock,
+) -> None:
+    """The connection's scope encloses the whole turn: a turn blocked inside its own
+    ``move_on_after`` (or nursery, or a stub call's timeout) is cancelled too."""
+    app, env = probe_app()
+    async with open_test_host(app) as th:
+        ws = await warm(th)
+        await ws.send("abort-soon")
+        assert await ws.receive() == "done abort-soon"
+        await ws.send("within")
+        with pytest.raises(WebSocketClosed) as closed:
+            await ws.receive()
+        assert closed.value.code == 1011
+        assert env["log"][-1] == ("within", "inline")
+        assert trio.current_time() < 50  # cancelled, not ended by its own 100 s timeout
+
+
+async def test_turns_blocking_in_scopes_of_their_own_run_inline(autojump_clock: MockClock) -> None:
+    app, env = probe_app()
+    async with open_test_host(app) as th:
+        ws = await warm(th)
+        await ws.send("nursery")
+        await trio.sleep(1)
+        env["release"].set()
+        assert await ws.receive() == "done nursery"
+        env["release"] = trio.Event()
+        await ws.send("within")
+        await trio.sleep(1)
+        env["release"].set()
+        assert await ws.receive() == "done within"
+        assert env["log"][1:] == [("nursery", "inline"), ("within", "inline")]
+
+
+def cancel_scopes() -> int:
+    import gc
+
+    gc.collect()
+    return sum(1 for thing in gc.get_objects() if isinstance(thing, trio.CancelScope))
+
+
+async def test_a_hibernated_objects_sockets_hold_no_cancel_scope(autojump_clock: MockClock) -> None:
+    """A connection reads in a cancel scope only while it runs the live object's turns:
+    the object's hibernation lets it go (a scope costs ~800 bytes per socket)."""
+    app, env = probe_app()
+    async with open_test_host(app, idle_timeout=10) as th:
+        sockets = [await th.connect(NS, "a") for _ in range(20)]
+        await th.settle()
+        before = cancel_scopes()
+        for ws in sockets:
+            await ws.send("m")
+            assert await ws.receive() == "done m"
+        assert {kind for _, kind in env["log"]} == {"inline"}
+        assert cancel_scopes() >= before + 20  # each reads in a scope of the activation's
+        await trio.sleep(11)
+        await th.settle()
+        assert th.statistics().hibernated_objects == 1
+        assert cancel_scopes() <= before
+        await sockets[0].send("again")  # and reading goes on outside any scope
+        assert await sockets[0].receive() == "done again"
+
+
+async def test_nothing_a_reset_instance_still_sends_reaches_the_client(
+    autojump_clock: MockClock,
+) -> None:
+    """A reset seals the output gate: what the old instance's code sends afterwards (a
+    ``finally`` block of a cancelled turn) is dropped; the client gets the 1011."""
+    app, _ = probe_app()
+    async with open_test_host(app) as th:
+        ws = await warm(th)
+        await ws.send("abort-soon")
+        assert await ws.receive() == "done abort-soon"
+        await ws.send("stubborn")
+        with pytest.raises(WebSocketClosed) as closed:
+            await ws.receive()
+        assert closed.value.code == 1011

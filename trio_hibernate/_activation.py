@@ -15,8 +15,14 @@ per message), and changes nothing else:
   ``TestHost.settle`` waits for the turn;
 - a stop asked for meanwhile (a hook, the event timeout) happens once it is over, as
   after a supervisor turn; the supervisor waits for it before the instance is dropped;
-- a cancellation of the activation (a reset, the host's shutdown) cancels it too,
-  through the cancel scope the connection gives (:meth:`Activation.cancel`).
+- a cancellation of the activation (a reset, the host's shutdown) cancels it too.
+
+For that last point a connection reads, while it runs inline turns of an activation,
+inside a cancel scope it gives the activation (:meth:`TurnRunner.adopt`): the
+activation cancels it when it is cancelled, and also when it ends (hibernation). The
+connection then reads on outside any scope until it runs an inline turn again. So a
+turn costs no cancel scope of its own (entering and leaving one costs about as much as
+the hand-off saved), and a hibernated socket holds none (~800 bytes each).
 """
 
 from __future__ import annotations
@@ -54,7 +60,8 @@ class Activation:
         "commit",
         "gate",
         "idle",
-        "inline",
+        "inline_running",
+        "inline_scopes",
         "inline_waiters",
         "lot",
         "owner",
@@ -76,8 +83,11 @@ class Activation:
         self.idle = False  # the supervisor is parked, waiting for an event
         #: Runs this activation's turns, once the instance is constructed.
         self.runner: TurnRunner | None = None
-        #: While a connection runs an inline turn: the cancel scope that cancels it.
-        self.inline: trio.CancelScope | None = None
+        #: A connection runs an inline turn.
+        self.inline_running = False
+        #: The scopes connections read in while they run inline turns: cancelled with
+        #: the activation, and when it ends (see the module).
+        self.inline_scopes: set[trio.CancelScope] = set()
         #: Woken when an inline turn ends, once the supervisor waits for one.
         self.inline_waiters: trio.lowlevel.ParkingLot | None = None
         #: The task whose writes belong to the current turn (the supervisor during a
@@ -94,7 +104,7 @@ class Activation:
     @property
     def at_rest(self) -> bool:
         """Parked, waiting for an event: no turn runs, in the supervisor or inline."""
-        return self.idle and self.inline is None
+        return self.idle and not self.inline_running
 
     def request_stop(self) -> None:
         """Hibernate as soon as the current turn (if any) is over.
@@ -108,8 +118,14 @@ class Activation:
     def cancel(self) -> None:
         """Cancel the activation: its supervisor, its tasks and an inline turn."""
         self.scope.cancel()
-        if self.inline is not None:
-            self.inline.cancel()
+        self.let_connections_go()
+
+    def let_connections_go(self) -> None:
+        """Cancel the scopes connections read in for this activation: an inline turn
+        running in one is cancelled; the others read on without a scope."""
+        scopes, self.inline_scopes = self.inline_scopes, set()
+        for scope in scopes:
+            scope.cancel()
 
     def is_reset(self) -> bool:
         """Whether the object is being reset (a method: the answer changes across awaits)."""
@@ -120,15 +136,16 @@ class Activation:
         again; the first reason given is kept."""
         if self.reset_because is None:
             self.reset_because = why
+        self.gate.seal()  # nothing the old instance still does may reach a client
         self.request_stop()
 
     async def inline_turn_over(self) -> None:
         """Wait until no inline turn runs (shielded: the instance must not be dropped
         under a turn; a cancelled activation has cancelled the turn too)."""
-        if self.inline is not None:
+        if self.inline_running:
             waiters = self.inline_waiters = trio.lowlevel.ParkingLot()
             with trio.CancelScope(shield=True):
-                while self.inline is not None:
+                while self.inline_running:
                     await waiters.park()
 
 
@@ -183,7 +200,7 @@ class TurnRunner:
         activation = self._activation
         return (
             activation.idle
-            and activation.inline is None
+            and not activation.inline_running
             and not activation.stop_requested
             and not self._core.queued
             and not activation.turn_lock.locked()
@@ -191,13 +208,26 @@ class TurnRunner:
             and not self._strict()
         )
 
-    async def run_inline(self, event: MessageEvent, scope: trio.CancelScope) -> None:
+    def adopt(self, scope: trio.CancelScope) -> None:
+        """A connection reads in ``scope`` to run this activation's turns: cancel it
+        with the activation, or when it ends (at once if it already has)."""
+        activation = self._activation
+        if activation.scope.cancel_called or activation.runner is not self:  # it ended
+            scope.cancel()
+        else:
+            activation.inline_scopes.add(scope)
+
+    def disown(self, scope: trio.CancelScope) -> None:
+        """The connection left ``scope`` (its socket ended, or it was cancelled)."""
+        self._activation.inline_scopes.discard(scope)
+
+    async def run_inline(self, event: MessageEvent) -> None:
         """Run ``event``'s turn in the calling (connection) task, which checked
-        :meth:`can_run_inline` just before; :meth:`Activation.cancel` cancels ``scope``."""
+        :meth:`can_run_inline` just before, inside a scope given to :meth:`adopt`."""
         activation = self._activation
         lock = activation.turn_lock
         lock.acquire_nowait()
-        activation.inline = scope
+        activation.inline_running = True
         reaper = self._reaper
         reaper.busy_again(activation)
         token = waiting_turns.set(self._chain)
@@ -205,7 +235,7 @@ class TurnRunner:
             await self.run(event)
         finally:
             waiting_turns.reset(token)
-            activation.inline = None
+            activation.inline_running = False
             lock.release()
             if activation.inline_waiters is not None:
                 activation.inline_waiters.unpark_all()

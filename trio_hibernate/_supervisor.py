@@ -256,6 +256,7 @@ class Supervisor:
             finally:
                 activation.runner = None
                 await activation.inline_turn_over()
+                activation.let_connections_go()  # they hold no scope while it hibernates
                 if services.closing:
                     # Shutdown cancelled the activation (here, not in run: the host
                     # nursery's cancellation may carry the Cancelled past run's loop).
@@ -365,7 +366,7 @@ class Supervisor:
             if not core.queued:
                 activation.idle = True
                 rests.object_rested()
-                if not activation.background and activation.inline is None:
+                if not activation.background and not activation.inline_running:
                     reaper.idle_from(activation)  # the reaper stops it when it expires
                 try:
                     await activation.lot.park()

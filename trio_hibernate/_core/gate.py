@@ -116,6 +116,13 @@ class OutputGate:
                 on_drop()
         return len(dropped)
 
+    def seal(self) -> None:
+        """The object is being reset: every action held from now on is dropped (its
+        ``on_drop`` runs), whatever the old instance's code still does (a ``finally``
+        block, a turn that ran on). The actions already held wait for their commits as
+        before."""
+        self._failed = True
+
     def fail(self) -> int:
         """A commit failed: drop every held action, and every action held from now on
         (the object is being reset; its instance saw the failed writes). Returns how

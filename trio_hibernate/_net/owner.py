@@ -43,9 +43,15 @@ class Connection(Protocol):
 class InlineTurns(Protocol):
     """Runs a message's turn in the connection's own task (see ``_activation.py``)."""
 
-    async def run_inline(self, event: MessageEvent, scope: trio.CancelScope) -> None:
-        """Run the turn now; cancelling ``scope`` cancels it (the object was reset, the
-        host shuts down)."""
+    def adopt(self, scope: trio.CancelScope) -> None:
+        """The connection reads in ``scope`` while it runs this object's turns: the
+        object cancels it when it is reset, shut down, or hibernates."""
+
+    def disown(self, scope: trio.CancelScope) -> None:
+        """The connection left ``scope``."""
+
+    async def run_inline(self, event: MessageEvent) -> None:
+        """Run the turn now, in a scope given to :meth:`adopt`."""
 
 
 class ObjectLink(Protocol):

@@ -12,6 +12,7 @@ idle: only the frame reader's state (no buffer between frames) and the parked ta
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final, Protocol, final
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from .._core.wsevents import ClosingHandshake, ReaderEvent
     from .._core.wsreader import FrameReader
     from .channel import ByteChannel
-    from .owner import ConnectionOwner, ObjectLink
+    from .owner import ConnectionOwner, InlineTurns, ObjectLink
     from .writer import Writer
 
 __all__ = ["DROP_REASON", "Ending", "ReadLoop"]
@@ -39,6 +40,8 @@ log = logging.getLogger("trio_hibernate.connection")
 #: The reason of the 1006 an object hears when the peer went without a Close.
 DROP_REASON: Final = "WebSocket disconnected without sending Close frame."
 _OPEN: Final = CloseState.OPEN
+#: Reading outside any cancel scope (no inline turn runs: see ReadLoop.run).
+_NO_SCOPE: Final = contextlib.nullcontext(None)
 
 
 def _over_budget(budget: MemoryBudget, what: str, peer: str) -> str:
@@ -133,108 +136,133 @@ class ReadLoop:
         """Read frames until the socket's terminal event is decided or the peer is gone.
         A message cut short stays counted in the budget (see :meth:`release`).
 
-        A message's turn may run in this task (an inline turn, see ``_activation.py``),
-        inside a cancel scope the object's activation cancels when it is reset or the
-        host shuts down: then reading goes on in a fresh scope.
+        A message's turn may run in this task (an inline turn, see ``_activation.py``).
+        Then this task reads inside a cancel scope the object's activation holds: it is
+        cancelled with the activation (a reset, the host's shutdown: the turn is
+        cancelled) and when the activation ends; reading goes on outside any scope
+        until the next inline turn. One function, not two: a coroutine frame less for
+        every idle socket.
 
         Raises:
             trio.ClosedResourceError: The connection was aborted (its end is decided).
         """
-        if self._trailing:
-            self._unread = self._reader.feed(self._trailing)
-            self._trailing = b""
-        while True:
-            with trio.CancelScope() as scope:
-                if not await self._read(scope):
-                    return
-            # An inline turn was cancelled with its object (the scope is spent): read on.
-
-    async def _read(self, scope: trio.CancelScope) -> bool:
-        """The read loop of :meth:`run`; True when ``scope`` was cancelled and must be
-        replaced (an inline turn was cancelled), False when the socket is done."""
         reader = self._reader
         record = self._record
-        entry = self._link
+        link = self._link
         transport = self._transport
-        core = entry.core
+        core = link.core
         owner = self._owner
-        channel = self._channel
         limits = owner.limits
-        # What one receive completed (and what an inline turn's cancellation left).
-        events: Sequence[ReaderEvent] = self._unread
-        self._unread = ()
-        event: ReaderEvent = b""
+        channel = self._channel
+        if self._trailing:
+            self._unread = reader.feed(self._trailing)
+            self._trailing = b""
+        runner: InlineTurns | None = None  # whose turns this task runs, in ``scope``
         while True:
-            for index, event in enumerate(events):
-                kind = type(event)
-                if kind is str or kind is bytes:
-                    assert isinstance(event, str | bytes)
-                    if isinstance(event, str):
-                        size = len(event) if event.isascii() else len(event.encode())
-                    else:
-                        size = len(event)
-                    # From here the event holds the message's bytes (see _core/budget.py).
-                    if transport.terminal:
-                        owner.buffers.give(size)  # shutting down: wait for the peer's Close
-                    elif isinstance(event, str) and core.is_auto_response(event):
-                        owner.buffers.give(size)
-                        reply = core.record_auto_response(record, owner.wall_clock())
-                        owner.counters.auto_responded()
-                        if reply is not None:
-                            transport.send_message(reply)
-                    elif (turns := entry.inline_turns()) is None:
-                        entry.deliver(MessageEvent(record, event, size))
-                    else:
-                        await turns.run_inline(MessageEvent(record, event, size), scope)
-                        turns = None  # it holds the instance, which may hibernate now
-                        if scope.cancel_called:
-                            self._unread = events[index + 1 :]
-                            return True
-                elif kind is Ping:
-                    assert isinstance(event, Ping)
-                    closing = transport.closing
-                    if closing is not None and closing.state is _OPEN:
-                        transport.writer.write(encode_pong(event.payload))
-                elif kind is PeerClose or kind is Violation:
-                    assert isinstance(event, PeerClose | Violation)
-                    self._ends_with(event)
-                    return False
-                # Pong: nothing to do.
-            events = ()  # nothing keeps the last bytes alive while the socket idles
-            event = b""
-            if channel.dead:
-                # Lost while writing (reset by the peer), or aborted after the end was
-                # decided (then this changes nothing): the object must hear of it.
-                transport.end(CloseEvent(record, 1006, DROP_REASON, False))
-                return False
-            if not transport.terminal and should_pause_reading(record, limits):
-                # Backpressure: the object is behind; stop reading until it catches up
-                # (ObjectCore.pop_event calls resume_reading). Not while shutting down:
-                # the object will never catch up then, and the peer's Close must be read.
-                self._resume = trio.Event()
-                record.set_reading_paused(True)
-                await self._resume.wait()
-                record.set_reading_paused(False)
-                self._resume = None
-                continue
-            if reader.partial:
-                # A message is partly here: it must keep coming, or it is dropped.
-                with trio.move_on_after(owner.partial_message_timeout) as stalled:
-                    data = await channel.receive()
-                if stalled.cancelled_caught:
-                    transport.fail(
-                        1008,
-                        f"message incomplete: no data for {owner.partial_message_timeout:g} s "
-                        "(partial_message_timeout)",
-                    )
-                    return False
-            else:
-                data = await channel.receive()
-            if not data:
-                transport.end(CloseEvent(record, 1006, DROP_REASON, False))
-                return False
-            events = reader.feed(data)
-            del data
+            switch_to: InlineTurns | None = None
+            with _NO_SCOPE if runner is None else trio.CancelScope() as scope:
+                if runner is not None:
+                    assert scope is not None
+                    runner.adopt(scope)
+                try:
+                    # What one receive completed (and what a cancellation left).
+                    events: Sequence[ReaderEvent] = self._unread
+                    self._unread = ()
+                    event: ReaderEvent = b""
+                    while switch_to is None:
+                        for index, event in enumerate(events):
+                            kind = type(event)
+                            if kind is str or kind is bytes:
+                                assert isinstance(event, str | bytes)
+                                if isinstance(event, str):
+                                    size = len(event) if event.isascii() else len(event.encode())
+                                else:
+                                    size = len(event)
+                                # From here the event holds the message's bytes (_core/budget.py).
+                                if transport.terminal:
+                                    owner.buffers.give(size)  # shutting down: await the Close
+                                elif isinstance(event, str) and core.is_auto_response(event):
+                                    owner.buffers.give(size)
+                                    reply = core.record_auto_response(record, owner.wall_clock())
+                                    owner.counters.auto_responded()
+                                    if reply is not None:
+                                        transport.send_message(reply)
+                                elif (turns := link.inline_turns()) is None:
+                                    link.deliver(MessageEvent(record, event, size))
+                                elif turns is not runner or scope is None or scope.cancel_called:
+                                    # Its turn runs in a scope of its activation's: read
+                                    # on in one, from this message.
+                                    self._unread = events[index:]
+                                    switch_to = turns
+                                    break
+                                else:
+                                    try:
+                                        await turns.run_inline(MessageEvent(record, event, size))
+                                    except trio.Cancelled:
+                                        self._unread = events[index + 1 :]
+                                        raise
+                                turns = None  # it holds the instance, which may hibernate
+                            elif kind is Ping:
+                                assert isinstance(event, Ping)
+                                closing = transport.closing
+                                if closing is not None and closing.state is _OPEN:
+                                    transport.writer.write(encode_pong(event.payload))
+                            elif kind is PeerClose or kind is Violation:
+                                assert isinstance(event, PeerClose | Violation)
+                                self._ends_with(event)
+                                return
+                            # Pong: nothing to do.
+                        else:
+                            events = ()  # nothing keeps the last bytes alive while idle
+                            event = b""
+                            # Inline, not a method: a coroutine frame less per idle socket.
+                            if channel.dead:
+                                # Lost while writing (reset by the peer), or aborted after
+                                # the end was decided (then this changes nothing).
+                                transport.end(CloseEvent(record, 1006, DROP_REASON, False))
+                                return
+                            if not transport.terminal and should_pause_reading(record, limits):
+                                await self._paused(record)
+                                continue
+                            if reader.partial:
+                                # A message is partly here: it must keep coming, or is dropped.
+                                with trio.move_on_after(owner.partial_message_timeout) as stalled:
+                                    data = await channel.receive()
+                                if stalled.cancelled_caught:
+                                    self._stalled()
+                                    return
+                            else:
+                                data = await channel.receive()
+                            if not data:
+                                transport.end(CloseEvent(record, 1006, DROP_REASON, False))
+                                return
+                            events = reader.feed(data)
+                            del data
+                finally:
+                    if runner is not None:
+                        assert scope is not None
+                        runner.disown(scope)
+            # Left: to run another activation's turns (``switch_to``), or cancelled (the
+            # activation ended, or cancelled the turn with it): read on outside a scope.
+            runner = switch_to
+
+    async def _paused(self, record: SocketRecord) -> None:
+        """Backpressure: the object is behind; stop reading until it catches up
+        (ObjectCore.pop_event calls resume_reading). Not while shutting down: the object
+        will never catch up then, and the peer's Close must be read."""
+        self._resume = trio.Event()
+        record.set_reading_paused(True)
+        try:
+            await self._resume.wait()
+        finally:
+            record.set_reading_paused(False)
+            self._resume = None
+
+    def _stalled(self) -> None:
+        timeout = self._owner.partial_message_timeout
+        self._transport.fail(
+            1008, f"message incomplete: no data for {timeout:g} s (partial_message_timeout)"
+        )
 
     def _ends_with(self, event: PeerClose | Violation) -> None:
         """The peer's Close (answered at once if it came first, spec 7, Rule), or its

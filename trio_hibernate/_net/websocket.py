@@ -15,7 +15,8 @@ Close frame and starts a watchdog for the peer's answer.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Final, final
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Final, final
 
 import trio
 
@@ -164,15 +165,16 @@ class WebSocketTransport:
 
     # -- the read loop ---------------------------------------------------------------------
 
-    async def run(self) -> None:
+    def run(self) -> Coroutine[Any, Any, None]:
         """Read frames until the socket's terminal event is decided or the peer is gone
-        (see :class:`~trio_hibernate._net.reading.ReadLoop`).
+        (see :class:`~trio_hibernate._net.reading.ReadLoop`): the read loop itself, to
+        await (no coroutine frame of this method stays on every idle socket's stack).
 
         Raises:
             trio.ClosedResourceError: The connection was aborted (its end is decided).
         """
         assert self._loop is not None
-        await self._loop.run()
+        return self._loop.run()
 
     def fail(self, code: int, reason: str) -> None:
         """Close with ``code`` (the peer's fault, or ours: 1011) and end with an error."""

@@ -84,6 +84,18 @@ def test_an_empty_close_reads_as_1005() -> None:
     assert reader().feed(frame(8, b"")) == [PeerClose(1005, "")]
 
 
+def test_bytes_after_the_close_are_noted_not_read() -> None:
+    """What follows the peer's Close is not read; that there was some is noted (the
+    server then lingers instead of resetting the connection on unread bytes)."""
+    done = reader()
+    assert done.feed(frame(8, b"")) == [PeerClose(1005, "")]
+    assert not done.more_after_close
+    broken = reader()
+    assert broken.feed(frame(8, b"") + frame(1, b"more")) == [PeerClose(1005, "")]
+    assert broken.more_after_close
+    assert broken.feed(frame(1, b"and more")) == []
+
+
 # -- refused ---------------------------------------------------------------------------------
 
 

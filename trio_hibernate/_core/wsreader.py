@@ -88,6 +88,7 @@ class FrameReader:
         "_parts",
         "_remaining",
         "held",
+        "more_after_close",
     )
 
     def __init__(
@@ -110,6 +111,8 @@ class FrameReader:
         self._decoder: codecs.IncrementalDecoder | None = None
         self.held = 0
         """Bytes of the message in progress (inflated), counted in the memory budget."""
+        self.more_after_close = False
+        """The peer sent bytes after its Close frame (a broken client, still sending)."""
 
     @property
     def partial(self) -> bool:
@@ -208,6 +211,7 @@ class FrameReader:
                     event = control_event(opcode, _unmask(buf[start:stop], buf[head:start]))
                     out.append(event)
                     if type(event) is PeerClose:
+                        self.more_after_close = stop < end
                         self.discard()  # nothing more is read
                         return out
                     continue

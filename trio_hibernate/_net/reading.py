@@ -118,6 +118,11 @@ class ReadLoop:
         self._unread: Sequence[ReaderEvent] = ()  # see _read
         self._resume: trio.Event | None = None
 
+    @property
+    def more_after_close(self) -> bool:
+        """The peer sent bytes after its Close frame (see ``Writer.linger``)."""
+        return self._reader.more_after_close
+
     def resume(self) -> None:
         """The object caught up with this socket's queued messages: read again."""
         if self._resume is not None:

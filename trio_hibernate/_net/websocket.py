@@ -144,8 +144,14 @@ class WebSocketTransport:
 
     @property
     def handshake_done(self) -> bool:
-        """Both Close frames went: the peer will send nothing more."""
-        return self.closing is not None and self.closing.state is CloseState.CLOSED
+        """Both Close frames went: the peer will send nothing more (unless it already
+        sent more after its Close: a broken client, to be lingered for)."""
+        closing, loop = self.closing, self._loop
+        return (
+            closing is not None
+            and closing.state is CloseState.CLOSED
+            and not (loop is not None and loop.more_after_close)
+        )
 
     def connection_over(self) -> None:
         """The connection task is ending: stop the watchdog, give back what is held, and
@@ -157,6 +163,11 @@ class WebSocketTransport:
         if not self._terminal and self._record is not None:
             self._terminal = True
             self._record.decide_end()
+        # Nothing more is read or written: let go of what points back here, so that the
+        # connection's objects are freed as soon as unused, not by the cycle collector.
+        self._loop = None
+        self._record = None
+        self.writer.detach()
 
     def release_held(self) -> None:
         """Stop reading: what is held of what was read goes back to the budget."""

@@ -54,6 +54,22 @@ class WriteFailures(Protocol):
 
 
 @final
+class _NoFailures:
+    """The failure listener of a writer whose connection is over: nothing to tell."""
+
+    __slots__ = ()
+
+    def lost(self) -> None:
+        """See :meth:`WriteFailures.lost`."""
+
+    def drop_slow_reader(self, reason: str) -> None:
+        """See :meth:`WriteFailures.drop_slow_reader`."""
+
+
+_NO_FAILURES: Final = _NoFailures()
+
+
+@final
 class Writer:
     """The outbound half of one connection (see the module)."""
 
@@ -74,7 +90,7 @@ class Writer:
         self._owner = owner
         self._channel = channel
         self._send_nowait = channel.send_nowait
-        self._failures = failures
+        self._failures: WriteFailures = failures
         # Bytes written before the response went out; None afterwards.
         self._pending: list[bytes] | None = []
         self._backlog: bytearray | None = None
@@ -92,6 +108,11 @@ class Writer:
         pending = self._pending or []
         self._pending = None
         return pending
+
+    def detach(self) -> None:
+        """The connection is over: stop reporting failures (to the transport, which
+        points back here: a cycle the collector would otherwise have to find)."""
+        self._failures = _NO_FAILURES
 
     def write(self, data: bytes | bytearray) -> None:
         """Send ``data`` now, or as soon as the peer reads it. Never blocks.

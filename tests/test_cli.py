@@ -610,7 +610,7 @@ def test_serve_flags_are_named_after_the_api() -> None:
         *(field.name for field in attrs.fields(Limits)),
         "allowed_origin",  # repeatable: one origin each, collected into allowed_origins
     }
-    cli_only = {"help", "app", "reload", "log_level", "log_format"}
+    cli_only = {"help", "app", "reload", "log_level", "log_format", "gc"}
     for command, action in _options():
         if command != "serve" or action.dest in cli_only:
             continue

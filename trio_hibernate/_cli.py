@@ -29,6 +29,7 @@ from . import _gcstats
 from ._app import App
 from ._compression import WebSocketCompression
 from ._errors import AppLoadError, StorageError
+from ._gctuning import DEFAULT_FULL_EVERY, tune_gc
 from ._host import Host
 from ._limits import Limits
 from ._loading import AppSource, load_app, reload, reload_on_change
@@ -103,6 +104,8 @@ async def _serve(app: App, args: argparse.Namespace, source: AppSource) -> int:
                 flush=True,
             )
             async with trio.open_nursery() as nursery:
+                if args.gc == "tuned":
+                    await nursery.start(tune_gc)
                 nursery.start_soon(_reload_on_sighup, server.host, source)
                 if args.reload:
                     nursery.start_soon(reload_on_change, server.host, source)
@@ -370,6 +373,14 @@ def _parser() -> argparse.ArgumentParser:
         default="text",
         choices=["text", "json"],
         help="log lines as text, or one JSON object per line with the object and peer as keys",
+    )
+    serve.add_argument(
+        "--gc",
+        default="tuned",
+        choices=["tuned", "default"],
+        help="the cycle collector: 'tuned' freezes long-lived objects and runs a full "
+        f"collection every {DEFAULT_FULL_EVERY:g} s instead of whenever it would "
+        "(no long pauses amid traffic: see docs/operations.md); 'default': Python's own",
     )
     talk = commands.add_parser(
         "connect",

@@ -201,6 +201,7 @@ class Supervisor:
                 services.counters.spent_in_memory(trio.current_time() - started_at)
                 if activation.commit is not None:
                     activation.commit.release()
+                    activation.commit = None  # it points back at the activation
                 activation.stopped.set()
             if not core.on_stopped():
                 entry.forget_if_unused()

@@ -294,6 +294,28 @@ def _check_sql_limit(limits: Limits, name: str, value: int, what: str) -> None:
         )
 
 
+_DROPPED: Final = (
+    "this storage belongs to an instance that was dropped (hibernated, reset or shut "
+    "down); use the storage of the object's current instance"
+)
+
+
+def _instance_dropped() -> ObjectDatabase:
+    raise RuntimeError(_DROPPED)
+
+
+async def _finish_dropped() -> None:
+    raise RuntimeError(_DROPPED)
+
+
+def _not_in_turn() -> bool:
+    return False
+
+
+def _exclusive_dropped() -> AbstractAsyncContextManager[None]:
+    raise RuntimeError(_DROPPED)
+
+
 @final
 class StorageState:
     """The runtime's side of one activation's storage: the database connection, the
@@ -446,8 +468,14 @@ class StorageState:
             self._db.commit()
 
     def detach(self) -> ObjectDatabase | None:
-        """The activation ends: hand back the database to release."""
+        """The activation ends: hand back the database to release. The storage is
+        unusable from then on (its instance was dropped): the callbacks into the commit
+        protocol, which point back here, are let go of (no cycle for the collector)."""
         db, self._db = self._db, None
+        self._open_db = _instance_dropped
+        self.finish_outside_turn = _finish_dropped
+        self.in_turn = _not_in_turn
+        self.exclusive = _exclusive_dropped
         return db
 
     # -- validation ----------------------------------------------------------------------

@@ -36,6 +36,7 @@ import trio
 from ._containment import abort_ends_here
 from ._core.gate import OutputGate
 from ._stubs import waiting_turns
+from ._turnlock import TurnLock
 
 if TYPE_CHECKING:
     from ._core.events import CallChain, Event, MessageEvent
@@ -78,7 +79,7 @@ class Activation:
         self.lot = trio.lowlevel.ParkingLot()
         self.gate = OutputGate()
         self.commit: TurnCommit | None = None  # made when the storage is first used
-        self.turn_lock = trio.Lock()  # a turn and its commit, or an outside-turn commit
+        self.turn_lock = TurnLock()  # a turn and its commit, or an outside-turn commit
         self.background = 0  # ctx.start_soon tasks still running
         self.idle = False  # the supervisor is parked, waiting for an event
         #: Runs this activation's turns, once the instance is constructed.

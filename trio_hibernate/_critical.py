@@ -53,6 +53,7 @@ from ._errors import ObjectAborted
 if TYPE_CHECKING:
     from ._containment import ObjectLog
     from ._storage.commit import TurnCommit
+    from ._turnlock import TurnLock
 
 __all__ = ["BLOCK_CONCURRENCY_TIMEOUT_SECONDS", "CriticalSections", "Holder"]
 
@@ -67,7 +68,7 @@ _ABORT_DEFAULT: Final = "Application called abort() to reset the object."
 class Holder(Protocol):
     """The activation whose object the sections hold."""
 
-    turn_lock: trio.Lock
+    turn_lock: TurnLock
     owner: trio.lowlevel.Task | None
     commit: TurnCommit | None
     blocking: int

@@ -68,6 +68,7 @@ if TYPE_CHECKING:
     from .._core.gate import OutputGate
     from .._ids import ObjectId
     from .._limits import Limits
+    from .._turnlock import TurnLock
     from .alarms import AlarmIndex, AlarmKey, AlarmScheduler
     from .backend import ObjectDatabase, StorageBackend
 
@@ -81,7 +82,7 @@ _InFlight = tuple[int, float | object | None]
 class Turns(Protocol):
     """The activation whose storage is committed: its turn lock, turn owner and gate."""
 
-    turn_lock: trio.Lock
+    turn_lock: TurnLock
     owner: trio.lowlevel.Task | None
     gate: OutputGate
 

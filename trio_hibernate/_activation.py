@@ -58,6 +58,7 @@ class Activation:
     __slots__ = (
         "background",
         "blocking",
+        "cancelled",
         "commit",
         "gate",
         "idle",
@@ -76,6 +77,9 @@ class Activation:
 
     def __init__(self) -> None:
         self.scope = trio.CancelScope()
+        #: :meth:`cancel` was called (``scope.cancel_called`` reads the clock: this is
+        #: read on every message).
+        self.cancelled = False
         self.lot = trio.lowlevel.ParkingLot()
         self.gate = OutputGate()
         self.commit: TurnCommit | None = None  # made when the storage is first used
@@ -118,6 +122,7 @@ class Activation:
 
     def cancel(self) -> None:
         """Cancel the activation: its supervisor, its tasks and an inline turn."""
+        self.cancelled = True
         self.scope.cancel()
         self.let_connections_go()
 
@@ -205,7 +210,7 @@ class TurnRunner:
             and not activation.stop_requested
             and not self._core.queued
             and not activation.turn_lock.locked()
-            and not activation.scope.cancel_called
+            and not activation.cancelled
             and not self._strict()
         )
 
@@ -213,7 +218,7 @@ class TurnRunner:
         """A connection reads in ``scope`` to run this activation's turns: cancel it
         with the activation, or when it ends (at once if it already has)."""
         activation = self._activation
-        if activation.scope.cancel_called or activation.runner is not self:  # it ended
+        if activation.cancelled or activation.runner is not self:  # it ended
             scope.cancel()
         else:
             activation.inline_scopes.add(scope)

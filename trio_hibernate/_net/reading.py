@@ -194,9 +194,11 @@ class ReadLoop:
                                         transport.send_message(reply)
                                 elif (turns := link.inline_turns()) is None:
                                     link.deliver(MessageEvent(record, event, size))
-                                elif turns is not runner or scope is None or scope.cancel_called:
+                                elif turns is not runner:
                                     # Its turn runs in a scope of its activation's: read
-                                    # on in one, from this message.
+                                    # on in one, from this message. (A scope of an
+                                    # activation that ended or was cancelled belongs to a
+                                    # runner that runs no inline turn any more.)
                                     self._unread = events[index:]
                                     switch_to = turns
                                     break

@@ -1586,8 +1586,9 @@ def _render_writes(run: Run, cfg: Config, add: Callable[[str], None]) -> None:
     add("")
     add(
         "Each message is a turn that puts it under one of 16 keys and replies; the reply "
-        "is held until the write is durable. trio-hibernate: `--data-dir`, SQLite "
-        "`synchronous = FULL`; workerd: a SQLite-backed Durable Object on local disk "
+        "is held until the write is durable. trio-hibernate: `--data-dir`, group commit "
+        "(each commit `fsync`ed, turns meanwhile join the next one); workerd: a "
+        "SQLite-backed Durable Object on local disk "
         "(`bench/workerd/storage.capnp`), the put not awaited (its output gate holds the "
         f"reply). Both on the same file system. {cfg.warmup:g} s warm-up, "
         f"{cfg.writes_seconds:g} s measured."

@@ -31,6 +31,8 @@ from array import array
 from pathlib import Path
 from typing import Any, Final
 
+import trio
+
 __all__ = [
     "BUCKETS_PER_DECADE",
     "ENVIRONMENT_VARIABLE",
@@ -132,6 +134,10 @@ class GcPauses:
         while self._callback in gc.callbacks:
             gc.callbacks.remove(self._callback)
 
+    # Protected: a Ctrl-C that lands in a collection's callback would be raised here and
+    # swallowed by the collector ("Exception ignored in gc callback"), and lost. Trio
+    # delivers it at the next checkpoint instead.
+    @trio.lowlevel.enable_ki_protection
     def _callback(self, phase: str, info: dict[str, int]) -> None:
         now = time.monotonic_ns()
         if phase == "start":

@@ -59,7 +59,8 @@ autodoc_default_options = {"members": True, "show-inheritance": True}
 # inventory: it needs nothing but PyPI) and to the private names that signatures show.
 nitpicky = True
 nitpick_ignore_regex = [
-    (r"py:.*", r"(builtins|collections|contextlib|datetime|enum|logging|os|random|secrets|signal)(\..+)?"),
+    (r"py:.*", r"(builtins|collections|contextlib|datetime|enum|logging|os)(\..+)?"),
+    (r"py:.*", r"(random|secrets|signal)(\..+)?"),
     (r"py:.*", r"(socket|sqlite3|ssl|types|typing|attrs|trio|trio_websocket|wsproto)(\..+)?"),
     (r"py:class", r"trio_hibernate(\.\w+)*\._\w+(\.\w+)*"),
     (r"py:class", r"Authorize|Fetch|Headers|StorageBackend"),

@@ -26,7 +26,9 @@ a :func:`open_host` and hand it sockets.
 # _supervisor (one object's activations), _activation (an activation and how a turn runs on it,
 # in the supervisor or inline in a connection task), _critical (critical sections and
 # resets: ctx.block_concurrency_while, ctx.abort), _reaper (idle objects), _containment
-# (the one place application code's exceptions are caught), _stubs, _oneshot.
+# (the one place application code's exceptions are caught), _stubs, _oneshot, _turnlock
+# (the turn lock), _gctuning (the cycle collector's policy in serve), _gcstats (GC pauses
+# for the benchmarks), _dashboard, _logging, _loading (the CLI's app loading and reload).
 #
 # trio_hibernate/_net/ is bytes on sockets: the per-connection task, the byte channel
 # (an OS socket or any trio stream), HTTP and the upgrade, the gatekeeper, the WebSocket

@@ -105,8 +105,8 @@ MEMORY_SAMPLED_SOCKETS: Final = 1000
 #: What an idle WebSocket of a hibernated object costs the server with no tag, no
 #: attachment and no compression, measured (docs/operations.md, "per idle (hibernated)
 #: socket": tracemalloc of the server's allocations, ``bench/deflate_cost.py``): its
-#: connection object, transport, writer, wsproto state, channel, parked task and record.
-IDLE_SOCKET_BYTES: Final = 8_900
+#: connection object, transport, writer, frame reader, channel, parked task and record.
+IDLE_SOCKET_BYTES: Final = 7_050
 #: What permessage-deflate without context takeover adds per idle socket (measured there).
 DEFLATE_NO_TAKEOVER_BYTES: Final = 130
 #: Statistics that are levels, not running totals: they get no rate.

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from ._app import App
+from ._containment import Containment
 from ._errors import AppLoadError
 from ._object import DurableObject
 
@@ -224,10 +225,10 @@ async def reload(host: Host, source: AppSource, why: str) -> None:
     Never raises for the app's own errors: a code update must not take the service
     down. A checkpoint.
     """
-    try:
-        app = source.load()
-    except Exception:
-        log.exception("reloading %s failed; still serving the previous code", source.spec)
+    app: App | None = None
+    with Containment(log, "reloading %s failed; still serving the previous code", source.spec):
+        app = source.load()  # the app's own code: whatever it raises is contained
+    if app is None:
         await trio.lowlevel.checkpoint()
         return
     await host.replace_app(app)

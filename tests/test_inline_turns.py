@@ -93,6 +93,17 @@ async def warm(th: TestHost, name: str = "a") -> TestWebSocket:
     return ws
 
 
+async def reset_during(ws: TestWebSocket, message: str) -> int:
+    """Have the object reset itself (``ctx.abort()`` from a task, 1 s later) while
+    ``message``'s turn runs; the close code the client then gets."""
+    await ws.send("abort-soon")
+    assert await ws.receive() == "done abort-soon"
+    await ws.send(message)
+    with pytest.raises(WebSocketClosed) as closed:
+        await ws.receive()
+    return closed.value.code
+
+
 async def test_a_message_to_an_idle_live_object_runs_in_its_connection_task(
     autojump_clock: MockClock,
 ) -> None:
@@ -220,12 +231,7 @@ async def test_a_reset_cancels_an_inline_turn(autojump_clock: MockClock) -> None
     app, env = probe_app()
     async with open_test_host(app) as th:
         ws = await warm(th)
-        await ws.send("abort-soon")
-        assert await ws.receive() == "done abort-soon"
-        await ws.send("wait r")
-        with pytest.raises(WebSocketClosed) as closed:
-            await ws.receive()
-        assert closed.value.code == 1011
+        assert await reset_during(ws, "wait r") == 1011
         assert env["cancelled"] == ["wait r"]
         assert env["log"][-1] == ("wait r", "inline")
         await th.settle()
@@ -296,12 +302,7 @@ async def test_a_reset_cancels_a_turn_blocked_in_a_scope_of_its_own(
     app, env = probe_app()
     async with open_test_host(app) as th:
         ws = await warm(th)
-        await ws.send("abort-soon")
-        assert await ws.receive() == "done abort-soon"
-        await ws.send("within")
-        with pytest.raises(WebSocketClosed) as closed:
-            await ws.receive()
-        assert closed.value.code == 1011
+        assert await reset_during(ws, "within") == 1011
         assert env["log"][-1] == ("within", "inline")
         assert trio.current_time() < 50  # cancelled, not ended by its own 100 s timeout
 
@@ -358,9 +359,4 @@ async def test_nothing_a_reset_instance_still_sends_reaches_the_client(
     app, _ = probe_app()
     async with open_test_host(app) as th:
         ws = await warm(th)
-        await ws.send("abort-soon")
-        assert await ws.receive() == "done abort-soon"
-        await ws.send("stubborn")
-        with pytest.raises(WebSocketClosed) as closed:
-            await ws.receive()
-        assert closed.value.code == 1011
+        assert await reset_during(ws, "stubborn") == 1011

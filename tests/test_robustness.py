@@ -379,11 +379,9 @@ async def test_a_stalled_message_is_dropped(autojump_clock: trio.abc.Clock) -> N
         assert server.host.statistics().buffered_bytes == 0
 
 
-async def test_messages_queued_for_a_busy_object_are_bounded_in_bytes() -> None:
-    from trio_hibernate import Limits
-
-    release = trio.Event()
-    received: list[bytes] = []
+def busy_app(release: trio.Event, received: list[bytes]) -> App:
+    """``/echo/<name>`` objects whose handler waits for ``release``, then notes the
+    first 4 bytes of the (binary) message in ``received``."""
 
     class Busy(Echo):
         async def websocket_message(self, ws: WebSocket, message: str | bytes) -> None:
@@ -391,9 +389,17 @@ async def test_messages_queued_for_a_busy_object_are_bounded_in_bytes() -> None:
             assert isinstance(message, bytes)
             received.append(message[:4])
 
+    return App({"echo": Busy})
+
+
+async def test_messages_queued_for_a_busy_object_are_bounded_in_bytes() -> None:
+    from trio_hibernate import Limits
+
+    release = trio.Event()
+    received: list[bytes] = []
+    app = busy_app(release, received)
     limits = Limits(max_queued_bytes_per_websocket=2**20)
     message = b"m" * (256 * 1024)
-    app = App({"echo": Busy})
     async with open_server(app, limits=limits) as server:
         async with (
             open_raw_websocket(server.port, "/echo/busy") as busy,
@@ -430,16 +436,9 @@ async def test_a_socket_whose_turn_is_slow_is_not_read_meanwhile() -> None:
 
     release = trio.Event()
     received: list[bytes] = []
-
-    class Busy(Echo):
-        async def websocket_message(self, ws: WebSocket, message: str | bytes) -> None:
-            await release.wait()
-            assert isinstance(message, bytes)
-            received.append(message[:4])
-
+    app = busy_app(release, received)
     limits = Limits(max_queued_bytes_per_websocket=2**20)
     message = b"m" * (256 * 1024)
-    app = App({"echo": Busy})
     async with open_server(app, limits=limits) as server:
         async with open_raw_websocket(server.port, "/echo/busy") as raw:
             async with trio.open_nursery() as nursery:

@@ -31,6 +31,7 @@ EXPECTED = {
     "QueryParams",
     "ReadyState",
     "ReentrantCallError",
+    "RemoteCallError",
     "Request",
     "Response",
     "Server",

@@ -16,6 +16,8 @@
 - The *runtime's* own (a bug; please report): :class:`InvalidTransition`.
 - Not an error: :class:`ObjectAborted` unwinds the code that called ``ctx.abort()``.
 - The *storage's*: :class:`StorageCommitError` (a turn's writes were lost).
+- The *owning host's* (cluster mode): :class:`RemoteCallError` (a relayed stub call
+  raised on the host that owns the object).
 - The reconnecting client's (``trio_hibernate.client``): :class:`ClientClosedError`.
 - The test kit's (``trio_hibernate.testing``, raised to the test): :class:`UpgradeRejected`,
   :class:`WebSocketClosed`.
@@ -42,6 +44,7 @@ __all__ = [
     "LimitExceededError",
     "ObjectAborted",
     "ReentrantCallError",
+    "RemoteCallError",
     "StorageCommitError",
     "StorageError",
     "UpgradeRejected",
@@ -155,6 +158,26 @@ class ReentrantCallError(HibernateError, RuntimeError):
     def __init__(self, message: str, *, chain: tuple[tuple[str, ObjectId], ...]) -> None:
         super().__init__(message)
         self.chain = chain
+
+
+class RemoteCallError(HibernateError, RuntimeError):
+    """A stub call relayed to the host that owns the object (cluster mode) raised there.
+
+    The exception itself stays on that host (it may not be data); the caller gets its
+    class name and message. A missing method comes back as :class:`AttributeError`
+    instead, as from a local call.
+
+    Attributes:
+        remote_type: The class name of the exception raised on the owning host
+            (``"ValueError"``), or ``"HTTP <status>"`` when that host refused the call
+            itself (a wrong cluster key, an unknown namespace).
+        message: Its message (``str(exc)`` there).
+    """
+
+    def __init__(self, remote_type: str, message: str) -> None:
+        super().__init__(f"{remote_type}: {message}" if message else remote_type)
+        self.remote_type = remote_type
+        self.message = message
 
 
 class WebSocketProtocolError(HibernateError):

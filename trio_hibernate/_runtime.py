@@ -116,6 +116,7 @@ class Runtime:
         self._last_frame = b""
         self.frame_encoder = self.encode_frame  # shared by every connection (ConnectionOwner)
         self.extra_operations: dict[str, Callable[[Request], Response]] = {}  # /_dashboard
+        self.relay_key: str | None = None  # peers relay with it (cluster); None: refused
 
     # -- for the facade ------------------------------------------------------------------
 
@@ -212,6 +213,10 @@ class Runtime:
         if (extra := self.extra_operations.get(request.path)) is not None:
             return extra(request)  # a path the server added (``/_dashboard``)
         return operations_response(request, self.statistics(), self.closing)
+
+    def deliver_relayed(self, namespace: str, object_id: ObjectId, event: Event) -> None:
+        """Queue an event a peer host relayed here (``_net/relayed.py``): no app hook."""
+        self.entry_for(namespace, object_id).deliver(event)
 
     def encode_frame(self, message: str | bytes) -> bytes:
         """The WebSocket frame of ``message`` (the last one is cached for broadcasts)."""

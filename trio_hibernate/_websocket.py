@@ -29,13 +29,16 @@ __all__ = [
     "WebSocket",
     "accept",
     "acceptor_of",
+    "attach_splice",
     "check_close_args",
     "check_text",
     "check_upgrade_headers",
     "end_upgrade",
     "handle_for",
     "record_of",
+    "relocate",
     "settle_protocol",
+    "splice_of",
     "upgrade_ended",
 ]
 
@@ -94,6 +97,7 @@ class WebSocket:
         "_protocols",
         "_record",
         "_registry",
+        "_splice",
         "_transport",
         "_upgrade_ended",
         "_url",
@@ -115,6 +119,9 @@ class WebSocket:
         # and whether its request was answered without an upgrade (see end_upgrade).
         self._acceptor: tuple[str, ObjectId] | None = None
         self._upgrade_ended = False
+        # Answered by another host (cluster): opaque here (``_net/splice.py``'s value, but
+        # this module stays free of I/O: ``_core`` sees it through ``_http``).
+        self._splice: object = None
 
     def __repr__(self) -> str:
         return f"<WebSocket {self._url} {self.ready_state.name}>"
@@ -367,6 +374,32 @@ def upgrade_ended(ws: WebSocket) -> bool:
     accepts it now (a turn that outlived the request timeout, a forgotten forward) lets
     the socket go at once, with no event."""
     return ws._upgrade_ended
+
+
+def attach_splice(ws: WebSocket, splice: object) -> None:
+    """The upgrading ``ws`` was answered 101 by the host that owns its object (a relay):
+    its connection splices the client to ``splice`` instead of completing the upgrade.
+
+    Raises:
+        WebSocketStateError: ``ws`` was accepted here, or spliced already.
+    """
+    if ws._record is not None or ws._splice is not None:
+        raise WebSocketStateError(
+            "a WebSocket accepted on this host, or relayed already, cannot be relayed"
+        )
+    ws._splice = splice
+
+
+def splice_of(ws: WebSocket) -> object:
+    """What :func:`attach_splice` attached to the upgrading ``ws``, or None."""
+    return ws._splice
+
+
+def relocate(ws: WebSocket, url: str) -> None:
+    """The upgrading ``ws`` came through the internal relay path: its URL (what the
+    object sees, and the ``_pk`` connection id) is the one the client asked for."""
+    assert ws._record is None, "relocate a WebSocket before it is accepted"
+    ws._url = url
 
 
 def check_upgrade_headers(ws: WebSocket, headers: Iterable[tuple[str, str]]) -> None:

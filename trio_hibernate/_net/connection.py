@@ -3,10 +3,11 @@
 The connection task owns a byte channel (an OS socket, or any ``trio.abc.Stream``) and
 goes through the phases of :class:`Phase`: it reads one request (``http``), has it
 answered (``gatekeeper``), and after an upgrade runs the WebSocket transport
-(``websocket``) until the socket's end; then it lingers until its last bytes are out
-(``writer``) and closes the channel. It holds no object state: it turns bytes into
-events for the object (``ObjectLink.deliver``) and answers what needs no object itself,
-which is why it keeps running while the object hibernates.
+(``websocket``) until the socket's end, or after an upgrade another host answered (a
+relay in cluster mode) copies bytes to and from that host (``splice``); then it lingers
+until its last bytes are out (``writer``) and closes the channel. It holds no object
+state: it turns bytes into events for the object (``ObjectLink.deliver``) and answers
+what needs no object itself, which is why it keeps running while the object hibernates.
 
 Per idle socket the runtime keeps this object, its transport and writer, the
 frame reader, the channel and one parked task; queues, events and timers are
@@ -26,6 +27,7 @@ from .._containment import object_label
 from .._errors import BadRequest
 from .gatekeeper import Answer, Gatekeeper
 from .http import HttpExchange, raw_response, simple_response
+from .splice import SplicePipe
 from .websocket import WebSocketTransport
 from .writer import REFUSAL_LINGER_SECONDS
 
@@ -47,6 +49,8 @@ class Phase(enum.Enum):
     HTTP = "http"
     #: Upgraded: the WebSocket transport reads frames.
     WEBSOCKET = "websocket"
+    #: Upgraded by another host: bytes are copied to and from it (``splice.py``).
+    SPLICED = "spliced"
     #: The socket's end is decided: our last bytes go out, the peer's are discarded.
     LINGERING = "lingering"
     #: The channel is closed.
@@ -80,8 +84,12 @@ class ServerConnection:
         link: ObjectLink | None = None  # the object that accepted the WebSocket
         try:
             try:
-                link = await self._http_phase()
-                if link is not None:
+                answered = await self._http_phase()
+                if isinstance(answered, SplicePipe):
+                    self.phase = Phase.SPLICED
+                    await answered.run()
+                elif answered is not None:
+                    link = answered
                     self.phase = Phase.WEBSOCKET
                     await transport.run()
             except trio.ClosedResourceError:
@@ -106,7 +114,7 @@ class ServerConnection:
 
     def begin_shutdown(self, code: int, reason: str) -> None:
         """Host shutdown: close with ``code`` and run no handler; a connection still in
-        its HTTP exchange is dropped."""
+        its HTTP exchange, or spliced to another host, is dropped."""
         transport = self._transport
         transport.begin_shutdown(code, reason)
         if not transport.is_upgraded:
@@ -130,9 +138,9 @@ class ServerConnection:
         else:
             transport.abort()
 
-    async def _http_phase(self) -> ObjectLink | None:
+    async def _http_phase(self) -> ObjectLink | SplicePipe | None:
         """Read one request, have it answered. The object that accepted the WebSocket if
-        it became one, else None."""
+        it became one, the splice if another host answered the upgrade, else None."""
         owner = self._owner
         http = HttpExchange(owner, self._channel, self._writer)
         request: Request | None = None
@@ -166,6 +174,11 @@ class ServerConnection:
                 transport.end_exchange()
                 http.send_response(request, simple_response(504, "Gateway Timeout"))
                 return None
+            if answer.splice is not None:  # the owner's 101 goes out as it wrote it
+                upgraded = True
+                transport.end_exchange()
+                self._writer.start_response()
+                return SplicePipe(answer.splice, self._channel, http.trailing())
             if answer.record is not None:
                 assert answer.link is not None
                 transport.accept(answer.link, answer.record)

@@ -22,14 +22,17 @@ from functools import partial
 from typing import TYPE_CHECKING, Final, final
 
 import attrs
+import trio
 
 from .._containment import run_app_hook
 from .._core.events import FetchEvent
 from .._hooks import AppContext
 from .._http import Request, Response
 from .._oneshot import OneShot
-from .._websocket import acceptor_of, end_upgrade, record_of, settle_protocol
+from .._websocket import acceptor_of, end_upgrade, record_of, settle_protocol, splice_of
 from .http import simple_response
+from .relayed import RELAY_PATHS, answer_relayed
+from .splice import SplicedUpgrade
 
 if TYPE_CHECKING:
     from .._core.sockets import SocketRecord
@@ -50,11 +53,13 @@ log = logging.getLogger("trio_hibernate.connection")
 @attrs.frozen
 class Answer:
     """The response to a request, and for an accepted upgrade (a 101) the object and
-    the record of the socket it accepted."""
+    the record of the socket it accepted, or for an upgrade relayed to the host that
+    owns its object, the owner's connection to splice the client to."""
 
     response: Response
     link: ObjectLink | None = None
     record: SocketRecord | None = None
+    splice: SplicedUpgrade | None = None
 
 
 _DEFAULT_PORTS: Final = {"http": "80", "ws": "80", "https": "443", "wss": "443"}
@@ -136,8 +141,10 @@ class Gatekeeper:
         WebSocket and an object accepted it: the object the request was routed to, or
         any object that ``App.fetch`` (or an object, in turn) forwarded it to with
         ``stub.fetch``. The :class:`Answer` then names that object, which gets the
-        socket's events. Any other 101 is a bug of the app: 500, logged. An accept the
-        answer does not confirm is undone by :meth:`let_go`.
+        socket's events. A 101 that another host gave for the request's WebSocket (a
+        relay, see ``splice.py``) names the connection to splice the client to
+        instead. Any other 101 is a bug of the app: 500, logged. An accept the answer
+        does not confirm is undone by :meth:`let_go`.
         """
         request, routed = await self.gatekeep(request)
         if isinstance(routed, Response):
@@ -148,6 +155,10 @@ class Gatekeeper:
         if response.status != 101:
             return Answer(response)
         record = None if ws is None else record_of(ws)
+        if ws is not None and record is None and response.websocket is ws:
+            spliced = splice_of(ws)
+            if isinstance(spliced, SplicedUpgrade):
+                return Answer(response, splice=spliced)
         link = None
         if ws is not None and record is not None and not record.released:
             link = self._acceptor(ws)
@@ -177,6 +188,11 @@ class Gatekeeper:
         if ws is None:
             return
         end_upgrade(ws)
+        spliced = splice_of(ws)
+        if isinstance(
+            spliced, SplicedUpgrade
+        ):  # relayed, then not answered with it: the hop is unused
+            self._owner.spawn(partial(trio.aclose_forcefully, spliced.upstream))
         record = record_of(ws)
         if record is None or record.released:
             return
@@ -200,6 +216,8 @@ class Gatekeeper:
         """
         owner = self._owner
         if request.path.startswith("/_"):
+            if request.path in RELAY_PATHS:  # from a peer host, for a local object
+                return await answer_relayed(owner, request)
             return request, owner.operations(request)
         if request.websocket is not None:
             refused = check_websocket_headers(request) or check_origin(

@@ -184,6 +184,10 @@ class HttpExchange:
         self._writer.start_response()  # frames sent meanwhile are dropped: no upgrade
         self._writer.write(data)
 
+    def trailing(self) -> bytes:
+        """The bytes the client sent after its (upgrade) request, read already."""
+        return bytes(self._h.trailing_data[0])
+
     def upgrade(
         self, request: Request, response: Response, record: SocketRecord
     ) -> tuple[bytes, DeflateExtension | None]:

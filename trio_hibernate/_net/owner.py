@@ -142,6 +142,19 @@ class ConnectionOwner(Protocol):
         """The answer for the server's own paths (``/_health``, ``/_metrics``)."""
         ...
 
+    @property
+    def relay_key(self) -> str | None:
+        """The key peer hosts relay with (cluster mode; see ``relayed.py``). None: the
+        relay paths answer 404."""
+        ...
+
+    def deliver_relayed(self, namespace: str, object_id: ObjectId, event: Event) -> None:
+        """Queue an event a peer host relayed for a local object (no app hook runs).
+
+        Raises:
+            LookupError: the namespace is not in the app.
+        """
+
     def route(self, path: str) -> ObjectLink | Response | None:
         """The object ``path`` names, a refusal, or None when no namespace matches."""
         ...

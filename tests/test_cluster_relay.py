@@ -338,6 +338,8 @@ async def test_relay_call(autojump_clock: MockClock) -> None:
         assert info.value.remote_type == "HTTP 404"
         assert hosts.probe_b.constructed == 1
         assert hosts.probe_a.constructed == 0
+        assert hosts.b.host.statistics().relayed == 6
+        assert hosts.a.host.statistics().relayed == 0
 
 
 async def test_a_context_that_is_not_data_answers_500(

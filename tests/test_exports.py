@@ -176,6 +176,7 @@ PUBLIC_ATTRIBUTES: dict[str, set[str]] = {
         "messages_in",
         "messages_out",
         "refusals",
+        "relayed",
         "seconds_in_memory",
         "storage_commits",
         "storage_failure",

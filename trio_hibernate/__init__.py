@@ -32,8 +32,11 @@ a :func:`open_host` and hand it sockets.
 #
 # trio_hibernate/_net/ is bytes on sockets: the per-connection task, the byte channel
 # (an OS socket or any trio stream), HTTP and the upgrade, the gatekeeper, the WebSocket
-# transport, the writer, the listener. It knows the runtime only through the Protocols
-# of _net/owner.py.
+# transport, the writer, the listener, the relay endpoints and the splice of cluster mode.
+# It knows the runtime only through the Protocols of _net/owner.py.
+#
+# trio_hibernate/_cluster/ is cluster mode (many hosts, one instance per object): relay
+# (the internal hop to the host that owns an object).
 #
 # trio_hibernate/_storage/ keeps objects' data: the Storage API, the SQLite backend,
 # alarms, the turn commit protocol. _server, _signals, _descriptors, _logging and _cli put

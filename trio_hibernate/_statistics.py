@@ -92,6 +92,8 @@ class Counters:
     """Seconds that turns took, added up."""
     storage_failure: str | None = None
     """Why the last storage operation failed, until a commit succeeds again."""
+    relayed: int = 0
+    """Requests, WebSockets and stub calls peer hosts relayed here (cluster mode)."""
 
     def woke(self) -> None:
         """An instance was constructed."""
@@ -173,6 +175,7 @@ class Counters:
             turn_seconds=self.turn_seconds,
             turn_seconds_buckets=tuple(cumulative),
             storage_failure=self.storage_failure,
+            relayed=self.relayed,
         )
 
     def bad_request(self) -> None:
@@ -247,6 +250,9 @@ class HostStatistics:
     storage_failure: str | None
     """Why the last storage commit (or opening a database) failed, until one succeeds
     again; None while storage works. ``/_health`` answers 503 while it is set."""
+    relayed: int = 0
+    """Requests, WebSocket upgrades and stub calls that peer hosts relayed to this host's
+    objects (cluster mode); those without the cluster key are not counted."""
 
 
 @attrs.frozen(kw_only=True)

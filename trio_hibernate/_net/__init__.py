@@ -10,5 +10,7 @@ Modules: ``owner`` (the Protocols), ``channel`` (an OS socket or a ``trio.abc.St
 response, the 101), ``gatekeeper`` (what a request gets before and from its object),
 ``websocket`` (the WebSocket transport), ``deflate`` (a socket's permessage-deflate),
 ``writer`` (synchronous writes, the backlog, the lingering close), ``listener`` (the
-accept loop), ``operations`` (``/_health``, ``/_metrics``).
+accept loop), ``operations`` (``/_health``, ``/_metrics``), ``relayed`` (the
+``/_cluster`` endpoints peer hosts relay to), ``splice`` (a client spliced to the host
+that owns its WebSocket's object).
 """

@@ -1,6 +1,10 @@
 """What a request gets: the server's own paths, the checks made before any object wakes,
 routing, ``App.fetch``, and the object's own answer.
 
+(The internal ``/_cluster`` paths a peer host relays to skip all of it but the handshake
+headers: see ``relayed.py``. A 101 that a relay to another host gave is answered by
+splicing the client to that host: see ``splice.py``.)
+
 Before an object is woken a request passes, in order: the ``/_`` paths (answered by the
 server), the WebSocket handshake headers and the origin check (upgrades only: a browser
 page from another site may not open a WebSocket here unless ``allowed_origins`` says so),
@@ -217,6 +221,10 @@ class Gatekeeper:
         owner = self._owner
         if request.path.startswith("/_"):
             if request.path in RELAY_PATHS:  # from a peer host, for a local object
+                ws = request.websocket
+                refused = None if ws is None else check_websocket_headers(request)
+                if refused is not None:
+                    return request, refused
                 return await answer_relayed(owner, request)
             return request, owner.operations(request)
         if request.websocket is not None:

@@ -95,6 +95,7 @@ async def answer_relayed(owner: ConnectionOwner, request: Request) -> tuple[Requ
             "no" if given is None else "a wrong",
         )
         return request, simple_response(403, "Forbidden: a relay needs the cluster key")
+    owner.counters.relayed += 1
     try:
         namespace, object_id = _object_of(request)
         if request.path == CALL_PATH:

@@ -67,6 +67,10 @@ class Placement(Protocol):
     async def join(self, address: str) -> None:
         """Join the cluster, advertising ``address`` (once; later calls do nothing)."""
 
+    async def wait_fenced(self) -> str:
+        """Wait until the host has fenced itself (lost its lease); returns why."""
+        ...
+
 
 class Runtime:
     """Everything a host does between its public API and its parts (see the module)."""

@@ -118,6 +118,11 @@ class ClusterNode:
         if released is not None:
             log.info("cluster host %s left, releasing %d objects", self.config.host_id, released)
 
+    async def wait_fenced(self) -> str:
+        """Wait until this host has fenced itself; returns why."""
+        await self.lease.fenced.wait()
+        return self.lease.fenced_because or "fenced"
+
     def _fenced(self, why: str) -> None:
         if self._fence_runtime is not None:
             self._fence_runtime(why)

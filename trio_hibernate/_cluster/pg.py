@@ -28,6 +28,7 @@ class Postgres:
     def __init__(self, dsn: str, size: int) -> None:
         from psycopg_pool import ConnectionPool  # only cluster mode needs psycopg
 
+        self._dsn = dsn
         self._pool = ConnectionPool(
             dsn,
             min_size=min(2, size),
@@ -39,7 +40,12 @@ class Postgres:
         self._limiter = trio.CapacityLimiter(size)
 
     def open(self, timeout: float) -> None:
-        """Connect (blocking; raises ``psycopg_pool.PoolTimeout`` past ``timeout``)."""
+        """Connect (blocking). One connection is tried first, so that a wrong address or
+        password raises psycopg's own error at once; then the pool fills (raises
+        ``psycopg_pool.PoolTimeout`` past ``timeout``)."""
+        import psycopg
+
+        psycopg.connect(self._dsn, connect_timeout=max(2, int(timeout))).close()
         self._pool.open(wait=True, timeout=timeout)
 
     def call(

@@ -64,8 +64,8 @@ class Ledger(DurableObject):
             ws.send(json.dumps({"alarm_set": True}))
 
     async def alarm(self, info: AlarmInfo) -> None:
-        fired = await self.ctx.storage.get("alarm_fired") or 0
-        await self.ctx.storage.put("alarm_fired", fired + 1)
+        fired = await self.ctx.storage.get("alarm_fired")
+        await self.ctx.storage.put("alarm_fired", 1 if fired is None else int(fired) + 1)
 
 
 APP = App({"ledger": Ledger})
@@ -92,7 +92,8 @@ def sql(dsn: str, query: str, *args: object) -> list[tuple[Any, ...]]:
 async def eventually(check: Callable[[], bool], seconds: float = WAIT_SECONDS) -> None:
     """Wait until ``check()`` holds (it reads PostgreSQL: polled, bounded)."""
     with trio.fail_after(seconds):
-        while not await trio.to_thread.run_sync(check):
+        # PostgreSQL tells no one when a row changes: poll it, at most ``seconds``.
+        while not await trio.to_thread.run_sync(check):  # noqa: ASYNC110
             await trio.sleep(0.05)
 
 
@@ -121,7 +122,7 @@ async def test_acked_writes_are_in_postgres_and_move_with_the_object(dsn: str) -
         assert json.loads(await ask(ws, json.dumps({"op": 1}))) == {"ack": 1}
         assert sql(dsn, "SELECT key FROM th_kv") == [("op:00000001",)]
         status = json.loads((await get(a, "/_cluster")).body)
-        assert status["host_id"] == "a" and status["state"] == "alive"
+        assert (status["host_id"], status["state"]) == ("a", "alive")
         assert [o["name"] for o in status["owned"]] == ["x"]
         assert [h["state"] for h in status["hosts"]] == ["alive"]
     # a left (released its objects): b claims x with a new epoch and sees the write
@@ -163,9 +164,7 @@ async def test_a_failed_commit_is_not_acked_and_the_object_reloads(
     async with cluster_host(dsn, "a") as a, open_client(a, "/ledger/x") as ws:
         await send(ws, json.dumps({"op": 1}))  # committed, but never acknowledged
         node = node_of(a)
-        with trio.fail_after(WAIT_SECONDS):
-            while node.counters["claims_lost"] == 0:  # the failure poisoned the copy
-                await trio.sleep(0.01)
+        await eventually(lambda: node.counters["claims_lost"] == 1)  # the copy is poisoned
         assert json.loads(await ask(ws, json.dumps({"op": 2}))) == {"ack": 2}
         # the second instance was loaded from PostgreSQL under a new epoch
         assert sql(dsn, "SELECT epoch FROM th_objects") == [(2,)]

@@ -65,7 +65,8 @@ class Ledger(DurableObject):
 
     async def alarm(self, info: AlarmInfo) -> None:
         fired = await self.ctx.storage.get("alarm_fired")
-        await self.ctx.storage.put("alarm_fired", 1 if fired is None else int(fired) + 1)
+        count = fired if isinstance(fired, int) else 0
+        await self.ctx.storage.put("alarm_fired", count + 1)
 
 
 APP = App({"ledger": Ledger})

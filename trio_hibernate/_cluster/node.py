@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
@@ -30,6 +30,8 @@ from .storage import ClusterBackend
 from .store import Claimed, Held, ObjectData, OwnedElsewhere, Writes
 
 if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
     from .._directory import ObjectEntry
     from .config import ClusterConfig
     from .runtime import ClusterRuntime
@@ -39,17 +41,21 @@ __all__ = ["COUNTERS", "ClusterNode"]
 
 log = logging.getLogger("trio_hibernate.cluster")
 
+#: What each counter of a node (and of its lease) counts.
+COUNTER_HELP: Final = {
+    "claims": "Objects this host claimed (a new epoch each).",
+    "claims_lost": "Local copies dropped after a failed or fenced commit (reloaded on use).",
+    "relayed": "Requests and calls relayed to the host that owns their object.",
+    "unavailable": "Events answered 503 (or ObjectUnavailableError): owner unreachable.",
+    "releases": "Objects given up when they had nothing left to do here.",
+    "fenced_commits": "Commits refused because another host owns the object now.",
+    "sweeps": "Alarm sweeps run.",
+    "sweep_claims": "Objects claimed by a sweep to fire a due alarm of a dead owner.",
+    "lease_renewals": "Lease renewals.",
+    "lease_renewal_failures": "Lease renewals that failed (PostgreSQL unreachable).",
+}
 #: The counters of a node.
-COUNTERS: Final = (
-    "claims",
-    "claims_lost",
-    "relayed",
-    "unavailable",
-    "releases",
-    "fenced_commits",
-    "sweeps",
-    "sweep_claims",
-)
+COUNTERS: Final = tuple(name for name in COUNTER_HELP if not name.startswith("lease_"))
 #: Seconds the first connection to PostgreSQL may take.
 CONNECT_TIMEOUT: Final = 30.0
 #: Objects listed by ``/_cluster`` at most.
@@ -234,8 +240,10 @@ class ClusterNode:
         self.backend.drop(entry.namespace, entry.object_id, epoch)
         held = self.held
         runtime = self._runtime
-        if held is None or runtime is None or runtime.closing or self.lease.fenced.is_set():
-            return  # leave() releases everything at once
+        if held is None or runtime is None or self.lease.fenced.is_set():
+            return  # nothing to release (a fenced host owns nothing any more)
+        # Also while the host shuts down: each object is released as soon as its last
+        # activation has ended, so clients that reconnect elsewhere are served at once.
         runtime.spawn(partial(self._release, held, entry.namespace, entry.object_id.hex, epoch))
 
     async def _release(self, held: Held, namespace: str, hex_id: str, epoch: int) -> None:
@@ -342,3 +350,37 @@ class ClusterNode:
         del request
         body = json.dumps(self.status(), indent=1)
         return Response(headers={"content-type": "application/json"}, body=body + "\n")
+
+    def metric_families(self) -> Iterator[Metric]:
+        """Cluster mode's families in ``/_metrics`` (``trio_hibernate_cluster_*``)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        runtime = self._runtime
+        assert runtime is not None
+        lease = self.lease
+        owned = sum(1 for entry in runtime.objects if entry.placed is not None)
+        yield GaugeMetricFamily(
+            "trio_hibernate_cluster_owned_objects", "Objects this host owns.", value=owned
+        )
+        yield GaugeMetricFamily(
+            "trio_hibernate_cluster_lease_valid",
+            "1 while this host holds its lease (by its own clock), else 0.",
+            value=int(lease.valid()),
+        )
+        hosts = GaugeMetricFamily(
+            "trio_hibernate_cluster_hosts",
+            "Hosts of the cluster by lease state (as of the last renewal).",
+            labels=["state"],
+        )
+        for state in ("alive", "expired", "left"):
+            hosts.add_metric([state], sum(1 for h in lease.hosts if h.state == state))
+        yield hosts
+        counts = {
+            **self.counters,
+            "lease_renewals": lease.renewals,
+            "lease_renewal_failures": lease.renewal_failures,
+        }
+        for name, value in counts.items():
+            yield CounterMetricFamily(
+                f"trio_hibernate_cluster_{name}", COUNTER_HELP[name], value=value
+            )

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 import trio
 
 from .._errors import StorageError
+from .._http import Request, Response
+from .._net.operations import PROMETHEUS_TYPE, render_metrics
 from .._runtime import fence_runtime
 from .node import ClusterNode
 
@@ -51,3 +53,10 @@ def attach_cluster(node: ClusterNode, runtime: Runtime, nursery: trio.Nursery) -
     runtime.cluster = node
     node.attach(runtime, partial(fence_runtime, runtime))
     runtime.extra_operations["/_cluster"] = node.status_response
+
+    def metrics(request: Request) -> Response:
+        del request
+        body = render_metrics(runtime.statistics(), node.metric_families)
+        return Response(body=body, headers=(("content-type", PROMETHEUS_TYPE),))
+
+    runtime.extra_operations["/_metrics"] = metrics

@@ -13,7 +13,7 @@ import logging
 import socket
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import trio
 
@@ -46,13 +46,26 @@ if TYPE_CHECKING:
     from ._compression import WebSocketCompression
     from ._object import DurableObject
 
-__all__ = ["ObjectEntry", "Runtime"]
+__all__ = ["ObjectEntry", "Placement", "Runtime", "fence_runtime"]
 
 log = logging.getLogger("trio_hibernate.host")
 
 #: Messages up to this size keep their encoded frame for the next send of the same object
 #: (a broadcast loop sends one ``str`` to many sockets: encode once).
 _FRAME_CACHE_MAX_BYTES: Final = 65536
+
+
+class Placement(Protocol):
+    """Where events for objects this host has not claimed go first (cluster mode)."""
+
+    def place(self, entry: ObjectEntry, event: Event) -> None:
+        """Claim the object (then deliver ``event``), or send ``event`` to its owner."""
+
+    def forgotten(self, entry: ObjectEntry) -> None:
+        """The runtime dropped ``entry``: give the object up."""
+
+    async def join(self, address: str) -> None:
+        """Join the cluster, advertising ``address`` (once; later calls do nothing)."""
 
 
 class Runtime:
@@ -116,6 +129,8 @@ class Runtime:
         self._last_frame = b""
         self.frame_encoder = self.encode_frame  # shared by every connection (ConnectionOwner)
         self.extra_operations: dict[str, Callable[[Request], Response]] = {}  # /_dashboard
+        self.cluster: Placement | None = None
+        """Cluster mode's placement and leases (``_cluster/node.py``), else None."""
 
     # -- for the facade ------------------------------------------------------------------
 
@@ -257,6 +272,9 @@ class Runtime:
         if self.closing:
             self.refuse_unrun_event(entry, event)
             return
+        if entry.placed is None and self.cluster is not None:
+            self.cluster.place(entry, event)  # claimed first, or relayed
+            return
         if entry.core.enqueue(event):
             self._nursery.start_soon(Supervisor(self, entry).run)
             return
@@ -278,7 +296,8 @@ class Runtime:
 
     def forget_if_unused(self, entry: ObjectEntry) -> None:
         """Drop an object with nothing left to do from memory (see ``ObjectDirectory``)."""
-        self.objects.forget_if_unused(entry)
+        if self.objects.forget_if_unused(entry) and self.cluster is not None:
+            self.cluster.forgotten(entry)  # gives the object up
 
     def fail_object(self, entry: ObjectEntry, dropped: list[Event], why: str) -> None:
         """The constructor raised, or the object was reset (``ctx.abort()``, a failed
@@ -348,3 +367,15 @@ class Runtime:
         """Close the runtime's own files (once every task has finished)."""
         self.alarm_index.close()
         self.settings.close()
+
+
+def fence_runtime(runtime: Runtime, why: str) -> None:
+    """Cluster mode: the host lost its lease (``why``). Serve nothing more: close every
+    socket with 1012 (clients reconnect to another host), run no handler."""
+    log.error("serving nothing more: %s", why)
+    if not runtime.closing:
+        runtime.closing = True
+        for entry in runtime.objects:
+            if entry.activation is not None:
+                entry.activation.cancel()
+        runtime.connections.begin_shutdown(1012, "host fenced", runtime.close_timeout)

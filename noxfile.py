@@ -20,8 +20,6 @@ TEST_DEPS = [
     "watchfiles>=0.21",
     "anyio>=4",
 ]
-#: Cluster mode's PostgreSQL driver (the cluster proofs audit the database through it too).
-CLUSTER_DEPS = ["psycopg[binary]>=3.2", "psycopg-pool>=3.2"]
 #: The Python peers of the benchmark suite, and the profiler it runs on trio-hibernate.
 BENCH_DEPS = ["trio-websocket>=0.12", "websockets>=17,<18", "wsproto>=1.2", "py-spy>=0.4"]
 #: The docs site: Sphinx (autodoc reads the reStructuredText docstrings), MyST for the
@@ -52,7 +50,8 @@ def cluster(session: nox.Session) -> None:
     """The cluster proofs (tests/cluster/): PostgreSQL 15, hosts and nginx as processes on
     127.0.0.1, the 45,000-socket scale run included (about 5 minutes more; ``-- -m
     "cluster and not scale"`` leaves it out). Needs Debian's ``postgresql`` and ``nginx``."""
-    session.install("-e", ".", *TEST_DEPS, *CLUSTER_DEPS)
+    # The extra "cluster": psycopg and its pool (the proofs audit the database through it).
+    session.install("-e", ".[cluster]", *TEST_DEPS)
     # Here missing PostgreSQL or nginx binaries fail the tests instead of skipping them;
     # -rP: the summary shows what each proof measured (reconnect times, RSS per socket).
     env = {"TRIO_HIBERNATE_REQUIRE_CLUSTER": "1"}

@@ -469,7 +469,7 @@ class Nginx:
 
 def render_nginx_conf(directory: Path, port: int, host_ports: Sequence[int]) -> str:
     """The template with this cluster's paths, port and upstream servers filled in."""
-    servers = "\n".join(f"        server 127.0.0.1:{p};" for p in host_ports)
+    servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=0;" for p in host_ports)
     user = f"user {NGINX_USER[0]} {NGINX_USER[1]};" if os.geteuid() == 0 else ""
     values = {
         "@USER@": user,

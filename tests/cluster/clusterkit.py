@@ -47,6 +47,7 @@ __all__ = [
     "http_get",
     "metric",
     "missing_acked",
+    "op_key",
     "open_cluster",
     "owners",
     "poll",
@@ -217,6 +218,8 @@ class LedgerClient:
     outages: list[tuple[float, float]] = attrs.field(factory=list)
     """(failed at, first ack after) in ``trio.current_time()``."""
     last_ack_at: float = 0.0
+    last_error: str | None = None
+    """How the last connection or attempt failed (for a failing proof's message)."""
     connected_to: str | None = None
     _down_since: float | None = None
     _next: int = 0
@@ -238,6 +241,7 @@ class LedgerClient:
                 reason = exc.reason if isinstance(exc, ConnectionClosed) else None
                 code = None if reason is None else reason.code
                 self.close_codes.append(code)
+                self.last_error = repr(exc)[:300]
                 if self._down_since is None:
                     self._down_since = trio.current_time()
                 self.connected_to = None

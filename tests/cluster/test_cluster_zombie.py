@@ -15,7 +15,6 @@ import signal
 from typing import Final
 
 import trio
-from app import op_key
 from clusterkit import (
     CLUSTER,
     LEASE_TTL,
@@ -24,6 +23,7 @@ from clusterkit import (
     audit_epochs,
     commit_log,
     missing_acked,
+    op_key,
     open_cluster,
     owners,
     stored_keys,

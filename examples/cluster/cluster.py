@@ -386,7 +386,10 @@ async def _start_postgres(nursery: trio.Nursery, directory: Path, data: Path) ->
         )
         try:
             await child.wait_for_output(PG_READY)
-        except LaunchError:
+        except BaseException as exc:
+            if not isinstance(exc, LaunchError):  # cancelled, or a bug: leave nothing behind
+                await stop_child(child)
+                raise
             if PORT_TAKEN.search(child.output) and attempt + 1 < PORT_TRIES:
                 await stop_child(child)
                 continue
@@ -521,8 +524,10 @@ async def _start_nginx(
         )
         try:
             await _wait_listening(child, port)
-        except LaunchError:
+        except BaseException as exc:
             await stop_child(child)
+            if not isinstance(exc, LaunchError):  # cancelled, or a bug
+                raise
             error_log = directory / "error.log"
             taken = error_log.exists() and PORT_TAKEN.search(error_log.read_bytes())
             if taken and attempt + 1 < PORT_TRIES:

@@ -119,8 +119,13 @@ async def _serve(app: App, args: argparse.Namespace, source: AppSource) -> int:
                 f"storage: {storage})",
                 flush=True,
             )
-            if cluster is not None:  # serve_objects joined before it reported the server
-                print(f"trio-hibernate: cluster host {cluster.host_id} joined", flush=True)
+            placement = runtime_of(server.host).cluster
+            if cluster is not None and placement is not None:  # joined before listening
+                print(
+                    f"trio-hibernate: cluster host {cluster.host_id} joined "
+                    f"(incarnation {placement.incarnation})",
+                    flush=True,
+                )
             async with trio.open_nursery() as nursery:
                 if args.gc == "tuned":
                     await nursery.start(tune_gc)

@@ -67,6 +67,11 @@ class Placement(Protocol):
     async def join(self, address: str) -> None:
         """Join the cluster, advertising ``address`` (once; later calls do nothing)."""
 
+    @property
+    def incarnation(self) -> int | None:
+        """This process's incarnation in the cluster once joined (None before)."""
+        ...
+
     async def wait_fenced(self) -> str:
         """Wait until the host has fenced itself (lost its lease); returns why."""
         ...

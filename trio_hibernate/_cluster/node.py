@@ -92,6 +92,12 @@ class ClusterNode:
         self._fence_runtime = fence
 
     @property
+    def incarnation(self) -> int | None:
+        """This process's incarnation in the cluster once joined (None before)."""
+        held = self.lease.held
+        return None if held is None else held.incarnation
+
+    @property
     def held(self) -> Held | None:
         """This process's hold on the cluster once joined."""
         return self.lease.held

@@ -30,10 +30,12 @@ from cluster import (
     HostProcess,
     missing_binaries,
     open_cluster,
+    open_postgres,
 )
 
 __all__ = [
     "CLUSTER",
+    "CLUSTER_SKIP_REASON",
     "LEASE_TTL",
     "NAMESPACE",
     "AuditRow",
@@ -49,6 +51,7 @@ __all__ = [
     "missing_acked",
     "op_key",
     "open_cluster",
+    "open_postgres",
     "owners",
     "poll",
     "stored_keys",
@@ -78,6 +81,8 @@ def _skip_reason() -> str | None:
 
 
 _REASON = _skip_reason()
+#: Why the cluster tests cannot run here (None: they can), unless they are required.
+CLUSTER_SKIP_REASON: Final = None if os.environ.get("TRIO_HIBERNATE_REQUIRE_CLUSTER") else _REASON
 #: ``pytestmark`` of every proof: marked ``cluster``; skipped when PostgreSQL, nginx or
 #: psycopg are missing, unless ``$TRIO_HIBERNATE_REQUIRE_CLUSTER`` is set (``nox -s
 #: cluster`` sets it, so that CI fails instead).

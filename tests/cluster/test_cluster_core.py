@@ -1,20 +1,27 @@
 """Cluster mode in one process: hosts sharing a PostgreSQL database (marker ``cluster``).
 
 The database is ``TRIO_HIBERNATE_TEST_DSN`` if set, else the one the ``postgres_dsn``
-fixture starts (``tests/cluster/conftest.py``); each test starts from empty tables.
+fixture starts (one server for the module, in a thread of its own); each test starts from
+empty tables.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
+import shutil
+import tempfile
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from clusterkit import CLUSTER, CLUSTER_SKIP_REASON, open_postgres
 from helpers import WAIT_SECONDS, ask, closed_by_server, http_exchange, open_client, send, serve
 
 from trio_hibernate import (
@@ -32,7 +39,7 @@ from trio_hibernate._cluster.node import ClusterNode
 from trio_hibernate._host import runtime_of
 from trio_hibernate._server import Server
 
-pytestmark = pytest.mark.cluster
+pytestmark = CLUSTER
 
 KEY = "k" * 24
 TTL = 2.0
@@ -70,6 +77,45 @@ class Ledger(DurableObject):
 
 
 APP = App({"ledger": Ledger})
+
+
+#: Seconds PostgreSQL may take to start, and to stop.
+START_STOP_SECONDS = 120.0
+
+
+@pytest.fixture(scope="module")
+def postgres_dsn() -> Iterator[str]:
+    """The DSN of a PostgreSQL database that lives for the session."""
+    if CLUSTER_SKIP_REASON is not None:
+        pytest.skip(CLUSTER_SKIP_REASON)
+    ready: queue.Queue[str | BaseException] = queue.Queue()
+    stop = threading.Event()
+
+    directory = Path(tempfile.mkdtemp(prefix="trio-hibernate-pg-"))
+    directory.chmod(0o711)  # the postgres user goes through to its own directory
+
+    async def serve() -> None:
+        try:
+            async with open_postgres(directory / "pg") as postgres:
+                ready.put(postgres.dsn)
+                await trio.to_thread.run_sync(stop.wait)
+        except BaseException as exc:
+            ready.put(exc)
+            raise
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    thread = threading.Thread(target=trio.run, args=(serve,), name="postgres", daemon=True)
+    thread.start()
+    started = ready.get(timeout=START_STOP_SECONDS)
+    if isinstance(started, BaseException):
+        thread.join(START_STOP_SECONDS)
+        raise started
+    try:
+        yield started
+    finally:
+        stop.set()
+        thread.join(START_STOP_SECONDS)
 
 
 @pytest.fixture

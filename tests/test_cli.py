@@ -600,7 +600,7 @@ def test_serve_flags_are_named_after_the_api() -> None:
 
     import attrs
 
-    from trio_hibernate import Limits
+    from trio_hibernate import ClusterConfig, Limits
     from trio_hibernate._host import open_host
     from trio_hibernate._server import serve_objects
 
@@ -608,7 +608,10 @@ def test_serve_flags_are_named_after_the_api() -> None:
         *inspect.signature(open_host.__wrapped__).parameters,  # type: ignore[attr-defined]
         *inspect.signature(serve_objects).parameters,
         *(field.name for field in attrs.fields(Limits)),
+        *(field.name for field in attrs.fields(ClusterConfig)),
         "allowed_origin",  # repeatable: one origin each, collected into allowed_origins
+        "cluster_key",  # ClusterConfig.key and .audit, prefixed on the command line
+        "cluster_audit",
     }
     cli_only = {"help", "app", "reload", "log_level", "log_format", "gc"}
     for command, action in _options():

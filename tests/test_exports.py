@@ -11,9 +11,12 @@ EXPECTED = {
     "AlarmInfo",
     "App",
     "AppContext",
+    "ClusterCommitError",
+    "ClusterConfig",
     "ConnectionIdError",
     "DataCloneError",
     "DurableObject",
+    "FencedError",
     "HibernateError",
     "Host",
     "HostOptions",
@@ -28,6 +31,7 @@ EXPECTED = {
     "ObjectState",
     "ObjectStatistics",
     "ObjectStub",
+    "ObjectUnavailableError",
     "QueryParams",
     "ReadyState",
     "ReentrantCallError",
@@ -144,6 +148,16 @@ PUBLIC_ATTRIBUTES: dict[str, set[str]] = {
     "AlarmInfo": {"is_retry", "retry_count"},
     "App": {"authorize", "env", "fetch", "objects", "route_by_path"},
     "AppContext": {"env", "get_namespace", "now"},
+    "ClusterConfig": {
+        "advertise",
+        "audit",
+        "dsn",
+        "host_id",
+        "key",
+        "lease_ttl",
+        "pool_size",
+        "with_advertise",
+    },
     "DurableObject": {"alarm", "fetch", "websocket_close", "websocket_error", "websocket_message"},
     "Host": {
         "app",
@@ -409,7 +423,7 @@ def test_the_distribution_metadata() -> None:
         "Topic :: Internet :: WWW/HTTP :: HTTP Servers",
         "Typing :: Typed",
     } <= set(project["classifiers"])
-    assert set(project["optional-dependencies"]) == {"reload", "test"}
+    assert set(project["optional-dependencies"]) == {"cluster", "reload", "test"}
 
 
 def test_readme_and_docs_link_only_inside_the_repository() -> None:

@@ -1,8 +1,11 @@
-"""Plain ``pytest`` leaves out the browser test; ``pytest -m browser`` still selects it.
+"""Plain ``pytest`` leaves out the browser test and the cluster proofs; ``pytest -m
+browser`` and ``pytest -m cluster`` still select them.
 
-``pyproject.toml`` puts ``-m "not browser"`` in ``addopts`` so that the suite passes on
-a machine without Chromium; ``nox -s browser`` runs ``pytest -m browser``, whose later
-``-m`` must replace it. Both are checked on a real pytest run (collection only).
+``pyproject.toml`` puts ``-m "not browser and not cluster"`` in ``addopts`` so that the
+suite passes on a machine without Chromium, PostgreSQL or nginx; ``nox -s browser`` runs
+``pytest -m browser`` and ``nox -s cluster`` ``pytest -m cluster``, whose later ``-m``
+must replace it; ``nox -s tests`` passes the same expression as ``addopts``. All are
+checked on a real pytest run (collection only).
 """
 
 from __future__ import annotations
@@ -19,10 +22,18 @@ ROOT = Path(__file__).resolve().parent.parent
 BROWSER_TEST = "tests/test_browser.py"
 #: How many tests the browser test file defines (all of them marked ``browser``).
 BROWSER_TESTS = len(re.findall(r"^(?:async )?def test_", (ROOT / BROWSER_TEST).read_text(), re.M))
+CLUSTER_TESTS_DIR = "tests/cluster"
+#: How many tests the cluster proofs define (all of them marked ``cluster``).
+CLUSTER_TESTS = sum(
+    len(re.findall(r"^(?:async )?def test_", path.read_text(), re.M))
+    for path in (ROOT / CLUSTER_TESTS_DIR).glob("test_*.py")
+)
+#: What ``nox -s tests`` selects.
+NOX_TESTS = "not browser and not cluster"
 
 
-def collect(*args: str) -> str:
-    """The summary line of ``pytest --collect-only`` on the browser test."""
+def collect(*args: str, path: str = BROWSER_TEST) -> str:
+    """The summary line of ``pytest --collect-only`` on ``path``."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -37,7 +48,7 @@ def collect(*args: str) -> str:
             "-p",
             "no:cacheprovider",
             *args,
-            BROWSER_TEST,
+            path,
         ],
         cwd=ROOT,
         env=env,
@@ -56,7 +67,7 @@ def collect(*args: str) -> str:
     [
         ((), f"no tests collected ({BROWSER_TESTS} deselected)"),
         (("-m", "browser"), f"{BROWSER_TESTS} tests collected"),
-        (("-m", "not browser"), f"no tests collected ({BROWSER_TESTS} deselected)"),
+        (("-m", NOX_TESTS), f"no tests collected ({BROWSER_TESTS} deselected)"),
     ],
     ids=["default", "nox-browser", "nox-tests"],
 )
@@ -64,3 +75,22 @@ def test_the_browser_marker_is_deselected_unless_asked_for(
     args: tuple[str, ...], summary: str
 ) -> None:
     assert collect(*args).startswith(summary)
+
+
+@pytest.mark.parametrize(
+    ("args", "summary"),
+    [
+        ((), f"no tests collected ({CLUSTER_TESTS} deselected)"),
+        (("-m", "cluster"), f"{CLUSTER_TESTS} tests collected"),
+        (("-m", NOX_TESTS), f"no tests collected ({CLUSTER_TESTS} deselected)"),
+        (
+            ("-m", "cluster and not scale"),
+            f"{CLUSTER_TESTS - 1}/{CLUSTER_TESTS} tests collected (1 deselected)",
+        ),
+    ],
+    ids=["default", "nox-cluster", "nox-tests", "quick-loop"],
+)
+def test_the_cluster_marker_is_deselected_unless_asked_for(
+    args: tuple[str, ...], summary: str
+) -> None:
+    assert collect(*args, path=CLUSTER_TESTS_DIR).startswith(summary)

@@ -44,16 +44,20 @@ a :func:`open_host` and hand it sockets.
 
 from ._app import App as App
 from ._autoresponse import WebSocketRequestResponsePair as WebSocketRequestResponsePair
+from ._cluster.config import ClusterConfig as ClusterConfig
 from ._compression import WebSocketCompression as WebSocketCompression
 from ._context import ObjectContext as ObjectContext
 from ._core.lifecycle import ObjectState as ObjectState
 from ._core.sockets import ReadyState as ReadyState
 from ._errors import (
+    ClusterCommitError as ClusterCommitError,
     ConnectionIdError as ConnectionIdError,
     DataCloneError as DataCloneError,
+    FencedError as FencedError,
     HibernateError as HibernateError,
     InvalidCloseCodeError as InvalidCloseCodeError,
     LimitExceededError as LimitExceededError,
+    ObjectUnavailableError as ObjectUnavailableError,
     ReentrantCallError as ReentrantCallError,
     RemoteCallError as RemoteCallError,
     StorageCommitError as StorageCommitError,
@@ -81,9 +85,12 @@ __all__ = [
     "AlarmInfo",
     "App",
     "AppContext",
+    "ClusterCommitError",
+    "ClusterConfig",
     "ConnectionIdError",
     "DataCloneError",
     "DurableObject",
+    "FencedError",
     "HibernateError",
     "Host",
     "HostOptions",
@@ -98,6 +105,7 @@ __all__ = [
     "ObjectState",
     "ObjectStatistics",
     "ObjectStub",
+    "ObjectUnavailableError",
     "QueryParams",
     "ReadyState",
     "ReentrantCallError",

@@ -27,14 +27,15 @@ import trio
 
 from . import _gcstats
 from ._app import App
+from ._cluster.config import ClusterConfig
 from ._compression import WebSocketCompression
 from ._errors import AppLoadError, StorageError
 from ._gctuning import DEFAULT_FULL_EVERY, tune_gc
-from ._host import Host
+from ._host import Host, runtime_of
 from ._limits import Limits
 from ._loading import AppSource, load_app, reload, reload_on_change
 from ._logging import configure_logging
-from ._server import open_server
+from ._server import Server, open_server
 from ._signals import wait_for_shutdown_signal
 from ._version import __version__
 from .client import Backoff
@@ -46,6 +47,12 @@ log = logging.getLogger("trio_hibernate.cli")
 
 #: Where ``serve`` reads the dashboard's token from when ``--dashboard-token`` is not given.
 DASHBOARD_TOKEN_VARIABLE: Final = "TRIO_HIBERNATE_DASHBOARD_TOKEN"
+
+#: Where ``serve`` reads the cluster key from when ``--cluster-key`` is not given.
+CLUSTER_KEY_VARIABLE: Final = "TRIO_HIBERNATE_CLUSTER_KEY"
+
+#: Exit status of a cluster host that fenced itself (it lost its lease).
+EXIT_FENCED: Final = 3
 
 #: ``--websocket-compression`` choices.
 _COMPRESSION: Final = {
@@ -71,7 +78,9 @@ async def _reload_on_sighup(host: Host, source: AppSource) -> None:
 
 async def _serve(app: App, args: argparse.Namespace, source: AppSource) -> int:
     serving = False
+    fenced: list[str] = []
     try:
+        cluster = _cluster_config(args)
         async with open_server(
             app,
             args.address,
@@ -95,21 +104,46 @@ async def _serve(app: App, args: argparse.Namespace, source: AppSource) -> int:
             websocket_compression=_COMPRESSION[args.websocket_compression],
             dashboard=args.dashboard,
             dashboard_token=args.dashboard_token or os.environ.get(DASHBOARD_TOKEN_VARIABLE),
+            cluster=cluster,
+            shutdown_close_code=1012 if cluster is not None else 1001,
         ) as server:
             serving = True
+            storage = (
+                f"PostgreSQL, cluster host {cluster.host_id}"
+                if cluster is not None
+                else args.data_dir or "in memory"
+            )
             print(
                 f"trio-hibernate: listening on http://{server.address[0]}:{server.port} "
                 f"(namespaces: {', '.join(sorted(app.objects))}; "
-                f"storage: {args.data_dir or 'in memory'})",
+                f"storage: {storage})",
                 flush=True,
             )
+            placement = runtime_of(server.host).cluster
+            if cluster is not None and placement is not None:  # joined before listening
+                print(
+                    f"trio-hibernate: cluster host {cluster.host_id} joined "
+                    f"(incarnation {placement.incarnation})",
+                    flush=True,
+                )
             async with trio.open_nursery() as nursery:
                 if args.gc == "tuned":
                     await nursery.start(tune_gc)
                 nursery.start_soon(_reload_on_sighup, server.host, source)
                 if args.reload:
                     nursery.start_soon(reload_on_change, server.host, source)
-                await wait_for_shutdown_signal(server)
+                async with trio.open_nursery() as waiting:  # whichever comes first
+
+                    async def shut_down_on_signal() -> None:
+                        await wait_for_shutdown_signal(server)
+                        waiting.cancel_scope.cancel()
+
+                    async def stop_when_fenced() -> None:
+                        await _exit_when_fenced(server, fenced)
+                        waiting.cancel_scope.cancel()
+
+                    waiting.start_soon(shut_down_on_signal)
+                    waiting.start_soon(stop_when_fenced)
                 nursery.cancel_scope.cancel()
     except (StorageError, ValueError, OSError) as exc:
         if serving:
@@ -118,6 +152,9 @@ async def _serve(app: App, args: argparse.Namespace, source: AppSource) -> int:
             return _fail(str(exc))
         # From binding the port (storage problems come as StorageError).
         return _fail(f"cannot listen on {args.address}:{args.port}: {exc.strerror or exc}")
+    if fenced:
+        print(f"trio-hibernate: stopped: this host fenced itself: {fenced[0]}", file=sys.stderr)
+        return EXIT_FENCED
     return 0
 
 
@@ -214,6 +251,84 @@ class _DeprecatedAlias(argparse.Action):
             flush=True,
         )
         setattr(namespace, self.dest, values)
+
+
+def _add_cluster_flags(serve: argparse.ArgumentParser) -> None:
+    cluster = serve.add_argument_group(
+        "cluster mode",
+        "run as one of several hosts sharing a PostgreSQL database (docs/cluster.md)",
+    )
+    cluster.add_argument(
+        "--cluster",
+        metavar="DSN",
+        default=None,
+        help="PostgreSQL connection string (postgresql://user@host:port/db); objects and "
+        "their storage then live in it, one instance per object across the hosts "
+        "(needs the 'cluster' extra: psycopg) (default: single-host mode)",
+    )
+    cluster.add_argument(
+        "--host-id",
+        default=None,
+        help="this host's unique name in the cluster (required with --cluster; default: none)",
+    )
+    cluster.add_argument(
+        "--advertise",
+        metavar="HOST:PORT",
+        default=None,
+        help="where the other hosts reach this one (default: the bound address and port)",
+    )
+    cluster.add_argument(
+        "--lease-ttl",
+        type=_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="membership lease: a host that cannot renew it stops serving, and its "
+        "objects move to other hosts once it has expired (the failover time)",
+    )
+    cluster.add_argument(
+        "--cluster-key",
+        default=None,
+        metavar="KEY",
+        help=f"shared secret of the hosts' internal hop (relayed requests and sockets), "
+        f"at least 16 characters (default: ${CLUSTER_KEY_VARIABLE}; without one, requests "
+        "for objects another host owns are answered 503)",
+    )
+    cluster.add_argument(
+        "--cluster-audit",
+        action="store_true",
+        help="log every fenced commit in the table th_commit_log (tests; grows without "
+        "bound) (default: off)",
+    )
+
+
+def _cluster_config(args: argparse.Namespace) -> ClusterConfig | None:
+    """The ClusterConfig of the command line (raises ValueError for a bad one)."""
+    if args.cluster is None:
+        for flag in ("host_id", "advertise", "cluster_key"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} needs --cluster")
+        return None
+    if args.host_id is None:
+        raise ValueError("--cluster needs --host-id NAME (this host's unique name)")
+    if args.data_dir is not None:
+        raise ValueError("--cluster keeps storage in PostgreSQL: leave out --data-dir")
+    return ClusterConfig(
+        dsn=args.cluster,
+        host_id=args.host_id,
+        advertise=args.advertise,
+        lease_ttl=args.lease_ttl,
+        key=args.cluster_key or os.environ.get(CLUSTER_KEY_VARIABLE),
+        audit=args.cluster_audit,
+    )
+
+
+async def _exit_when_fenced(server: Server, fenced: list[str]) -> None:
+    """Cluster mode: once the host has fenced itself, stop the process (status 3)."""
+    placement = runtime_of(server.host).cluster
+    if placement is not None:
+        fenced.append(await placement.wait_fenced())
+    else:
+        await trio.sleep_forever()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -382,6 +497,7 @@ def _parser() -> argparse.ArgumentParser:
         f"collection every {DEFAULT_FULL_EVERY:g} s instead of whenever it would "
         "(no long pauses amid traffic: see docs/operations.md); 'default': Python's own",
     )
+    _add_cluster_flags(serve)
     talk = commands.add_parser(
         "connect",
         help="talk to a WebSocket: send stdin lines, print messages, reconnect",

@@ -58,6 +58,9 @@ class ObjectEntry:
     """The class to construct on the next wake (replaced by live code updates)."""
     core: ObjectCore
     activation: Activation | None = None
+    placed: int | None = None
+    """Cluster mode: the epoch under which this host owns the object, None while it has
+    not claimed it (events then go through the cluster's placement first)."""
 
     @property
     def alarm_key(self) -> AlarmKey:

@@ -36,13 +36,16 @@ __all__ = [
     "AppLoadError",
     "BadRequest",
     "ClientClosedError",
+    "ClusterCommitError",
     "ConnectionIdError",
     "DataCloneError",
+    "FencedError",
     "HibernateError",
     "InvalidCloseCodeError",
     "InvalidTransition",
     "LimitExceededError",
     "ObjectAborted",
+    "ObjectUnavailableError",
     "ReentrantCallError",
     "RemoteCallError",
     "StorageCommitError",
@@ -127,6 +130,37 @@ class StorageCommitError(HibernateError):
 
     Raised to a stub caller whose call's writes were lost; the object was reset.
     """
+
+
+class ClusterCommitError(StorageCommitError, OSError):
+    """Cluster mode: a turn's writes could not be committed to PostgreSQL, or the
+    commit's outcome is unknown (the connection was lost during ``COMMIT``).
+
+    Nothing the turn sent was delivered (the output gate held it); the object is reset,
+    and its next event claims it again and reloads its state from PostgreSQL, so the
+    next instance sees exactly what PostgreSQL holds. Logged by the runtime; an
+    application sees it only as :class:`StorageCommitError` in a stub caller.
+    """
+
+
+class FencedError(ClusterCommitError):
+    """Cluster mode: another host owns the object now (its fencing epoch moved on), so
+    this host's commit was refused. The host has lost its lease (it was paused or cut
+    off for longer than ``lease_ttl``): it stops serving (see ``docs/cluster.md``)."""
+
+
+class ObjectUnavailableError(HibernateError, RuntimeError):
+    """Cluster mode: the object's owner cannot be reached and its lease has not
+    expired yet, so no other host may take the object over. Retry after
+    :attr:`retry_after` seconds (HTTP clients get ``503`` with ``Retry-After``).
+
+    Attributes:
+        retry_after: Seconds until the owner's lease expires (at least 1).
+    """
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class InvalidCloseCodeError(HibernateError, ValueError):

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypedDict, TypeVar, final
 
 import trio
 
+from ._cluster.config import ClusterConfig
+from ._cluster.setup import attach_cluster, connect_cluster
 from ._compression import WebSocketCompression
 from ._groups import open_owned_nursery
 from ._ids import ObjectId
@@ -23,6 +25,7 @@ from ._websocket import check_close_args
 
 if TYPE_CHECKING:
     from ._app import App
+    from ._cluster.node import ClusterNode
     from ._stubs import Namespace
 
 __all__ = ["Host", "HostOptions", "open_host", "runtime_of"]
@@ -179,6 +182,7 @@ class HostOptions(TypedDict, total=False):
     call_timeout: float
     max_open_databases: int | None
     websocket_compression: WebSocketCompression | None
+    cluster: ClusterConfig | None
 
 
 @asynccontextmanager
@@ -200,6 +204,7 @@ async def open_host(
     call_timeout: float = 30.0,
     max_open_databases: int | None = None,
     websocket_compression: WebSocketCompression | None = None,
+    cluster: ClusterConfig | None = None,
 ) -> AsyncIterator[Host]:
     """Run a :class:`Host` for ``app`` for the duration of the ``async with`` block.
 
@@ -247,6 +252,13 @@ async def open_host(
         call_timeout: Seconds a stub's ``call`` or ``fetch`` waits for its answer before
             raising ``trio.TooSlowError`` (``math.inf``: no limit). The call is not
             withdrawn: it stays queued, runs in its turn, and its result is dropped.
+        cluster: Run as one host of a cluster sharing a PostgreSQL database (see
+            :class:`ClusterConfig` and ``docs/cluster.md``): objects are claimed by one
+            host at a time and their storage and alarms live in PostgreSQL. Exclusive
+            with ``data_dir`` and ``storage_backend``. The host joins the cluster on
+            entry when ``cluster.advertise`` is set; otherwise
+            :func:`~trio_hibernate.serve_objects` joins it once it listens, advertising
+            the bound address. On exit the host releases its objects and its lease.
 
     Raises:
         StorageError: ``data_dir`` is not a writable directory, or its alarm index
@@ -284,9 +296,18 @@ async def open_host(
     limits = limits or Limits()
     if storage_backend is not None and (data_dir is not None or max_open_databases is not None):
         raise ValueError("give data_dir and max_open_databases, or storage_backend, not both")
-    backend = (
+    node: ClusterNode | None = None
+    if cluster is not None:
+        if storage_backend is not None or data_dir is not None:
+            raise ValueError(
+                "cluster mode keeps storage in PostgreSQL: no data_dir or storage_backend"
+            )
+        node = await connect_cluster(cluster, wall_clock)
+    backend: StorageBackend = (
         storage_backend
         if storage_backend is not None
+        else node.backend
+        if node is not None
         else SqliteBackend(data_dir, max_open_databases=max_open_databases)
     )
     runtime: Runtime | None = None
@@ -316,11 +337,17 @@ async def open_host(
                 )
                 nursery.start_soon(runtime.alarms.run)
                 nursery.start_soon(runtime.reaper.run)
+                if node is not None:
+                    attach_cluster(node, runtime, nursery)
+                    if cluster is not None and cluster.advertise is not None:
+                        await node.join(cluster.advertise)
                 try:
                     yield Host._create(runtime)
                 finally:
                     with trio.CancelScope(shield=True):
                         await runtime.shutdown(close_timeout)
+                        if node is not None:
+                            await node.leave()
             finally:
                 scope.cancel()
     finally:
@@ -329,6 +356,8 @@ async def open_host(
         if runtime is not None:
             runtime.close()
         backend.close()
+        if node is not None:
+            node.close()
 
 
 async def _run_host_nursery(

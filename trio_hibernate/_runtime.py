@@ -13,7 +13,7 @@ import logging
 import socket
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import trio
 
@@ -46,13 +46,55 @@ if TYPE_CHECKING:
     from ._compression import WebSocketCompression
     from ._object import DurableObject
 
-__all__ = ["ObjectEntry", "Runtime"]
+__all__ = ["FrameCache", "ObjectEntry", "Placement", "Runtime", "fence_runtime"]
 
 log = logging.getLogger("trio_hibernate.host")
 
 #: Messages up to this size keep their encoded frame for the next send of the same object
 #: (a broadcast loop sends one ``str`` to many sockets: encode once).
 _FRAME_CACHE_MAX_BYTES: Final = 65536
+
+
+class FrameCache:
+    """Encodes data messages into frames, keeping the last one for a broadcast loop."""
+
+    __slots__ = ("_last_frame", "_last_message")
+
+    def __init__(self) -> None:
+        self._last_message: str | bytes | None = None
+        self._last_frame = b""
+
+    def encode(self, message: str | bytes) -> bytes:
+        """The WebSocket frame of ``message`` (the last one is cached for broadcasts)."""
+        if message is self._last_message:
+            return self._last_frame
+        frame = encode_message(message)
+        if len(frame) <= _FRAME_CACHE_MAX_BYTES:
+            self._last_message = message
+            self._last_frame = frame
+        return frame
+
+
+class Placement(Protocol):
+    """Where events for objects this host has not claimed go first (cluster mode)."""
+
+    def place(self, entry: ObjectEntry, event: Event) -> None:
+        """Claim the object (then deliver ``event``), or send ``event`` to its owner."""
+
+    def forgotten(self, entry: ObjectEntry) -> None:
+        """The runtime dropped ``entry``: give the object up."""
+
+    async def join(self, address: str) -> None:
+        """Join the cluster, advertising ``address`` (once; later calls do nothing)."""
+
+    @property
+    def incarnation(self) -> int | None:
+        """This process's incarnation in the cluster once joined (None before)."""
+        ...
+
+    async def wait_fenced(self) -> str:
+        """Wait until the host has fenced itself (lost its lease); returns why."""
+        ...
 
 
 class Runtime:
@@ -112,11 +154,11 @@ class Runtime:
         self._nursery = nursery
         self.connections = ConnectionSet()
         """The open client connections."""
-        self._last_message: str | bytes | None = None
-        self._last_frame = b""
-        self.frame_encoder = self.encode_frame  # shared by every connection (ConnectionOwner)
+        self.frame_encoder = FrameCache().encode  # shared by every connection (ConnectionOwner)
         self.extra_operations: dict[str, Callable[[Request], Response]] = {}  # /_dashboard
         self.relay_key: str | None = None  # peers relay with it (cluster); None: refused
+        self.cluster: Placement | None = None
+        """Cluster mode's placement and leases (``_cluster/node.py``), else None."""
 
     # -- for the facade ------------------------------------------------------------------
 
@@ -218,16 +260,6 @@ class Runtime:
         """Queue an event a peer host relayed here (``_net/relayed.py``): no app hook."""
         self.entry_for(namespace, object_id).deliver(event)
 
-    def encode_frame(self, message: str | bytes) -> bytes:
-        """The WebSocket frame of ``message`` (the last one is cached for broadcasts)."""
-        if message is self._last_message:
-            return self._last_frame
-        frame = encode_message(message)
-        if len(frame) <= _FRAME_CACHE_MAX_BYTES:
-            self._last_message = message
-            self._last_frame = frame
-        return frame
-
     def spawn(self, async_fn: Callable[[], Any]) -> None:
         """Run ``async_fn`` in the host nursery (a connection's helper task)."""
         self._nursery.start_soon(async_fn)
@@ -262,6 +294,9 @@ class Runtime:
         if self.closing:
             self.refuse_unrun_event(entry, event)
             return
+        if entry.placed is None and self.cluster is not None:
+            self.cluster.place(entry, event)  # claimed first, or relayed
+            return
         if entry.core.enqueue(event):
             self._nursery.start_soon(Supervisor(self, entry).run)
             return
@@ -283,7 +318,8 @@ class Runtime:
 
     def forget_if_unused(self, entry: ObjectEntry) -> None:
         """Drop an object with nothing left to do from memory (see ``ObjectDirectory``)."""
-        self.objects.forget_if_unused(entry)
+        if self.objects.forget_if_unused(entry) and self.cluster is not None:
+            self.cluster.forgotten(entry)  # gives the object up
 
     def fail_object(self, entry: ObjectEntry, dropped: list[Event], why: str) -> None:
         """The constructor raised, or the object was reset (``ctx.abort()``, a failed
@@ -353,3 +389,15 @@ class Runtime:
         """Close the runtime's own files (once every task has finished)."""
         self.alarm_index.close()
         self.settings.close()
+
+
+def fence_runtime(runtime: Runtime, why: str) -> None:
+    """Cluster mode: the host lost its lease (``why``). Serve nothing more: close every
+    socket with 1012 (clients reconnect to another host), run no handler."""
+    log.error("serving nothing more: %s", why)
+    if not runtime.closing:
+        runtime.closing = True
+        for entry in runtime.objects:
+            if entry.activation is not None:
+                entry.activation.cancel()
+        runtime.connections.begin_shutdown(1012, "host fenced", runtime.close_timeout)

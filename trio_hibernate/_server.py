@@ -109,6 +109,9 @@ async def serve_objects(
         listener = listen(address, port, backlog)
         try:
             server = Server(host, listener)
+            placement = runtime_of(host).cluster
+            if placement is not None:  # cluster mode: join, advertising this address
+                await placement.join(f"{server.address[0]}:{server.address[1]}")
             with (
                 serve_dashboard(runtime_of(host), server.address[0], dashboard_token)
                 if dashboard

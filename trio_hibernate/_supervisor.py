@@ -18,6 +18,7 @@ events are answered with an error and its sockets closed with 1011.
 from __future__ import annotations
 
 import inspect
+import sqlite3
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -183,6 +184,9 @@ class Supervisor:
                 core.on_stopped()
                 entry.forget_if_unused()
                 services.reaper.rests.object_rested()
+                task_status.started(None)
+                return
+            if not await _prepare_storage(services, entry, self._label, self._log):
                 task_status.started(None)
                 return
             activation = Activation()
@@ -682,3 +686,22 @@ class _Dispatcher:
             ):
                 if stored_alarm(storage) == current:
                     await storage.delete_alarm()
+
+
+async def _prepare_storage(
+    services: SupervisorServices, entry: SupervisedEntry, label: str, log: ObjectLog
+) -> bool:
+    """The backend's preparation for an activation (cluster mode claims and loads the
+    object). If it fails no instance can run: the queued events are answered and the
+    sockets closed (1011), as for a constructor that raised."""
+    try:
+        await services.storage_backend.prepare(entry.namespace, entry.object_id)
+    except (sqlite3.Error, OSError) as exc:
+        log.error("cannot prepare the storage of %s: %s", label, exc)
+        core = entry.core
+        entry.fail(core.on_failed(), f"the storage of {label} is unavailable: {exc}")
+        core.on_stopped()
+        entry.forget_if_unused()
+        services.reaper.rests.object_rested()
+        return False
+    return True

@@ -1,5 +1,6 @@
-"""Cluster mode: many hosts, one instance per object (issue 14; ``docs/cluster.md``).
+"""Cluster mode: several hosts (processes, machines) sharing one PostgreSQL database,
+one live instance per object. ``docs/cluster.md`` has the design.
 
-Modules: ``relay`` (the internal hop between hosts: requests, WebSockets and stub
-calls relayed to the host that owns the object).
+``relay``: the internal hop to the host that owns an object (requests, WebSockets and
+stub calls relayed; the owner's side is ``_net/relayed.py``).
 """

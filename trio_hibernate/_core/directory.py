@@ -107,15 +107,17 @@ class ObjectDirectory(Generic[E, C]):
             self._entries[key] = entry
         return entry
 
-    def forget_if_unused(self, entry: E) -> None:
-        """Drop an object with nothing left to do; keep its settings (see the module)."""
+    def forget_if_unused(self, entry: E) -> bool:
+        """Drop an object with nothing left to do; keep its settings (see the module).
+        Returns whether it was dropped."""
         core = entry.core
         key = (entry.namespace, entry.object_id.hex)
         if core.has_work or self._entries.get(key) is not entry:
-            return
+            return False
         del self._entries[key]
         if core.auto_response is not None or core.event_timeout_ms is not None:
             self._settings.keep(*key, (core.auto_response, core.event_timeout_ms))
+        return True
 
     def statistics(self, namespace: str, object_id: ObjectId) -> ObjectStatistics:
         """State and counts of one object (``HIBERNATED`` with zeros if unknown)."""

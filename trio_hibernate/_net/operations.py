@@ -11,7 +11,7 @@ the cost of an int increment, which the per-message path does not pay.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Final
 
 from .._http import Response
@@ -22,9 +22,16 @@ if TYPE_CHECKING:
     from .._http import Request
     from .._statistics import HostStatistics
 
-__all__ = ["HANDLER_HOOKS", "REFUSAL_CAUSES", "operations_response", "render_metrics"]
+__all__ = [
+    "HANDLER_HOOKS",
+    "PROMETHEUS_TYPE",
+    "REFUSAL_CAUSES",
+    "operations_response",
+    "render_metrics",
+]
 
-_PROMETHEUS: Final = "text/plain; version=0.0.4; charset=utf-8"
+#: The content type of ``/_metrics``.
+PROMETHEUS_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
 #: Hooks whose errors are counted (listed at 0 before the first, so that ``rate()`` works).
 HANDLER_HOOKS: Final = (
@@ -158,8 +165,18 @@ class HostCollector:
         )
 
 
-def render_metrics(stats: HostStatistics) -> str:
-    """The statistics in the Prometheus text exposition format (version 0.0.4)."""
+class _Families:
+    """A collector of metric families made elsewhere (cluster mode's)."""
+
+    def __init__(self, families: Callable[[], Iterator[Metric]]) -> None:
+        self.collect = families
+
+
+def render_metrics(
+    stats: HostStatistics, more: Callable[[], Iterator[Metric]] | None = None
+) -> str:
+    """The statistics in the Prometheus text exposition format (version 0.0.4), then
+    the families ``more()`` yields, if given."""
     # Imported on the first scrape: prometheus_client brings http.server and wsgiref,
     # some 45 ms that `import trio_hibernate` need not pay.
     from prometheus_client.exposition import generate_latest
@@ -167,6 +184,8 @@ def render_metrics(stats: HostStatistics) -> str:
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(HostCollector(stats))
+    if more is not None:
+        registry.register(_Families(more))
     return generate_latest(registry).decode()
 
 
@@ -192,6 +211,6 @@ def operations_response(request: Request, stats: HostStatistics, closing: bool) 
         return health_response(stats, closing)
     if request.path == "/_metrics":
         return Response(
-            status=200, body=render_metrics(stats), headers=(("content-type", _PROMETHEUS),)
+            status=200, body=render_metrics(stats), headers=(("content-type", PROMETHEUS_TYPE),)
         )
     return Response(status=404, body=f"Not Found: {request.path}\n")

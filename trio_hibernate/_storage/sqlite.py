@@ -951,6 +951,9 @@ class SqliteBackend:
         db._connection()  # room is made before it connects: the budget is never passed
         return db
 
+    async def prepare(self, namespace: str, object_id: ObjectId) -> None:
+        """Nothing to do before an activation: :meth:`open` opens the file."""
+
     def release(self, namespace: str, object_id: ObjectId, db: ObjectDatabase) -> None:
         """The object hibernated: close a file database (memory ones stay open)."""
         if self.data_dir is not None:

@@ -1,0 +1,278 @@
+"""Cluster mode in one process: hosts sharing a PostgreSQL database (marker ``cluster``).
+
+The database is ``TRIO_HIBERNATE_TEST_DSN`` if set, else the one the ``postgres_dsn``
+fixture starts (one server for the module, in a thread of its own); each test starts from
+empty tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from clusterkit import CLUSTER, CLUSTER_SKIP_REASON, open_postgres
+from helpers import WAIT_SECONDS, ask, closed_by_server, http_exchange, open_client, send, serve
+
+from trio_hibernate import (
+    AlarmInfo,
+    App,
+    ClusterConfig,
+    DurableObject,
+    ObjectContext,
+    Request,
+    Response,
+    StorageError,
+)
+from trio_hibernate._cluster import store
+from trio_hibernate._cluster.node import ClusterNode
+from trio_hibernate._host import runtime_of
+from trio_hibernate._server import Server
+
+pytestmark = CLUSTER
+
+KEY = "k" * 24
+TTL = 2.0
+
+
+class Ledger(DurableObject):
+    """Stores each op it is sent and acknowledges it (after the commit: the output gate);
+    an alarm stores how many times it fired."""
+
+    def __init__(self, ctx: ObjectContext, env: Any) -> None:
+        self.ctx = ctx
+
+    async def fetch(self, request: Request) -> Response:
+        if request.websocket is not None:
+            self.ctx.accept_websocket(request.websocket)
+            return Response(status=101, websocket=request.websocket)
+        if request.path.endswith("/sql"):
+            self.ctx.storage.sql.exec("CREATE TABLE t (x)")
+        ops = await self.ctx.storage.list(prefix="op:")
+        return Response(body=json.dumps(sorted(ops.values())))
+
+    async def websocket_message(self, ws: Any, message: str | bytes) -> None:
+        data = json.loads(message)
+        if "op" in data:
+            await self.ctx.storage.put(f"op:{data['op']:08}", data["op"])
+            ws.send(json.dumps({"ack": data["op"]}))
+        elif "alarm_in" in data:
+            await self.ctx.storage.set_alarm(time.time() + data["alarm_in"])
+            ws.send(json.dumps({"alarm_set": True}))
+
+    async def alarm(self, info: AlarmInfo) -> None:
+        fired = await self.ctx.storage.get("alarm_fired")
+        count = fired if isinstance(fired, int) else 0
+        await self.ctx.storage.put("alarm_fired", count + 1)
+
+
+APP = App({"ledger": Ledger})
+
+
+#: Seconds PostgreSQL may take to start, and to stop.
+START_STOP_SECONDS = 120.0
+
+
+@pytest.fixture(scope="module")
+def postgres_dsn() -> Iterator[str]:
+    """The DSN of a PostgreSQL database that lives for the session."""
+    if CLUSTER_SKIP_REASON is not None:
+        pytest.skip(CLUSTER_SKIP_REASON)
+    ready: queue.Queue[str | BaseException] = queue.Queue()
+    stop = threading.Event()
+
+    directory = Path(tempfile.mkdtemp(prefix="trio-hibernate-pg-"))
+    directory.chmod(0o711)  # the postgres user goes through to its own directory
+
+    async def serve() -> None:
+        try:
+            async with open_postgres(directory / "pg") as postgres:
+                ready.put(postgres.dsn)
+                await trio.to_thread.run_sync(stop.wait)
+        except BaseException as exc:
+            ready.put(exc)
+            raise
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    thread = threading.Thread(target=trio.run, args=(serve,), name="postgres", daemon=True)
+    thread.start()
+    started = ready.get(timeout=START_STOP_SECONDS)
+    if isinstance(started, BaseException):
+        thread.join(START_STOP_SECONDS)
+        raise started
+    try:
+        yield started
+    finally:
+        stop.set()
+        thread.join(START_STOP_SECONDS)
+
+
+@pytest.fixture
+def dsn(request: pytest.FixtureRequest) -> str:
+    value = os.environ.get("TRIO_HIBERNATE_TEST_DSN") or request.getfixturevalue("postgres_dsn")
+    import psycopg
+
+    with psycopg.connect(value, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS th_hosts, th_objects, th_kv, th_alarms, th_commit_log")
+    return value
+
+
+def sql(dsn: str, query: str, *args: object) -> list[tuple[Any, ...]]:
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.execute(query, args)
+        return cur.fetchall() if cur.description else []
+
+
+async def eventually(check: Callable[[], bool], seconds: float = WAIT_SECONDS) -> None:
+    """Wait until ``check()`` holds (it reads PostgreSQL: polled, bounded)."""
+    with trio.fail_after(seconds):
+        # PostgreSQL tells no one when a row changes: poll it, at most ``seconds``.
+        while not await trio.to_thread.run_sync(check):  # noqa: ASYNC110
+            await trio.sleep(0.05)
+
+
+@asynccontextmanager
+async def cluster_host(
+    dsn: str, host_id: str, *, key: str | None = KEY, **options: Any
+) -> AsyncIterator[Server]:
+    config = ClusterConfig(dsn=dsn, host_id=host_id, key=key, lease_ttl=TTL, audit=True)
+    async with serve(APP, cluster=config, **options) as server:
+        yield server
+
+
+def node_of(server: Server) -> ClusterNode:
+    node = runtime_of(server.host).cluster
+    assert isinstance(node, ClusterNode)
+    return node
+
+
+async def get(server: Server, path: str) -> Any:
+    reply = await http_exchange(server.port, f"GET {path} HTTP/1.1\r\nhost: t\r\n\r\n".encode())
+    return reply
+
+
+async def test_acked_writes_are_in_postgres_and_move_with_the_object(dsn: str) -> None:
+    async with cluster_host(dsn, "a") as a, open_client(a, "/ledger/x") as ws:
+        assert json.loads(await ask(ws, json.dumps({"op": 1}))) == {"ack": 1}
+        assert sql(dsn, "SELECT key FROM th_kv") == [("op:00000001",)]
+        status = json.loads((await get(a, "/_cluster")).body)
+        assert (status["host_id"], status["state"]) == ("a", "alive")
+        assert [o["name"] for o in status["owned"]] == ["x"]
+        assert [h["state"] for h in status["hosts"]] == ["alive"]
+    # a left (released its objects): b claims x with a new epoch and sees the write
+    assert sql(dsn, "SELECT owner, epoch FROM th_objects") == [(None, 1)]
+    assert sql(dsn, "SELECT state FROM th_hosts") == [("left",)]
+    async with cluster_host(dsn, "b") as b:
+        assert json.loads((await get(b, "/ledger/x")).body) == [1]
+        assert sql(dsn, "SELECT owner, epoch FROM th_objects") == [("b", 2)]
+
+
+async def test_a_commit_after_a_takeover_is_fenced_and_the_host_stops(dsn: str) -> None:
+    async with cluster_host(dsn, "a") as a, open_client(a, "/ledger/x") as ws:
+        assert json.loads(await ask(ws, json.dumps({"op": 1}))) == {"ack": 1}
+        # Another host takes x over (as after a's lease expired): a's epoch is stale.
+        sql(dsn, "UPDATE th_objects SET owner = 'thief', incarnation = 0, epoch = epoch + 1")
+        await send(ws, json.dumps({"op": 2}))
+        code, _ = await closed_by_server(ws)  # no ack: the host fenced itself
+        assert code == 1012
+        assert sql(dsn, "SELECT key FROM th_kv") == [("op:00000001",)]
+        assert sql(dsn, "SELECT epoch FROM th_commit_log") == [(1,)]
+        assert node_of(a).lease.fenced.is_set()
+
+
+async def test_a_failed_commit_is_not_acked_and_the_object_reloads(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import psycopg
+
+    real = store.commit_writes
+    failures = [psycopg.OperationalError("connection lost during COMMIT")]
+
+    def flaky(*args: Any, **kwargs: Any) -> bool:
+        if failures:
+            real(*args, **kwargs)  # it may well have committed: the outcome is unknown
+            raise failures.pop()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "commit_writes", flaky)
+    async with cluster_host(dsn, "a") as a, open_client(a, "/ledger/x") as ws:
+        await send(ws, json.dumps({"op": 1}))  # committed, but never acknowledged
+        node = node_of(a)
+        await eventually(lambda: node.counters["claims_lost"] == 1)  # the copy is poisoned
+        assert json.loads(await ask(ws, json.dumps({"op": 2}))) == {"ack": 2}
+        # the second instance was loaded from PostgreSQL under a new epoch
+        assert sql(dsn, "SELECT epoch FROM th_objects") == [(2,)]
+        assert json.loads((await get(a, "/ledger/x")).body) == [1, 2]
+
+
+async def test_an_object_owned_elsewhere_without_a_key_is_503(dsn: str) -> None:
+    async with (
+        cluster_host(dsn, "a") as a,
+        cluster_host(dsn, "b", key=None) as b,
+        open_client(a, "/ledger/x") as ws,
+    ):
+        assert json.loads(await ask(ws, json.dumps({"op": 1}))) == {"ack": 1}
+        reply = await get(b, "/ledger/x")
+        assert reply.status == 503
+        assert 1 <= int(reply.headers["retry-after"]) <= TTL + 1
+        assert b"owned by host a" in reply.body
+
+
+async def test_the_alarm_of_an_object_whose_owner_died_fires_on_another_host(dsn: str) -> None:
+    async with cluster_host(dsn, "a") as a, open_client(a, "/ledger/x") as ws:
+        assert json.loads(await ask(ws, json.dumps({"op": 1}))) == {"ack": 1}
+    # x's owner dies holding it (its lease expired) with the alarm due
+    sql(dsn, "UPDATE th_hosts SET state = 'alive', expires_at = now() - interval '1 s'")
+    sql(dsn, "UPDATE th_objects SET owner = 'a', incarnation = (SELECT incarnation FROM th_hosts)")
+    sql(
+        dsn,
+        "INSERT INTO th_alarms SELECT namespace, object_id, name, %s FROM th_objects",
+        time.time() - 1,
+    )
+    async with cluster_host(dsn, "b"):
+        await eventually(lambda: sql(dsn, "SELECT count(*) FROM th_alarms") == [(0,)])
+        fired = sql(dsn, "SELECT value FROM th_kv WHERE key = 'alarm_fired'")
+        assert len(fired) == 1
+        assert sql(dsn, "SELECT owner FROM th_objects") == [("b",)]
+
+
+async def test_sql_is_refused_in_cluster_mode(dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    async with cluster_host(dsn, "a") as a:
+        reply = await get(a, "/ledger/x/sql")
+        assert reply.status == 500
+        assert "ctx.storage.sql is not available in cluster mode" in caplog.text
+
+
+async def test_postgres_unreachable_at_start_is_a_storage_error() -> None:
+    config = ClusterConfig(dsn="postgresql://nobody@127.0.0.1:1/none", host_id="a")
+    with pytest.raises(StorageError, match="cannot use the cluster's PostgreSQL database"):
+        async with serve(APP, cluster=config):
+            pass
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"host_id": "bad id"}, "host_id"),
+        ({"advertise": "nohost"}, "HOST:PORT"),
+        ({"lease_ttl": 0.1}, "lease_ttl"),
+        ({"key": "short"}, "at least 16"),
+    ],
+)
+def test_cluster_config_checks_its_values(options: dict[str, Any], match: str) -> None:
+    values: dict[str, Any] = {"dsn": "postgresql://x", "host_id": "a", **options}
+    with pytest.raises(ValueError, match=match):
+        ClusterConfig(**values)

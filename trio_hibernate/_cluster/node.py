@@ -1,0 +1,392 @@
+"""One host's part in a cluster: the objects it claims, where events for objects it
+does not own go, its commits, the alarm sweeper, ``/_cluster``.
+
+Ownership (see ``docs/cluster.md``): an event for an object this host has not claimed
+(``entry.placed`` is None) waits here while a claim runs in PostgreSQL
+(``store.claim``). Claimed: the object's data is installed in the storage backend, its
+alarm scheduled, and the events delivered as in single-host mode. Owned by another live
+host: ``elsewhere.py`` relays them or answers 503. The lease is ``lease.py``'s.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+
+from .._core.events import CallEvent, Event, FetchEvent
+from .._errors import ClusterCommitError, FencedError
+from .._http import Request, Response
+from .._ids import ObjectId
+from . import store
+from .elsewhere import drop_socket_event, relay_or_refuse, unavailable
+from .lease import Lease
+from .pg import Postgres
+from .storage import ClusterBackend
+from .store import Claimed, Held, ObjectData, OwnedElsewhere, Writes
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from .._directory import ObjectEntry
+    from .config import ClusterConfig
+    from .runtime import ClusterRuntime
+
+
+__all__ = ["COUNTERS", "ClusterNode"]
+
+log = logging.getLogger("trio_hibernate.cluster")
+
+#: What each counter of a node (and of its lease) counts.
+COUNTER_HELP: Final = {
+    "claims": "Objects this host claimed (a new epoch each).",
+    "claims_lost": "Local copies dropped after a failed or fenced commit (reloaded on use).",
+    "relayed": "Requests and calls relayed to the host that owns their object.",
+    "unavailable": "Events answered 503 (or ObjectUnavailableError): owner unreachable.",
+    "releases": "Objects given up when they had nothing left to do here.",
+    "fenced_commits": "Commits refused because another host owns the object now.",
+    "sweeps": "Alarm sweeps run.",
+    "sweep_claims": "Objects claimed by a sweep to fire a due alarm of a dead owner.",
+    "lease_renewals": "Lease renewals.",
+    "lease_renewal_failures": "Lease renewals that failed (PostgreSQL unreachable).",
+}
+#: The counters of a node.
+COUNTERS: Final = tuple(name for name in COUNTER_HELP if not name.startswith("lease_"))
+#: Seconds the first connection to PostgreSQL may take.
+CONNECT_TIMEOUT: Final = 30.0
+#: Objects listed by ``/_cluster`` at most.
+STATUS_OBJECTS: Final = 500
+
+
+class ClusterNode:
+    """Cluster mode of one host (see the module). Made by ``open_host``."""
+
+    def __init__(self, config: ClusterConfig, wall_clock: Callable[[], float]) -> None:
+        self.config = config
+        self.db = Postgres(config.dsn, config.pool_size)
+        self.backend = ClusterBackend(self._flush_to, self._reclaim, self._poisoned)
+        self.lease = Lease(self.db, config.host_id, config.lease_ttl, self._fenced)
+        self._wall_clock = wall_clock
+        self._runtime: ClusterRuntime | None = None
+        self._fence_runtime: Callable[[str], None] | None = None
+        self._pending: dict[ObjectEntry, list[Event]] = {}
+        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        """What the node did so far (``/_cluster`` and ``/_metrics`` show them)."""
+
+    # -- start, join, leave ----------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Connect to PostgreSQL and create the tables if missing (raises psycopg's
+        errors, or ``psycopg_pool.PoolTimeout``)."""
+        await trio.to_thread.run_sync(self.db.open, CONNECT_TIMEOUT)
+        await self.db.run(store.create_schema)
+
+    def attach(self, runtime: ClusterRuntime, fence: Callable[[str], None]) -> None:
+        """Serve ``runtime``'s objects (once, before :meth:`join`); ``fence(why)``
+        makes it stop serving (the lease is lost)."""
+        self._runtime = runtime
+        self._fence_runtime = fence
+
+    @property
+    def incarnation(self) -> int | None:
+        """This process's incarnation in the cluster once joined (None before)."""
+        held = self.lease.held
+        return None if held is None else held.incarnation
+
+    @property
+    def held(self) -> Held | None:
+        """This process's hold on the cluster once joined."""
+        return self.lease.held
+
+    async def join(self, address: str) -> None:
+        """Take this host's lease, advertising ``address`` (unless ``advertise`` was
+        set); renew it, and sweep alarms, in the host nursery. Once only."""
+        if self.lease.joined.is_set():
+            return
+        self.config = config = self.config.with_advertise(address)
+        assert config.advertise is not None
+        held = await self.lease.join(config.advertise)
+        log.info(
+            "cluster host %s joined as incarnation %d (advertising %s, lease %g s)",
+            config.host_id,
+            held.incarnation,
+            config.advertise,
+            config.lease_ttl,
+        )
+        runtime = self._runtime
+        assert runtime is not None
+        runtime.spawn(self.lease.keep)
+        runtime.spawn(self.lease.watch)
+        runtime.spawn(self._sweep_alarms)
+
+    async def leave(self) -> None:
+        """Graceful leave, after every activation has ended: release every object this
+        host owns and end the lease, so that other hosts claim them at once."""
+        released = await self.lease.leave()
+        if released is not None:
+            log.info("cluster host %s left, releasing %d objects", self.config.host_id, released)
+
+    async def wait_fenced(self) -> str:
+        """Wait until this host has fenced itself; returns why."""
+        await self.lease.fenced.wait()
+        return self.lease.fenced_because or "fenced"
+
+    def _fenced(self, why: str) -> None:
+        if self._fence_runtime is not None:
+            self._fence_runtime(why)
+
+    def close(self) -> None:
+        """Close the connections to PostgreSQL (blocking)."""
+        self.backend.close()
+        self.db.close()
+
+    # -- placement -------------------------------------------------------------------------
+
+    def place(self, entry: ObjectEntry, event: Event) -> None:
+        """Deliver ``event`` once it is known where the object lives (see the module)."""
+        pending = self._pending.get(entry)
+        if pending is not None:
+            pending.append(event)
+            return
+        self._pending[entry] = [event]
+        runtime = self._runtime
+        assert runtime is not None
+        runtime.spawn(partial(self._resolve, entry))
+
+    async def _resolve(self, entry: ObjectEntry) -> None:
+        runtime = self._runtime
+        assert runtime is not None
+        namespace, object_id = entry.namespace, entry.object_id
+        try:
+            outcome = await self._claim(namespace, object_id)
+        except Exception as exc:
+            log.error("cannot claim %s %s: %s", namespace, object_id, exc)
+            for event in self._pending.pop(entry, []):
+                self.counters["unavailable"] += 1
+                unavailable(runtime, entry, event, 1.0, f"PostgreSQL is unreachable: {exc}")
+            return
+        events = self._pending.pop(entry, [])
+        if isinstance(outcome, OwnedElsewhere):
+            for event in events:
+                if isinstance(event, FetchEvent | CallEvent):
+                    runtime.spawn(partial(self._relay, entry, event, outcome))
+                else:
+                    drop_socket_event(runtime, entry, event)
+            return
+        current = runtime.objects.get(namespace, object_id)
+        if current is None:  # forgotten while the claim ran: the events make it again
+            current = runtime.entry_for(namespace, object_id)
+        self._adopt(current, outcome.data)
+        for event in events:
+            runtime.deliver(current, event)
+
+    async def _relay(
+        self, entry: ObjectEntry, event: FetchEvent | CallEvent, owner: OwnedElsewhere
+    ) -> None:
+        runtime = self._runtime
+        assert runtime is not None
+        if await relay_or_refuse(runtime, entry, event, owner, self.config.key):
+            self.counters["relayed"] += 1
+        else:
+            self.counters["unavailable"] += 1
+
+    async def _claim(self, namespace: str, object_id: ObjectId) -> Claimed | OwnedElsewhere:
+        await self.lease.joined.wait()
+        if self.lease.fenced.is_set():
+            raise ClusterCommitError("this host is fenced")
+        held = self.held
+        assert held is not None
+        outcome = await self.db.run(store.claim, held, namespace, object_id.hex, object_id.name)
+        if isinstance(outcome, Claimed):
+            self.counters["claims"] += 1
+        return outcome
+
+    def _adopt(self, entry: ObjectEntry, data: ObjectData) -> None:
+        """This host owns ``entry``'s object under ``data.epoch``."""
+        runtime = self._runtime
+        assert runtime is not None
+        self.backend.install(entry.namespace, entry.object_id, data)
+        entry.placed = data.epoch
+        if data.alarm is not None:
+            runtime.alarms.schedule(entry.alarm_key, data.alarm)
+
+    async def _reclaim(self, namespace: str, object_id: ObjectId) -> ObjectData:
+        """For an activation whose copy is gone (a poisoned commit): claim again."""
+        outcome = await self._claim(namespace, object_id)
+        if isinstance(outcome, OwnedElsewhere):
+            raise FencedError(f"{namespace} {object_id} is owned by host {outcome.host_id} now")
+        runtime = self._runtime
+        assert runtime is not None
+        entry = runtime.objects.get(namespace, object_id)
+        if entry is not None:
+            entry.placed = outcome.data.epoch
+        return outcome.data
+
+    def _poisoned(self, namespace: str, object_id: ObjectId, why: str) -> None:
+        """A flush failed: the object must be claimed and loaded again."""
+        self.counters["claims_lost"] += 1
+        runtime = self._runtime
+        entry = None if runtime is None else runtime.objects.get(namespace, object_id)
+        if entry is not None:
+            entry.placed = None
+        if why.startswith("fenced"):
+            self.counters["fenced_commits"] += 1
+            self.lease.fence(f"a commit of {namespace} {object_id} was fenced ({why})")
+
+    def forgotten(self, entry: ObjectEntry) -> None:
+        """The runtime dropped ``entry`` (nothing left to do): give the object up."""
+        epoch = entry.placed
+        if epoch is None:
+            return
+        entry.placed = None
+        self.backend.drop(entry.namespace, entry.object_id, epoch)
+        held = self.held
+        runtime = self._runtime
+        if held is None or runtime is None or self.lease.fenced.is_set():
+            return  # nothing to release (a fenced host owns nothing any more)
+        # Also while the host shuts down: each object is released as soon as its last
+        # activation has ended, so clients that reconnect elsewhere are served at once.
+        runtime.spawn(partial(self._release, held, entry.namespace, entry.object_id.hex, epoch))
+
+    async def _release(self, held: Held, namespace: str, hex_id: str, epoch: int) -> None:
+        try:
+            await self.db.run(store.release, held, namespace, hex_id, epoch)
+        except Exception as exc:  # harmless: the object moves when the lease ends
+            log.warning("could not release %s %s: %s", namespace, hex_id, exc)
+        else:
+            self.counters["releases"] += 1
+
+    # -- commits ---------------------------------------------------------------------------
+
+    def _flush_to(
+        self, namespace: str, hex_id: str, name: str | None, epoch: int, writes: Writes
+    ) -> bool:
+        """A fenced commit (worker thread; see ``storage.py``)."""
+        held = self.held
+        if held is None or self.lease.fenced.is_set():
+            return False
+        return self.db.call(
+            store.commit_writes,
+            held,
+            namespace,
+            hex_id,
+            name,
+            epoch,
+            writes,
+            audit=self.config.audit,
+        )
+
+    # -- alarms of objects nobody owns -----------------------------------------------------
+
+    async def _sweep_alarms(self) -> None:
+        """Claim objects whose alarm is due and whose owner is gone (the claim schedules
+        the alarm here). Every host sweeps; a claim decides who fires it."""
+        interval = max(0.25, self.config.lease_ttl / 4)
+        runtime = self._runtime
+        assert runtime is not None
+        while True:
+            await trio.sleep(interval)
+            if self.lease.fenced.is_set() or runtime.closing:
+                return
+            try:
+                due = await self.db.run(store.due_orphans, self._wall_clock())
+            except Exception as exc:
+                log.warning("alarm sweep failed: %s", exc)
+                continue
+            self.counters["sweeps"] += 1
+            for namespace, hex_id, name in due:
+                if namespace not in runtime.app.objects:
+                    continue
+                entry = runtime.entry_for(namespace, ObjectId(hex_id, name))
+                if entry.placed is None and entry not in self._pending:
+                    self.counters["sweep_claims"] += 1
+                    self._pending[entry] = []
+                    runtime.spawn(partial(self._resolve, entry))
+
+    # -- /_cluster ---------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """What ``GET /_cluster`` answers (the hosts as of the last lease renewal)."""
+        runtime = self._runtime
+        assert runtime is not None
+        held = self.held
+        lease = self.lease
+        hosts = lease.hosts
+        owned = [
+            {
+                "namespace": entry.namespace,
+                "id": entry.object_id.hex,
+                "name": entry.object_id.name,
+                "epoch": entry.placed,
+            }
+            for entry in runtime.objects
+            if entry.placed is not None
+        ]
+        return {
+            "host_id": self.config.host_id,
+            "incarnation": None if held is None else held.incarnation,
+            "address": self.config.advertise,
+            "state": "fenced" if lease.fenced.is_set() else "alive" if held else "joining",
+            "lease_ttl": self.config.lease_ttl,
+            "hosts": [
+                {
+                    "host_id": h.host_id,
+                    "incarnation": h.incarnation,
+                    "address": h.address,
+                    "state": h.state,
+                    "expires_in": round(h.expires_in, 3),
+                }
+                for h in hosts
+            ],
+            "owned_count": len(owned),
+            "owned": owned[:STATUS_OBJECTS],
+            "counters": {
+                **self.counters,
+                "renewals": lease.renewals,
+                "renewal_failures": lease.renewal_failures,
+            },
+        }
+
+    def status_response(self, request: Request) -> Response:
+        """``GET /_cluster`` as a response."""
+        del request
+        body = json.dumps(self.status(), indent=1)
+        return Response(headers={"content-type": "application/json"}, body=body + "\n")
+
+    def metric_families(self) -> Iterator[Metric]:
+        """Cluster mode's families in ``/_metrics`` (``trio_hibernate_cluster_*``)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        runtime = self._runtime
+        assert runtime is not None
+        lease = self.lease
+        owned = sum(1 for entry in runtime.objects if entry.placed is not None)
+        yield GaugeMetricFamily(
+            "trio_hibernate_cluster_owned_objects", "Objects this host owns.", value=owned
+        )
+        yield GaugeMetricFamily(
+            "trio_hibernate_cluster_lease_valid",
+            "1 while this host holds its lease (by its own clock), else 0.",
+            value=int(lease.valid()),
+        )
+        hosts = GaugeMetricFamily(
+            "trio_hibernate_cluster_hosts",
+            "Hosts of the cluster by lease state (as of the last renewal).",
+            labels=["state"],
+        )
+        for state in ("alive", "expired", "left"):
+            hosts.add_metric([state], sum(1 for h in lease.hosts if h.state == state))
+        yield hosts
+        counts = {
+            **self.counters,
+            "lease_renewals": lease.renewals,
+            "lease_renewal_failures": lease.renewal_failures,
+        }
+        for name, value in counts.items():
+            yield CounterMetricFamily(
+                f"trio_hibernate_cluster_{name}", COUNTER_HELP[name], value=value
+            )

@@ -1,0 +1,314 @@
+"""The cluster's statements on PostgreSQL, as synchronous functions of a connection.
+
+They run in worker threads (:class:`~._cluster.pg.Postgres`): psycopg's async API does
+not run under Trio, its blocking one does, one pooled connection per call. Each function
+is one transaction (``with conn.transaction()``), committed when it returns.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final
+
+import attrs
+
+from .schema import ALIVE, SCHEMA, SCHEMA_LOCK
+
+if TYPE_CHECKING:
+    import psycopg
+
+__all__ = [
+    "Claimed",
+    "Held",
+    "HostRow",
+    "ObjectData",
+    "OwnedElsewhere",
+    "Writes",
+    "claim",
+    "commit_writes",
+    "create_schema",
+    "due_orphans",
+    "hosts",
+    "join",
+    "leave",
+    "load",
+    "release",
+    "renew",
+]
+
+#: How many due alarms of orphaned objects one sweep claims at most.
+SWEEP_BATCH: Final = 100
+
+
+@attrs.frozen
+class Held:
+    """A host's hold on the cluster: its name and the incarnation of this process."""
+
+    host_id: str
+    incarnation: int
+
+
+@attrs.frozen
+class ObjectData:
+    """An object's stored state, as a claim or a reload reads it."""
+
+    epoch: int
+    entries: list[tuple[str, bytes]]
+    alarm: float | None
+
+
+@attrs.frozen
+class Claimed:
+    """This host now owns the object (``data.epoch`` is its fencing token)."""
+
+    data: ObjectData
+
+
+@attrs.frozen
+class OwnedElsewhere:
+    """Another host owns the object: ``address`` reaches it; ``expires_in`` is what is
+    left of its lease (seconds, by the database clock)."""
+
+    host_id: str
+    address: str
+    expires_in: float
+
+
+@attrs.frozen
+class HostRow:
+    """A row of ``th_hosts`` as ``/_cluster`` shows it."""
+
+    host_id: str
+    incarnation: int
+    address: str
+    state: str
+    expires_in: float
+
+
+@attrs.define
+class Writes:
+    """The writes of one or more committed turns of an object, to apply in PostgreSQL:
+    ``cleared`` (``delete_all``) first, then ``entries`` (key -> value, None deletes),
+    then the alarm (a time, None to delete it, ``...`` unchanged)."""
+
+    cleared: bool = False
+    entries: dict[str, bytes | None] = attrs.Factory(dict)
+    alarm: float | object | None = ...
+
+    def merge(self, later: Writes) -> None:
+        """Fold ``later`` (committed after these) into these."""
+        if later.cleared:
+            self.cleared = True
+            self.entries = dict(later.entries)
+        else:
+            self.entries.update(later.entries)
+        if later.alarm is not ...:
+            self.alarm = later.alarm
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to write."""
+        return not self.cleared and not self.entries and self.alarm is ...
+
+
+def create_schema(conn: psycopg.Connection) -> None:
+    """Create the tables if they are missing (every host does, under a lock)."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+        conn.execute(SCHEMA)
+
+
+def join(conn: psycopg.Connection, host_id: str, address: str, ttl: float) -> Held:
+    """Take a lease for ``host_id`` with a new incarnation. A previous incarnation's
+    objects are then nobody's: its lease is replaced, so they can be claimed at once."""
+    with conn.transaction():
+        row = conn.execute(
+            "INSERT INTO th_hosts (host_id, incarnation, address, expires_at, state) "
+            "VALUES (%s, nextval('th_incarnations'), %s, now() + make_interval(secs => %s), "
+            "'alive') ON CONFLICT (host_id) DO UPDATE SET incarnation = excluded.incarnation, "
+            "address = excluded.address, expires_at = excluded.expires_at, state = 'alive', "
+            "joined_at = now() RETURNING incarnation",
+            (host_id, address, ttl),
+        ).fetchone()
+    assert row is not None
+    return Held(host_id, int(row[0]))
+
+
+def renew(conn: psycopg.Connection, held: Held, ttl: float) -> bool:
+    """Extend the lease by ``ttl`` from now (database clock). False: the lease is gone
+    (another process joined with this host id): this process must stop serving."""
+    with conn.transaction():
+        cur = conn.execute(
+            "UPDATE th_hosts SET expires_at = now() + make_interval(secs => %s) "
+            "WHERE host_id = %s AND incarnation = %s AND state = 'alive'",
+            (ttl, held.host_id, held.incarnation),
+        )
+        return cur.rowcount == 1
+
+
+def leave(conn: psycopg.Connection, held: Held) -> int:
+    """Graceful leave: release every object this incarnation owns and end the lease.
+    Returns how many objects were released."""
+    with conn.transaction():
+        cur = conn.execute(
+            "UPDATE th_objects SET owner = NULL, incarnation = NULL "
+            "WHERE owner = %s AND incarnation = %s",
+            (held.host_id, held.incarnation),
+        )
+        released = cur.rowcount
+        conn.execute(
+            "UPDATE th_hosts SET state = 'left', expires_at = now() "
+            "WHERE host_id = %s AND incarnation = %s",
+            (held.host_id, held.incarnation),
+        )
+    return released
+
+
+def _read_data(conn: psycopg.Connection, namespace: str, hex_id: str, epoch: int) -> ObjectData:
+    entries = conn.execute(
+        "SELECT key, value FROM th_kv WHERE namespace = %s AND object_id = %s ORDER BY key",
+        (namespace, hex_id),
+    ).fetchall()
+    alarm = conn.execute(
+        "SELECT at FROM th_alarms WHERE namespace = %s AND object_id = %s", (namespace, hex_id)
+    ).fetchone()
+    return ObjectData(
+        epoch, [(k, bytes(v)) for k, v in entries], None if alarm is None else float(alarm[0])
+    )
+
+
+def claim(
+    conn: psycopg.Connection, held: Held, namespace: str, hex_id: str, name: str | None
+) -> Claimed | OwnedElsewhere:
+    """Own the object unless another live host does: a new epoch (the fencing token
+    every later commit of this host checks), and the object's data read in the same
+    transaction. An owner whose lease expired (by the database clock) is dead."""
+    with conn.transaction():
+        conn.execute(
+            "INSERT INTO th_objects (namespace, object_id, name) VALUES (%s, %s, %s) "
+            "ON CONFLICT DO NOTHING",
+            (namespace, hex_id, name),
+        )
+        row = conn.execute(
+            "SELECT o.owner, o.incarnation, h.address, "
+            f"{ALIVE}, extract(epoch FROM h.expires_at - now()) "
+            "FROM th_objects o LEFT JOIN th_hosts h ON h.host_id = o.owner "
+            "WHERE o.namespace = %s AND o.object_id = %s FOR UPDATE OF o",
+            (namespace, hex_id),
+        ).fetchone()
+        assert row is not None
+        owner, incarnation, address, alive, expires_in = row
+        mine = owner == held.host_id and incarnation == held.incarnation
+        if alive and not mine:
+            return OwnedElsewhere(owner, address, float(expires_in))
+        epoch_row = conn.execute(
+            "UPDATE th_objects SET owner = %s, incarnation = %s, epoch = epoch + 1 "
+            "WHERE namespace = %s AND object_id = %s RETURNING epoch",
+            (held.host_id, held.incarnation, namespace, hex_id),
+        ).fetchone()
+        assert epoch_row is not None
+        return Claimed(_read_data(conn, namespace, hex_id, int(epoch_row[0])))
+
+
+def _fence(conn: psycopg.Connection, held: Held, namespace: str, hex_id: str, epoch: int) -> bool:
+    """Lock the object's row if this host still owns it under ``epoch``."""
+    cur = conn.execute(
+        "SELECT 1 FROM th_objects WHERE namespace = %s AND object_id = %s AND owner = %s "
+        "AND incarnation = %s AND epoch = %s FOR UPDATE",
+        (namespace, hex_id, held.host_id, held.incarnation, epoch),
+    )
+    return cur.fetchone() is not None
+
+
+def load(
+    conn: psycopg.Connection, held: Held, namespace: str, hex_id: str, epoch: int
+) -> ObjectData | None:
+    """The object's data if this host still owns it under ``epoch``, else None."""
+    with conn.transaction():
+        if not _fence(conn, held, namespace, hex_id, epoch):
+            return None
+        return _read_data(conn, namespace, hex_id, epoch)
+
+
+def commit_writes(
+    conn: psycopg.Connection,
+    held: Held,
+    namespace: str,
+    hex_id: str,
+    name: str | None,
+    epoch: int,
+    writes: Writes,
+    *,
+    audit: bool,
+) -> bool:
+    """Apply ``writes`` in one transaction whose first statement checks the fencing
+    token (this host still owns the object under ``epoch``). False: fenced, nothing
+    written. Raises psycopg errors (the outcome is then unknown if it came from COMMIT)."""
+    with conn.transaction():
+        if not _fence(conn, held, namespace, hex_id, epoch):
+            return False
+        where = (namespace, hex_id)
+        if writes.cleared:
+            conn.execute("DELETE FROM th_kv WHERE namespace = %s AND object_id = %s", where)
+        deleted = [k for k, v in writes.entries.items() if v is None]
+        stored = [(k, v) for k, v in writes.entries.items() if v is not None]
+        if deleted and not writes.cleared:
+            conn.execute(
+                "DELETE FROM th_kv WHERE namespace = %s AND object_id = %s AND key = ANY(%s)",
+                (*where, deleted),
+            )
+        if stored:
+            conn.execute(
+                "INSERT INTO th_kv (namespace, object_id, key, value) "
+                "SELECT %s, %s, k, v FROM unnest(%s::text[], %s::bytea[]) AS t(k, v) "
+                "ON CONFLICT (namespace, object_id, key) DO UPDATE SET value = excluded.value",
+                (*where, [k for k, _ in stored], [v for _, v in stored]),
+            )
+        if writes.alarm is None or (writes.cleared and writes.alarm is ...):
+            conn.execute("DELETE FROM th_alarms WHERE namespace = %s AND object_id = %s", where)
+        elif isinstance(writes.alarm, float):
+            conn.execute(
+                "INSERT INTO th_alarms (namespace, object_id, name, at) VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT (namespace, object_id) DO UPDATE SET at = excluded.at",
+                (*where, name, writes.alarm),
+            )
+        if audit:
+            conn.execute(
+                "INSERT INTO th_commit_log (namespace, object_id, epoch, host_id, incarnation, "
+                "keys) VALUES (%s, %s, %s, %s, %s, %s)",
+                (*where, epoch, held.host_id, held.incarnation, sorted(writes.entries)),
+            )
+    return True
+
+
+def release(conn: psycopg.Connection, held: Held, namespace: str, hex_id: str, epoch: int) -> None:
+    """Give the object up (it has nothing left on this host), if still ours at ``epoch``."""
+    with conn.transaction():
+        conn.execute(
+            "UPDATE th_objects SET owner = NULL, incarnation = NULL WHERE namespace = %s "
+            "AND object_id = %s AND owner = %s AND incarnation = %s AND epoch = %s",
+            (namespace, hex_id, held.host_id, held.incarnation, epoch),
+        )
+
+
+def hosts(conn: psycopg.Connection) -> list[HostRow]:
+    """Every host the cluster has known, with its lease state now."""
+    with conn.transaction():
+        rows = conn.execute(
+            "SELECT host_id, incarnation, address, CASE WHEN state <> 'alive' THEN state "
+            "WHEN expires_at > now() THEN 'alive' ELSE 'expired' END, "
+            "extract(epoch FROM expires_at - now()) FROM th_hosts ORDER BY host_id"
+        ).fetchall()
+    return [HostRow(h, int(i), a, s, float(e)) for h, i, a, s, e in rows]
+
+
+def due_orphans(conn: psycopg.Connection, now: float) -> list[tuple[str, str, str | None]]:
+    """Objects with an alarm due at ``now`` (epoch seconds) and no live owner."""
+    with conn.transaction():
+        rows = conn.execute(
+            "SELECT a.namespace, a.object_id, a.name FROM th_alarms a "
+            "LEFT JOIN th_objects o USING (namespace, object_id) "
+            "LEFT JOIN th_hosts h ON h.host_id = o.owner "
+            f"WHERE a.at <= %s AND NOT coalesce({ALIVE}, false) ORDER BY a.at LIMIT %s",
+            (now, SWEEP_BATCH),
+        ).fetchall()
+    return [(ns, oid, name) for ns, oid, name in rows]

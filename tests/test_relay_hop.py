@@ -362,3 +362,20 @@ async def test_a_context_that_is_not_data_answers_500(
         assert reply.status == 500
         assert "contexts must be data in cluster mode" in caplog.text
         assert probe.constructed == 0
+
+
+async def test_an_owner_that_cannot_be_reached_answers_502_or_what_the_caller_says() -> None:
+    with trio.socket.socket() as sock:  # a port with no listener: the connection is refused
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    target = RelayTarget(f"127.0.0.1:{port}", KEY, timeout=WAIT_SECONDS)
+    object_id = ObjectId.from_name("room", "x")
+    request = Request(method="GET", url="/room/x", headers={"host": "a"})
+    with trio.fail_after(WAIT_SECONDS):
+        assert (await relay_fetch(target, "room", object_id, request)).status == 502
+        busy = Response(status=503, headers={"retry-after": "1"})
+        assert (
+            await relay_fetch(target, "room", object_id, request, unreachable=lambda: busy) is busy
+        )
+        with pytest.raises(OSError, match="connect"):
+            await relay_call(target, "room", object_id, "add", (1, 2), {})

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import logging
+from collections.abc import Callable
 from typing import Final
 from urllib.parse import quote
 
@@ -196,7 +197,12 @@ def _passed_on(head: h11.Response | h11.InformationalResponse) -> list[tuple[str
 
 
 async def relay_fetch(
-    target: RelayTarget, namespace: str, object_id: ObjectId, request: Request
+    target: RelayTarget,
+    namespace: str,
+    object_id: ObjectId,
+    request: Request,
+    *,
+    unreachable: Callable[[], Response] | None = None,
 ) -> Response:
     """Forward ``request`` to the object ``namespace``/``object_id`` on the host that
     owns it, and return that host's answer.
@@ -210,8 +216,9 @@ async def relay_fetch(
 
     The request's ``context`` goes along, encoded as data: one that is not data (or
     over :data:`MAX_CONTEXT_BYTES` encoded) answers 500 and logs why. An owner that
-    cannot be reached, or does not answer within ``target.timeout``, answers 502 or 504
-    (logged). A checkpoint.
+    cannot be reached, or does not answer within ``target.timeout``, gets what
+    ``unreachable()`` returns (by default 502, or 504 past the timeout), logged. A
+    checkpoint.
 
     Raises:
         WebSocketStateError: the WebSocket was accepted on this host, or relayed already.
@@ -261,10 +268,10 @@ async def relay_fetch(
             target.address,
             target.timeout,
         )
-        return Response(status=504, body="Gateway Timeout\n")
+        return unreachable() if unreachable else Response(status=504, body="Gateway Timeout\n")
     except (OSError, trio.BrokenResourceError, h11.ProtocolError, ValueError) as exc:
         log.warning("relaying %s to %s failed: %s; answering 502", what, target.address, exc)
-        return Response(status=502, body="Bad Gateway\n")
+        return unreachable() if unreachable else Response(status=502, body="Bad Gateway\n")
     finally:
         if stream is not None:
             await trio.aclose_forcefully(stream)

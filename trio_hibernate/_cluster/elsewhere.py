@@ -15,9 +15,13 @@ import logging
 import math
 from typing import TYPE_CHECKING
 
+import h11
+import trio
+
 from .._core.events import AlarmEvent, CallEvent, Event, FetchEvent, MessageEvent
-from .._errors import ObjectUnavailableError
+from .._errors import DataCloneError, LimitExceededError, ObjectUnavailableError, RemoteCallError
 from .._http import Response
+from .relay import RelayTarget, relay_call, relay_fetch
 
 if TYPE_CHECKING:
     from .._directory import ObjectEntry
@@ -49,17 +53,21 @@ def unavailable(
     raises ObjectUnavailableError); socket events as :func:`drop_socket_event`."""
     seconds = max(1, math.ceil(retry_after))
     if isinstance(event, FetchEvent):
-        event.reply.send(
-            Response(
-                status=503,
-                headers={"retry-after": str(seconds)},
-                body=f"Service Unavailable: {why}; retry in {seconds} s\n",
-            )
-        )
+        event.reply.send(_unavailable_response(retry_after, why))
     elif isinstance(event, CallEvent):
         event.reply.fail(ObjectUnavailableError(why, retry_after=seconds))
     else:
         drop_socket_event(runtime, entry, event)
+
+
+def _unavailable_response(retry_after: float, why: str) -> Response:
+    """503 with ``Retry-After`` (whole seconds, at least 1)."""
+    seconds = max(1, math.ceil(retry_after))
+    return Response(
+        status=503,
+        headers={"retry-after": str(seconds)},
+        body=f"Service Unavailable: {why}; retry in {seconds} s\n",
+    )
 
 
 async def relay_or_refuse(
@@ -78,5 +86,32 @@ async def relay_or_refuse(
     if key is None:
         unavailable(runtime, entry, event, owner.expires_in, why + " (no cluster key)")
         return False
-    unavailable(runtime, entry, event, owner.expires_in, why)
-    return False
+    # An owner that does not answer while its lease runs may be stopped or dead: 503,
+    # Retry-After, and the client's retry finds the lease expired (then claims) or the
+    # owner back. So the relay waits no longer than the lease has to run.
+    target = RelayTarget(owner.address, key, timeout=max(1.0, owner.expires_in))
+    namespace, object_id = entry.namespace, entry.object_id
+    if isinstance(event, FetchEvent):
+        lease_ends = trio.current_time() + owner.expires_in
+        refused: list[Response] = []
+
+        def refusal() -> Response:
+            refused.append(_unavailable_response(lease_ends - trio.current_time(), why))
+            return refused[0]
+
+        event.reply.send(
+            await relay_fetch(target, namespace, object_id, event.request, unreachable=refusal)
+        )
+        return not refused
+    try:
+        result = await relay_call(
+            target, namespace, object_id, event.method, event.args, event.kwargs
+        )
+    except (OSError, trio.BrokenResourceError, trio.TooSlowError, h11.ProtocolError) as exc:
+        unavailable(runtime, entry, event, owner.expires_in, f"{why}: {exc}")
+        return False
+    except (RemoteCallError, AttributeError, DataCloneError, LimitExceededError) as exc:
+        event.reply.fail(exc)  # the call's own outcome, for the caller to raise
+    else:
+        event.reply.send(result)
+    return True

@@ -51,6 +51,7 @@ def attach_cluster(node: ClusterNode, runtime: Runtime, nursery: trio.Nursery) -
     """Route ``runtime``'s events through ``node`` and serve ``/_cluster``."""
     del nursery
     runtime.cluster = node
+    runtime.relay_key = node.config.key  # None: relays are neither made nor served
     node.attach(runtime, partial(fence_runtime, runtime))
     runtime.extra_operations["/_cluster"] = node.status_response
 

@@ -66,6 +66,13 @@ class Ledger(DurableObject):
         if "op" in data:
             await self.ctx.storage.put(f"op:{data['op']:08}", data["op"])
             ws.send(json.dumps({"ack": data["op"]}))
+        elif "delete" in data:
+            await self.ctx.storage.delete(f"op:{data['delete']:08}")
+            ws.send(json.dumps({"deleted": data["delete"]}))
+        elif "clear" in data:
+            await self.ctx.storage.delete_all()
+            await self.ctx.storage.put("op:00000000", 0)
+            ws.send(json.dumps({"cleared": True}))
         elif "alarm_in" in data:
             await self.ctx.storage.set_alarm(time.time() + data["alarm_in"])
             ws.send(json.dumps({"alarm_set": True}))
@@ -178,6 +185,22 @@ async def test_acked_writes_are_in_postgres_and_move_with_the_object(dsn: str) -
     async with cluster_host(dsn, "b") as b:
         assert json.loads((await get(b, "/ledger/x")).body) == [1]
         assert sql(dsn, "SELECT owner, epoch FROM th_objects") == [("b", 2)]
+
+
+async def test_deletes_and_delete_all_reach_postgres(dsn: str) -> None:
+    async with cluster_host(dsn, "a") as a, open_client(a, "/ledger/x") as ws:
+        for op in (1, 2, 3):
+            await ask(ws, json.dumps({"op": op}))
+        await ask(ws, json.dumps({"alarm_in": 3600}))
+        assert sql(dsn, "SELECT count(*) FROM th_alarms") == [(1,)]
+        await ask(ws, json.dumps({"delete": 2}))
+        assert sql(dsn, "SELECT key FROM th_kv ORDER BY key") == [
+            ("op:00000001",),
+            ("op:00000003",),
+        ]
+        await ask(ws, json.dumps({"clear": True}))  # the alarm goes too
+        assert sql(dsn, "SELECT key FROM th_kv") == [("op:00000000",)]
+        assert sql(dsn, "SELECT count(*) FROM th_alarms") == [(0,)]
 
 
 async def test_a_commit_after_a_takeover_is_fenced_and_the_host_stops(dsn: str) -> None:

@@ -187,6 +187,21 @@ async def test_acked_writes_are_in_postgres_and_move_with_the_object(dsn: str) -
         assert sql(dsn, "SELECT owner, epoch FROM th_objects") == [("b", 2)]
 
 
+async def test_concurrent_first_requests_make_one_claim(dsn: str) -> None:
+    async with cluster_host(dsn, "a") as a:
+        replies: list[int] = []
+
+        async def fetch() -> None:
+            replies.append((await get(a, "/ledger/busy")).status)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(fetch)
+        assert replies == [200] * 20
+        assert node_of(a).counters["claims"] == 1
+        assert sql(dsn, "SELECT epoch FROM th_objects") == [(1,)]
+
+
 async def test_deletes_and_delete_all_reach_postgres(dsn: str) -> None:
     async with cluster_host(dsn, "a") as a, open_client(a, "/ledger/x") as ws:
         for op in (1, 2, 3):

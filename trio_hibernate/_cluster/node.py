@@ -27,7 +27,7 @@ from .elsewhere import drop_socket_event, relay_or_refuse, unavailable
 from .lease import Lease
 from .pg import Postgres
 from .storage import ClusterBackend
-from .store import Claimed, Held, ObjectData, OwnedElsewhere, Writes
+from .store import Claimed, Held, OwnedElsewhere, Writes
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -56,6 +56,8 @@ COUNTER_HELP: Final = {
 }
 #: The counters of a node.
 COUNTERS: Final = tuple(name for name in COUNTER_HELP if not name.startswith("lease_"))
+#: Seconds an event waits for the host to join the cluster before it is refused.
+JOIN_WAIT_SECONDS: Final = 10.0
 #: Seconds the first connection to PostgreSQL may take.
 CONNECT_TIMEOUT: Final = 30.0
 #: Objects listed by ``/_cluster`` at most.
@@ -73,7 +75,8 @@ class ClusterNode:
         self._wall_clock = wall_clock
         self._runtime: ClusterRuntime | None = None
         self._fence_runtime: Callable[[str], None] | None = None
-        self._pending: dict[ObjectEntry, list[Event]] = {}
+        self._pending: dict[tuple[str, str], list[Event]] = {}
+        self._claiming: dict[tuple[str, str], trio.Event] = {}
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         """What the node did so far (``/_cluster`` and ``/_metrics`` show them)."""
 
@@ -148,28 +151,35 @@ class ClusterNode:
 
     def place(self, entry: ObjectEntry, event: Event) -> None:
         """Deliver ``event`` once it is known where the object lives (see the module)."""
-        pending = self._pending.get(entry)
+        key = (entry.namespace, entry.object_id.hex)
+        pending = self._pending.get(key)
         if pending is not None:
             pending.append(event)
             return
-        self._pending[entry] = [event]
+        self._pending[key] = [event]
         runtime = self._runtime
         assert runtime is not None
-        runtime.spawn(partial(self._resolve, entry))
+        runtime.spawn(partial(self._resolve, entry.namespace, entry.object_id))
 
-    async def _resolve(self, entry: ObjectEntry) -> None:
+    async def _resolve(self, namespace: str, object_id: ObjectId) -> None:
+        """Claim the object (unless this host holds it already), then deliver the events
+        waiting for it here, or send them to the owner."""
         runtime = self._runtime
         assert runtime is not None
-        namespace, object_id = entry.namespace, entry.object_id
+        key = (namespace, object_id.hex)
         try:
-            outcome = await self._claim(namespace, object_id)
+            outcome = await self._ensure_claimed(namespace, object_id)
         except Exception as exc:
             log.error("cannot claim %s %s: %s", namespace, object_id, exc)
-            for event in self._pending.pop(entry, []):
+            entry = runtime.entry_for(namespace, object_id)
+            for event in self._pending.pop(key, []):
                 self.counters["unavailable"] += 1
                 unavailable(runtime, entry, event, 1.0, f"PostgreSQL is unreachable: {exc}")
             return
-        events = self._pending.pop(entry, [])
+        events = self._pending.pop(key, [])
+        # The entry the events were for may have been forgotten meanwhile: use the
+        # object's entry now (made again if needed).
+        entry = runtime.entry_for(namespace, object_id)
         if isinstance(outcome, OwnedElsewhere):
             for event in events:
                 if isinstance(event, FetchEvent | CallEvent):
@@ -177,12 +187,9 @@ class ClusterNode:
                 else:
                     drop_socket_event(runtime, entry, event)
             return
-        current = runtime.objects.get(namespace, object_id)
-        if current is None:  # forgotten while the claim ran: the events make it again
-            current = runtime.entry_for(namespace, object_id)
-        self._adopt(current, outcome.data)
+        entry.placed = self.backend.epoch_of(namespace, object_id)
         for event in events:
-            runtime.deliver(current, event)
+            runtime.deliver(entry, event)
 
     async def _relay(
         self, entry: ObjectEntry, event: FetchEvent | CallEvent, owner: OwnedElsewhere
@@ -194,8 +201,40 @@ class ClusterNode:
         else:
             self.counters["unavailable"] += 1
 
+    async def _ensure_claimed(
+        self, namespace: str, object_id: ObjectId
+    ) -> Claimed | OwnedElsewhere | None:
+        """Claim the object and install its data, unless this host holds a valid copy
+        (None). One claim per object at a time: a second caller waits for the first,
+        so that no stale epoch is ever installed over a newer one."""
+        key = (namespace, object_id.hex)
+        while (claiming := self._claiming.get(key)) is not None:
+            await claiming.wait()
+        if self.backend.epoch_of(namespace, object_id) is not None:
+            return None
+        self._claiming[key] = done = trio.Event()
+        try:
+            outcome = await self._claim(namespace, object_id)
+            if isinstance(outcome, Claimed):
+                data = outcome.data
+                self.backend.install(namespace, object_id, data)
+                runtime = self._runtime
+                if data.alarm is not None and runtime is not None:
+                    alarm_key = (namespace, object_id.hex, object_id.name)
+                    runtime.alarms.schedule(alarm_key, data.alarm)
+            return outcome
+        finally:
+            del self._claiming[key]
+            done.set()
+
     async def _claim(self, namespace: str, object_id: ObjectId) -> Claimed | OwnedElsewhere:
-        await self.lease.joined.wait()
+        with trio.move_on_after(JOIN_WAIT_SECONDS):
+            await self.lease.joined.wait()
+        if not self.lease.joined.is_set():
+            raise ClusterCommitError(
+                "this host has not joined the cluster: give ClusterConfig.advertise, or "
+                "serve the host with serve_objects / open_server, which join it"
+            )
         if self.lease.fenced.is_set():
             raise ClusterCommitError("this host is fenced")
         held = self.held
@@ -205,26 +244,19 @@ class ClusterNode:
             self.counters["claims"] += 1
         return outcome
 
-    def _adopt(self, entry: ObjectEntry, data: ObjectData) -> None:
-        """This host owns ``entry``'s object under ``data.epoch``."""
-        runtime = self._runtime
-        assert runtime is not None
-        self.backend.install(entry.namespace, entry.object_id, data)
-        entry.placed = data.epoch
-        if data.alarm is not None:
-            runtime.alarms.schedule(entry.alarm_key, data.alarm)
+    async def _reclaim(self, namespace: str, object_id: ObjectId) -> None:
+        """Before an activation whose copy is gone (a poisoned commit): claim again.
 
-    async def _reclaim(self, namespace: str, object_id: ObjectId) -> ObjectData:
-        """For an activation whose copy is gone (a poisoned commit): claim again."""
-        outcome = await self._claim(namespace, object_id)
+        Raises:
+            FencedError: another host owns the object now.
+        """
+        outcome = await self._ensure_claimed(namespace, object_id)
         if isinstance(outcome, OwnedElsewhere):
             raise FencedError(f"{namespace} {object_id} is owned by host {outcome.host_id} now")
         runtime = self._runtime
-        assert runtime is not None
-        entry = runtime.objects.get(namespace, object_id)
+        entry = None if runtime is None else runtime.objects.get(namespace, object_id)
         if entry is not None:
-            entry.placed = outcome.data.epoch
-        return outcome.data
+            entry.placed = self.backend.epoch_of(namespace, object_id)
 
     def _poisoned(self, namespace: str, object_id: ObjectId, why: str) -> None:
         """A flush failed: the object must be claimed and loaded again."""
@@ -301,11 +333,12 @@ class ClusterNode:
             for namespace, hex_id, name in due:
                 if namespace not in runtime.app.objects:
                     continue
-                entry = runtime.entry_for(namespace, ObjectId(hex_id, name))
-                if entry.placed is None and entry not in self._pending:
+                object_id = ObjectId(hex_id, name)
+                entry = runtime.entry_for(namespace, object_id)
+                if entry.placed is None and (namespace, hex_id) not in self._pending:
                     self.counters["sweep_claims"] += 1
-                    self._pending[entry] = []
-                    runtime.spawn(partial(self._resolve, entry))
+                    self._pending[(namespace, hex_id)] = []
+                    runtime.spawn(partial(self._resolve, namespace, object_id))
 
     # -- /_cluster ---------------------------------------------------------------------------
 

@@ -301,16 +301,13 @@ async def test_postgres_unreachable_at_start_is_a_storage_error() -> None:
             pass
 
 
-@pytest.mark.parametrize(
-    ("options", "match"),
-    [
+def test_cluster_config_checks_its_values() -> None:
+    for options, match in [
         ({"host_id": "bad id"}, "host_id"),
         ({"advertise": "nohost"}, "HOST:PORT"),
         ({"lease_ttl": 0.1}, "lease_ttl"),
         ({"key": "short"}, "at least 16"),
-    ],
-)
-def test_cluster_config_checks_its_values(options: dict[str, Any], match: str) -> None:
-    values: dict[str, Any] = {"dsn": "postgresql://x", "host_id": "a", **options}
-    with pytest.raises(ValueError, match=match):
-        ClusterConfig(**values)
+    ]:
+        values: dict[str, Any] = {"dsn": "postgresql://x", "host_id": "a", **options}
+        with pytest.raises(ValueError, match=match):
+            ClusterConfig(**values)

@@ -10,11 +10,10 @@ host: ``elsewhere.py`` relays them or answers 503. The lease is ``lease.py``'s.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 import trio
 
@@ -26,6 +25,7 @@ from . import store
 from .elsewhere import drop_socket_event, relay_or_refuse, unavailable
 from .lease import Lease
 from .pg import Postgres
+from .status import COUNTER_HELP, metric_families, status_response
 from .storage import ClusterBackend
 from .store import Claimed, Held, OwnedElsewhere, Writes
 
@@ -41,27 +41,12 @@ __all__ = ["COUNTERS", "ClusterNode"]
 
 log = logging.getLogger("trio_hibernate.cluster")
 
-#: What each counter of a node (and of its lease) counts.
-COUNTER_HELP: Final = {
-    "claims": "Objects this host claimed (a new epoch each).",
-    "claims_lost": "Local copies dropped after a failed or fenced commit (reloaded on use).",
-    "relayed": "Requests and calls relayed to the host that owns their object.",
-    "unavailable": "Events answered 503 (or ObjectUnavailableError): owner unreachable.",
-    "releases": "Objects given up when they had nothing left to do here.",
-    "fenced_commits": "Commits refused because another host owns the object now.",
-    "sweeps": "Alarm sweeps run.",
-    "sweep_claims": "Objects claimed by a sweep to fire a due alarm of a dead owner.",
-    "lease_renewals": "Lease renewals.",
-    "lease_renewal_failures": "Lease renewals that failed (PostgreSQL unreachable).",
-}
 #: The counters of a node.
 COUNTERS: Final = tuple(name for name in COUNTER_HELP if not name.startswith("lease_"))
 #: Seconds an event waits for the host to join the cluster before it is refused.
 JOIN_WAIT_SECONDS: Final = 10.0
 #: Seconds the first connection to PostgreSQL may take.
 CONNECT_TIMEOUT: Final = 30.0
-#: Objects listed by ``/_cluster`` at most.
-STATUS_OBJECTS: Final = 500
 
 
 class ClusterNode:
@@ -340,86 +325,19 @@ class ClusterNode:
                     self._pending[(namespace, hex_id)] = []
                     runtime.spawn(partial(self._resolve, namespace, object_id))
 
-    # -- /_cluster ---------------------------------------------------------------------------
-
-    def status(self) -> dict[str, Any]:
-        """What ``GET /_cluster`` answers (the hosts as of the last lease renewal)."""
-        runtime = self._runtime
-        assert runtime is not None
-        held = self.held
-        lease = self.lease
-        hosts = lease.hosts
-        owned = [
-            {
-                "namespace": entry.namespace,
-                "id": entry.object_id.hex,
-                "name": entry.object_id.name,
-                "epoch": entry.placed,
-            }
-            for entry in runtime.objects
-            if entry.placed is not None
-        ]
-        return {
-            "host_id": self.config.host_id,
-            "incarnation": None if held is None else held.incarnation,
-            "address": self.config.advertise,
-            "state": "fenced" if lease.fenced.is_set() else "alive" if held else "joining",
-            "lease_ttl": self.config.lease_ttl,
-            "hosts": [
-                {
-                    "host_id": h.host_id,
-                    "incarnation": h.incarnation,
-                    "address": h.address,
-                    "state": h.state,
-                    "expires_in": round(h.expires_in, 3),
-                }
-                for h in hosts
-            ],
-            "owned_count": len(owned),
-            "owned": owned[:STATUS_OBJECTS],
-            "counters": {
-                **self.counters,
-                "renewals": lease.renewals,
-                "renewal_failures": lease.renewal_failures,
-            },
-        }
+    # -- /_cluster and /_metrics (status.py) ------------------------------------------------
 
     def status_response(self, request: Request) -> Response:
-        """``GET /_cluster`` as a response."""
+        """``GET /_cluster``."""
         del request
-        body = json.dumps(self.status(), indent=1)
-        return Response(headers={"content-type": "application/json"}, body=body + "\n")
+        return status_response(self)
 
     def metric_families(self) -> Iterator[Metric]:
-        """Cluster mode's families in ``/_metrics`` (``trio_hibernate_cluster_*``)."""
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        """Cluster mode's families in ``/_metrics``."""
+        return metric_families(self)
 
+    def owned(self) -> list[ObjectEntry]:
+        """The entries of the objects this host owns."""
         runtime = self._runtime
         assert runtime is not None
-        lease = self.lease
-        owned = sum(1 for entry in runtime.objects if entry.placed is not None)
-        yield GaugeMetricFamily(
-            "trio_hibernate_cluster_owned_objects", "Objects this host owns.", value=owned
-        )
-        yield GaugeMetricFamily(
-            "trio_hibernate_cluster_lease_valid",
-            "1 while this host holds its lease (by its own clock), else 0.",
-            value=int(lease.valid()),
-        )
-        hosts = GaugeMetricFamily(
-            "trio_hibernate_cluster_hosts",
-            "Hosts of the cluster by lease state (as of the last renewal).",
-            labels=["state"],
-        )
-        for state in ("alive", "expired", "left"):
-            hosts.add_metric([state], sum(1 for h in lease.hosts if h.state == state))
-        yield hosts
-        counts = {
-            **self.counters,
-            "lease_renewals": lease.renewals,
-            "lease_renewal_failures": lease.renewal_failures,
-        }
-        for name, value in counts.items():
-            yield CounterMetricFamily(
-                f"trio_hibernate_cluster_{name}", COUNTER_HELP[name], value=value
-            )
+        return [entry for entry in runtime.objects if entry.placed is not None]

@@ -39,7 +39,8 @@ a :func:`open_host` and hand it sockets.
 # (the internal hop to the host that owns an object).
 #
 # trio_hibernate/_storage/ keeps objects' data: the Storage API, the SQLite backend,
-# alarms, the turn commit protocol. _server, _signals, _descriptors, _logging and _cli put
+# alarms, the turn commit protocol. trio_hibernate/_cluster/ is cluster mode: PostgreSQL
+# leases and claims, the fenced storage backend, placement and the internal hop. _server, _signals, _descriptors, _logging and _cli put
 # a host on a port and in a process; trio_hibernate/testing/ is the test kit.
 
 from ._app import App as App

@@ -66,6 +66,13 @@ class Ledger(DurableObject):
         if "op" in data:
             await self.ctx.storage.put(f"op:{data['op']:08}", data["op"])
             ws.send(json.dumps({"ack": data["op"]}))
+        elif "delete" in data:
+            await self.ctx.storage.delete(f"op:{data['delete']:08}")
+            ws.send(json.dumps({"deleted": data["delete"]}))
+        elif "clear" in data:
+            await self.ctx.storage.delete_all()
+            await self.ctx.storage.put("op:00000000", 0)
+            ws.send(json.dumps({"cleared": True}))
         elif "alarm_in" in data:
             await self.ctx.storage.set_alarm(time.time() + data["alarm_in"])
             ws.send(json.dumps({"alarm_set": True}))
@@ -180,6 +187,37 @@ async def test_acked_writes_are_in_postgres_and_move_with_the_object(dsn: str) -
         assert sql(dsn, "SELECT owner, epoch FROM th_objects") == [("b", 2)]
 
 
+async def test_concurrent_first_requests_make_one_claim(dsn: str) -> None:
+    async with cluster_host(dsn, "a") as a:
+        replies: list[int] = []
+
+        async def fetch() -> None:
+            replies.append((await get(a, "/ledger/busy")).status)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(fetch)
+        assert replies == [200] * 20
+        assert node_of(a).counters["claims"] == 1
+        assert sql(dsn, "SELECT epoch FROM th_objects") == [(1,)]
+
+
+async def test_deletes_and_delete_all_reach_postgres(dsn: str) -> None:
+    async with cluster_host(dsn, "a") as a, open_client(a, "/ledger/x") as ws:
+        for op in (1, 2, 3):
+            await ask(ws, json.dumps({"op": op}))
+        await ask(ws, json.dumps({"alarm_in": 3600}))
+        assert sql(dsn, "SELECT count(*) FROM th_alarms") == [(1,)]
+        await ask(ws, json.dumps({"delete": 2}))
+        assert sql(dsn, "SELECT key FROM th_kv ORDER BY key") == [
+            ("op:00000001",),
+            ("op:00000003",),
+        ]
+        await ask(ws, json.dumps({"clear": True}))  # the alarm goes too
+        assert sql(dsn, "SELECT key FROM th_kv") == [("op:00000000",)]
+        assert sql(dsn, "SELECT count(*) FROM th_alarms") == [(0,)]
+
+
 async def test_a_commit_after_a_takeover_is_fenced_and_the_host_stops(dsn: str) -> None:
     async with cluster_host(dsn, "a") as a, open_client(a, "/ledger/x") as ws:
         assert json.loads(await ask(ws, json.dumps({"op": 1}))) == {"ack": 1}
@@ -263,16 +301,13 @@ async def test_postgres_unreachable_at_start_is_a_storage_error() -> None:
             pass
 
 
-@pytest.mark.parametrize(
-    ("options", "match"),
-    [
+def test_cluster_config_checks_its_values() -> None:
+    for options, match in [
         ({"host_id": "bad id"}, "host_id"),
         ({"advertise": "nohost"}, "HOST:PORT"),
         ({"lease_ttl": 0.1}, "lease_ttl"),
         ({"key": "short"}, "at least 16"),
-    ],
-)
-def test_cluster_config_checks_its_values(options: dict[str, Any], match: str) -> None:
-    values: dict[str, Any] = {"dsn": "postgresql://x", "host_id": "a", **options}
-    with pytest.raises(ValueError, match=match):
-        ClusterConfig(**values)
+    ]:
+        values: dict[str, Any] = {"dsn": "postgresql://x", "host_id": "a", **options}
+        with pytest.raises(ValueError, match=match):
+            ClusterConfig(**values)

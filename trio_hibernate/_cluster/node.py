@@ -10,11 +10,10 @@ host: ``elsewhere.py`` relays them or answers 503. The lease is ``lease.py``'s.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 import trio
 
@@ -26,8 +25,9 @@ from . import store
 from .elsewhere import drop_socket_event, relay_or_refuse, unavailable
 from .lease import Lease
 from .pg import Postgres
+from .status import COUNTER_HELP, metric_families, status_response
 from .storage import ClusterBackend
-from .store import Claimed, Held, ObjectData, OwnedElsewhere, Writes
+from .store import Claimed, Held, OwnedElsewhere, Writes
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -41,25 +41,12 @@ __all__ = ["COUNTERS", "ClusterNode"]
 
 log = logging.getLogger("trio_hibernate.cluster")
 
-#: What each counter of a node (and of its lease) counts.
-COUNTER_HELP: Final = {
-    "claims": "Objects this host claimed (a new epoch each).",
-    "claims_lost": "Local copies dropped after a failed or fenced commit (reloaded on use).",
-    "relayed": "Requests and calls relayed to the host that owns their object.",
-    "unavailable": "Events answered 503 (or ObjectUnavailableError): owner unreachable.",
-    "releases": "Objects given up when they had nothing left to do here.",
-    "fenced_commits": "Commits refused because another host owns the object now.",
-    "sweeps": "Alarm sweeps run.",
-    "sweep_claims": "Objects claimed by a sweep to fire a due alarm of a dead owner.",
-    "lease_renewals": "Lease renewals.",
-    "lease_renewal_failures": "Lease renewals that failed (PostgreSQL unreachable).",
-}
 #: The counters of a node.
 COUNTERS: Final = tuple(name for name in COUNTER_HELP if not name.startswith("lease_"))
+#: Seconds an event waits for the host to join the cluster before it is refused.
+JOIN_WAIT_SECONDS: Final = 10.0
 #: Seconds the first connection to PostgreSQL may take.
 CONNECT_TIMEOUT: Final = 30.0
-#: Objects listed by ``/_cluster`` at most.
-STATUS_OBJECTS: Final = 500
 
 
 class ClusterNode:
@@ -73,7 +60,8 @@ class ClusterNode:
         self._wall_clock = wall_clock
         self._runtime: ClusterRuntime | None = None
         self._fence_runtime: Callable[[str], None] | None = None
-        self._pending: dict[ObjectEntry, list[Event]] = {}
+        self._pending: dict[tuple[str, str], list[Event]] = {}
+        self._claiming: dict[tuple[str, str], trio.Event] = {}
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         """What the node did so far (``/_cluster`` and ``/_metrics`` show them)."""
 
@@ -148,28 +136,35 @@ class ClusterNode:
 
     def place(self, entry: ObjectEntry, event: Event) -> None:
         """Deliver ``event`` once it is known where the object lives (see the module)."""
-        pending = self._pending.get(entry)
+        key = (entry.namespace, entry.object_id.hex)
+        pending = self._pending.get(key)
         if pending is not None:
             pending.append(event)
             return
-        self._pending[entry] = [event]
+        self._pending[key] = [event]
         runtime = self._runtime
         assert runtime is not None
-        runtime.spawn(partial(self._resolve, entry))
+        runtime.spawn(partial(self._resolve, entry.namespace, entry.object_id))
 
-    async def _resolve(self, entry: ObjectEntry) -> None:
+    async def _resolve(self, namespace: str, object_id: ObjectId) -> None:
+        """Claim the object (unless this host holds it already), then deliver the events
+        waiting for it here, or send them to the owner."""
         runtime = self._runtime
         assert runtime is not None
-        namespace, object_id = entry.namespace, entry.object_id
+        key = (namespace, object_id.hex)
         try:
-            outcome = await self._claim(namespace, object_id)
+            outcome = await self._ensure_claimed(namespace, object_id)
         except Exception as exc:
             log.error("cannot claim %s %s: %s", namespace, object_id, exc)
-            for event in self._pending.pop(entry, []):
+            entry = runtime.entry_for(namespace, object_id)
+            for event in self._pending.pop(key, []):
                 self.counters["unavailable"] += 1
                 unavailable(runtime, entry, event, 1.0, f"PostgreSQL is unreachable: {exc}")
             return
-        events = self._pending.pop(entry, [])
+        events = self._pending.pop(key, [])
+        # The entry the events were for may have been forgotten meanwhile: use the
+        # object's entry now (made again if needed).
+        entry = runtime.entry_for(namespace, object_id)
         if isinstance(outcome, OwnedElsewhere):
             for event in events:
                 if isinstance(event, FetchEvent | CallEvent):
@@ -177,12 +172,9 @@ class ClusterNode:
                 else:
                     drop_socket_event(runtime, entry, event)
             return
-        current = runtime.objects.get(namespace, object_id)
-        if current is None:  # forgotten while the claim ran: the events make it again
-            current = runtime.entry_for(namespace, object_id)
-        self._adopt(current, outcome.data)
+        entry.placed = self.backend.epoch_of(namespace, object_id)
         for event in events:
-            runtime.deliver(current, event)
+            runtime.deliver(entry, event)
 
     async def _relay(
         self, entry: ObjectEntry, event: FetchEvent | CallEvent, owner: OwnedElsewhere
@@ -194,8 +186,40 @@ class ClusterNode:
         else:
             self.counters["unavailable"] += 1
 
+    async def _ensure_claimed(
+        self, namespace: str, object_id: ObjectId
+    ) -> Claimed | OwnedElsewhere | None:
+        """Claim the object and install its data, unless this host holds a valid copy
+        (None). One claim per object at a time: a second caller waits for the first,
+        so that no stale epoch is ever installed over a newer one."""
+        key = (namespace, object_id.hex)
+        while (claiming := self._claiming.get(key)) is not None:
+            await claiming.wait()
+        if self.backend.epoch_of(namespace, object_id) is not None:
+            return None
+        self._claiming[key] = done = trio.Event()
+        try:
+            outcome = await self._claim(namespace, object_id)
+            if isinstance(outcome, Claimed):
+                data = outcome.data
+                self.backend.install(namespace, object_id, data)
+                runtime = self._runtime
+                if data.alarm is not None and runtime is not None:
+                    alarm_key = (namespace, object_id.hex, object_id.name)
+                    runtime.alarms.schedule(alarm_key, data.alarm)
+            return outcome
+        finally:
+            del self._claiming[key]
+            done.set()
+
     async def _claim(self, namespace: str, object_id: ObjectId) -> Claimed | OwnedElsewhere:
-        await self.lease.joined.wait()
+        with trio.move_on_after(JOIN_WAIT_SECONDS):
+            await self.lease.joined.wait()
+        if not self.lease.joined.is_set():
+            raise ClusterCommitError(
+                "this host has not joined the cluster: give ClusterConfig.advertise, or "
+                "serve the host with serve_objects / open_server, which join it"
+            )
         if self.lease.fenced.is_set():
             raise ClusterCommitError("this host is fenced")
         held = self.held
@@ -205,26 +229,19 @@ class ClusterNode:
             self.counters["claims"] += 1
         return outcome
 
-    def _adopt(self, entry: ObjectEntry, data: ObjectData) -> None:
-        """This host owns ``entry``'s object under ``data.epoch``."""
-        runtime = self._runtime
-        assert runtime is not None
-        self.backend.install(entry.namespace, entry.object_id, data)
-        entry.placed = data.epoch
-        if data.alarm is not None:
-            runtime.alarms.schedule(entry.alarm_key, data.alarm)
+    async def _reclaim(self, namespace: str, object_id: ObjectId) -> None:
+        """Before an activation whose copy is gone (a poisoned commit): claim again.
 
-    async def _reclaim(self, namespace: str, object_id: ObjectId) -> ObjectData:
-        """For an activation whose copy is gone (a poisoned commit): claim again."""
-        outcome = await self._claim(namespace, object_id)
+        Raises:
+            FencedError: another host owns the object now.
+        """
+        outcome = await self._ensure_claimed(namespace, object_id)
         if isinstance(outcome, OwnedElsewhere):
             raise FencedError(f"{namespace} {object_id} is owned by host {outcome.host_id} now")
         runtime = self._runtime
-        assert runtime is not None
-        entry = runtime.objects.get(namespace, object_id)
+        entry = None if runtime is None else runtime.objects.get(namespace, object_id)
         if entry is not None:
-            entry.placed = outcome.data.epoch
-        return outcome.data
+            entry.placed = self.backend.epoch_of(namespace, object_id)
 
     def _poisoned(self, namespace: str, object_id: ObjectId, why: str) -> None:
         """A flush failed: the object must be claimed and loaded again."""
@@ -301,92 +318,26 @@ class ClusterNode:
             for namespace, hex_id, name in due:
                 if namespace not in runtime.app.objects:
                     continue
-                entry = runtime.entry_for(namespace, ObjectId(hex_id, name))
-                if entry.placed is None and entry not in self._pending:
+                object_id = ObjectId(hex_id, name)
+                entry = runtime.entry_for(namespace, object_id)
+                if entry.placed is None and (namespace, hex_id) not in self._pending:
                     self.counters["sweep_claims"] += 1
-                    self._pending[entry] = []
-                    runtime.spawn(partial(self._resolve, entry))
+                    self._pending[(namespace, hex_id)] = []
+                    runtime.spawn(partial(self._resolve, namespace, object_id))
 
-    # -- /_cluster ---------------------------------------------------------------------------
-
-    def status(self) -> dict[str, Any]:
-        """What ``GET /_cluster`` answers (the hosts as of the last lease renewal)."""
-        runtime = self._runtime
-        assert runtime is not None
-        held = self.held
-        lease = self.lease
-        hosts = lease.hosts
-        owned = [
-            {
-                "namespace": entry.namespace,
-                "id": entry.object_id.hex,
-                "name": entry.object_id.name,
-                "epoch": entry.placed,
-            }
-            for entry in runtime.objects
-            if entry.placed is not None
-        ]
-        return {
-            "host_id": self.config.host_id,
-            "incarnation": None if held is None else held.incarnation,
-            "address": self.config.advertise,
-            "state": "fenced" if lease.fenced.is_set() else "alive" if held else "joining",
-            "lease_ttl": self.config.lease_ttl,
-            "hosts": [
-                {
-                    "host_id": h.host_id,
-                    "incarnation": h.incarnation,
-                    "address": h.address,
-                    "state": h.state,
-                    "expires_in": round(h.expires_in, 3),
-                }
-                for h in hosts
-            ],
-            "owned_count": len(owned),
-            "owned": owned[:STATUS_OBJECTS],
-            "counters": {
-                **self.counters,
-                "renewals": lease.renewals,
-                "renewal_failures": lease.renewal_failures,
-            },
-        }
+    # -- /_cluster and /_metrics (status.py) ------------------------------------------------
 
     def status_response(self, request: Request) -> Response:
-        """``GET /_cluster`` as a response."""
+        """``GET /_cluster``."""
         del request
-        body = json.dumps(self.status(), indent=1)
-        return Response(headers={"content-type": "application/json"}, body=body + "\n")
+        return status_response(self)
 
     def metric_families(self) -> Iterator[Metric]:
-        """Cluster mode's families in ``/_metrics`` (``trio_hibernate_cluster_*``)."""
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        """Cluster mode's families in ``/_metrics``."""
+        return metric_families(self)
 
+    def owned(self) -> list[ObjectEntry]:
+        """The entries of the objects this host owns."""
         runtime = self._runtime
         assert runtime is not None
-        lease = self.lease
-        owned = sum(1 for entry in runtime.objects if entry.placed is not None)
-        yield GaugeMetricFamily(
-            "trio_hibernate_cluster_owned_objects", "Objects this host owns.", value=owned
-        )
-        yield GaugeMetricFamily(
-            "trio_hibernate_cluster_lease_valid",
-            "1 while this host holds its lease (by its own clock), else 0.",
-            value=int(lease.valid()),
-        )
-        hosts = GaugeMetricFamily(
-            "trio_hibernate_cluster_hosts",
-            "Hosts of the cluster by lease state (as of the last renewal).",
-            labels=["state"],
-        )
-        for state in ("alive", "expired", "left"):
-            hosts.add_metric([state], sum(1 for h in lease.hosts if h.state == state))
-        yield hosts
-        counts = {
-            **self.counters,
-            "lease_renewals": lease.renewals,
-            "lease_renewal_failures": lease.renewal_failures,
-        }
-        for name, value in counts.items():
-            yield CounterMetricFamily(
-                f"trio_hibernate_cluster_{name}", COUNTER_HELP[name], value=value
-            )
+        return [entry for entry in runtime.objects if entry.placed is not None]

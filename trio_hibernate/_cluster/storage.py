@@ -196,13 +196,13 @@ class ClusterBackend:
     A copy is installed when a claim has read the object's data (:meth:`install`) and
     dropped when the host gives the object up (:meth:`drop`) or a flush poisons it.
     :meth:`prepare`, awaited before each activation, makes sure a valid copy is there,
-    claiming the object again through ``reclaim`` when it is not.
+    claiming the object again through ``reclaim`` (which installs it) when it is not.
     """
 
     def __init__(
         self,
         flush_to: Callable[[str, str, str | None, int, Writes], bool],
-        reclaim: Callable[[str, ObjectId], Awaitable[ObjectData]],
+        reclaim: Callable[[str, ObjectId], Awaitable[None]],
         on_poisoned: Callable[[str, ObjectId, str], None],
     ) -> None:
         self._flush_to = flush_to
@@ -261,7 +261,7 @@ class ClusterBackend:
                 host owns the object now.
         """
         if self.epoch_of(namespace, object_id) is None:
-            self.install(namespace, object_id, await self._reclaim(namespace, object_id))
+            await self._reclaim(namespace, object_id)
 
     def open(self, namespace: str, object_id: ObjectId) -> ClusterDatabase:
         copy = self._copies.get((namespace, object_id.hex))

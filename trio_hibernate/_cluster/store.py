@@ -240,35 +240,88 @@ def commit_writes(
     *,
     audit: bool,
 ) -> bool:
-    """Apply ``writes`` in one transaction whose first statement checks the fencing
-    token (this host still owns the object under ``epoch``). False: fenced, nothing
-    written. Raises psycopg errors (the outcome is then unknown if it came from COMMIT)."""
+    """Apply ``writes`` in one transaction that first checks the fencing token (this
+    host still owns the object under ``epoch``, row locked). False: fenced, nothing
+    written. Raises psycopg errors (the outcome is unknown if the connection failed).
+
+    Without ``cleared`` it is one statement, so one round trip (autocommit makes it its
+    own transaction): the fence is a ``FOR UPDATE`` CTE, and every write CTE runs only
+    ``WHERE EXISTS`` the fence row.
+    """
+    if writes.cleared:
+        return _commit_cleared(conn, held, namespace, hex_id, name, epoch, writes, audit=audit)
+    deleted = [k for k, v in writes.entries.items() if v is None]
+    stored = [(k, v) for k, v in writes.entries.items() if v is not None]
+    alarm_set = isinstance(writes.alarm, float)
+    row = conn.execute(
+        "WITH fence AS (SELECT 1 FROM th_objects WHERE namespace = %(ns)s "
+        "AND object_id = %(id)s AND owner = %(owner)s AND incarnation = %(inc)s "
+        "AND epoch = %(epoch)s FOR UPDATE), "
+        "del AS (DELETE FROM th_kv WHERE namespace = %(ns)s AND object_id = %(id)s "
+        "AND key = ANY(%(deleted)s::text[]) AND EXISTS (SELECT 1 FROM fence)), "
+        "ins AS (INSERT INTO th_kv (namespace, object_id, key, value) "
+        "SELECT %(ns)s, %(id)s, k, v FROM unnest(%(keys)s::text[], %(values)s::bytea[]) "
+        "AS t(k, v) WHERE EXISTS (SELECT 1 FROM fence) "
+        "ON CONFLICT (namespace, object_id, key) DO UPDATE SET value = excluded.value), "
+        "alarm_del AS (DELETE FROM th_alarms WHERE %(alarm_delete)s "
+        "AND namespace = %(ns)s AND object_id = %(id)s AND EXISTS (SELECT 1 FROM fence)), "
+        "alarm_set AS (INSERT INTO th_alarms (namespace, object_id, name, at) "
+        "SELECT %(ns)s, %(id)s, %(name)s, %(at)s WHERE %(alarm_set)s "
+        "AND EXISTS (SELECT 1 FROM fence) ON CONFLICT (namespace, object_id) "
+        "DO UPDATE SET at = excluded.at), "
+        "log AS (INSERT INTO th_commit_log (namespace, object_id, epoch, host_id, "
+        "incarnation, keys) SELECT %(ns)s, %(id)s, %(epoch)s, %(owner)s, %(inc)s, "
+        "%(all_keys)s::text[] WHERE %(audit)s AND EXISTS (SELECT 1 FROM fence)) "
+        "SELECT count(*) FROM fence",
+        {
+            "ns": namespace,
+            "id": hex_id,
+            "name": name,
+            "owner": held.host_id,
+            "inc": held.incarnation,
+            "epoch": epoch,
+            "deleted": deleted,
+            "keys": [k for k, _ in stored],
+            "values": [v for _, v in stored],
+            "alarm_delete": writes.alarm is None,
+            "alarm_set": alarm_set,
+            "at": writes.alarm if alarm_set else None,
+            "audit": audit,
+            "all_keys": sorted(writes.entries),
+        },
+    ).fetchone()
+    assert row is not None
+    return int(row[0]) == 1
+
+
+def _commit_cleared(
+    conn: psycopg.Connection,
+    held: Held,
+    namespace: str,
+    hex_id: str,
+    name: str | None,
+    epoch: int,
+    writes: Writes,
+    *,
+    audit: bool,
+) -> bool:
+    """:func:`commit_writes` after a ``delete_all``: statement by statement."""
     with conn.transaction():
         if not _fence(conn, held, namespace, hex_id, epoch):
             return False
         where = (namespace, hex_id)
-        if writes.cleared:
-            conn.execute("DELETE FROM th_kv WHERE namespace = %s AND object_id = %s", where)
-        deleted = [k for k, v in writes.entries.items() if v is None]
+        conn.execute("DELETE FROM th_kv WHERE namespace = %s AND object_id = %s", where)
         stored = [(k, v) for k, v in writes.entries.items() if v is not None]
-        if deleted and not writes.cleared:
-            conn.execute(
-                "DELETE FROM th_kv WHERE namespace = %s AND object_id = %s AND key = ANY(%s)",
-                (*where, deleted),
-            )
         if stored:
             conn.execute(
                 "INSERT INTO th_kv (namespace, object_id, key, value) "
-                "SELECT %s, %s, k, v FROM unnest(%s::text[], %s::bytea[]) AS t(k, v) "
-                "ON CONFLICT (namespace, object_id, key) DO UPDATE SET value = excluded.value",
+                "SELECT %s, %s, k, v FROM unnest(%s::text[], %s::bytea[]) AS t(k, v)",
                 (*where, [k for k, _ in stored], [v for _, v in stored]),
             )
-        if writes.alarm is None or (writes.cleared and writes.alarm is ...):
-            conn.execute("DELETE FROM th_alarms WHERE namespace = %s AND object_id = %s", where)
-        elif isinstance(writes.alarm, float):
+        conn.execute("DELETE FROM th_alarms WHERE namespace = %s AND object_id = %s", where)
+        if isinstance(writes.alarm, float):
             conn.execute(
-                "INSERT INTO th_alarms (namespace, object_id, name, at) VALUES (%s, %s, %s, %s) "
-                "ON CONFLICT (namespace, object_id) DO UPDATE SET at = excluded.at",
+                "INSERT INTO th_alarms (namespace, object_id, name, at) VALUES (%s, %s, %s, %s)",
                 (*where, name, writes.alarm),
             )
         if audit:

@@ -60,7 +60,7 @@ from trio_hibernate._host import runtime_of
 
 pytestmark = pytest.mark.integration
 
-KEY: Final = "the-cluster-key"
+KEY: Final = "the-cluster-key-for-tests"
 CONTEXT: Final = {"user": "alice", "roles": ["admin"]}
 #: Host A's close_timeout in the shutdown test: how long it would wait for a connection.
 GRACE: Final = 100.0

@@ -35,13 +35,11 @@ a :func:`open_host` and hand it sockets.
 # transport, the writer, the listener, the relay endpoints and the splice of cluster mode.
 # It knows the runtime only through the Protocols of _net/owner.py.
 #
-# trio_hibernate/_cluster/ is cluster mode (many hosts, one instance per object): relay
-# (the internal hop to the host that owns an object).
-#
 # trio_hibernate/_storage/ keeps objects' data: the Storage API, the SQLite backend,
 # alarms, the turn commit protocol. trio_hibernate/_cluster/ is cluster mode: PostgreSQL
-# leases and claims, the fenced storage backend, placement and the internal hop. _server, _signals, _descriptors, _logging and _cli put
-# a host on a port and in a process; trio_hibernate/testing/ is the test kit.
+# leases and claims, the fenced storage backend, placement and the internal hop (relay).
+# _server, _signals, _descriptors, _logging and _cli put a host on a port and in a
+# process; trio_hibernate/testing/ is the test kit.
 
 from ._app import App as App
 from ._autoresponse import WebSocketRequestResponsePair as WebSocketRequestResponsePair

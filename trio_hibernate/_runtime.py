@@ -78,8 +78,9 @@ class FrameCache:
 class Placement(Protocol):
     """Where events for objects this host has not claimed go first (cluster mode)."""
 
-    def place(self, entry: ObjectEntry, event: Event) -> None:
-        """Claim the object (then deliver ``event``), or send ``event`` to its owner."""
+    def place(self, entry: ObjectEntry, event: Event, *, relayed: bool = False) -> None:
+        """Claim the object (then deliver ``event``), or send ``event`` to its owner
+        (``relayed``: a peer relayed it here; answer it 503 rather than relay again)."""
 
     def forgotten(self, entry: ObjectEntry) -> None:
         """The runtime dropped ``entry``: give the object up."""
@@ -257,8 +258,13 @@ class Runtime:
         return operations_response(request, self.statistics(), self.closing)
 
     def deliver_relayed(self, namespace: str, object_id: ObjectId, event: Event) -> None:
-        """Queue an event a peer host relayed here (``_net/relayed.py``): no app hook."""
-        self.entry_for(namespace, object_id).deliver(event)
+        """Queue an event a peer host relayed here (``_net/relayed.py``): no app hook;
+        in cluster mode it is claimed here if need be, never relayed again."""
+        entry = self.entry_for(namespace, object_id)
+        if entry.placed is None and self.cluster is not None and not self.closing:
+            self.cluster.place(entry, event, relayed=True)
+        else:
+            self.deliver(entry, event)
 
     def spawn(self, async_fn: Callable[[], Any]) -> None:
         """Run ``async_fn`` in the host nursery (a connection's helper task)."""

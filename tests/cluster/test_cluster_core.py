@@ -30,12 +30,14 @@ from trio_hibernate import (
     ClusterConfig,
     DurableObject,
     ObjectContext,
+    ObjectId,
     Request,
     Response,
     StorageError,
 )
 from trio_hibernate._cluster import store
 from trio_hibernate._cluster.node import ClusterNode
+from trio_hibernate._cluster.relay import RelayTarget, relay_fetch
 from trio_hibernate._host import runtime_of
 from trio_hibernate._server import Server
 
@@ -76,6 +78,9 @@ class Ledger(DurableObject):
         elif "alarm_in" in data:
             await self.ctx.storage.set_alarm(time.time() + data["alarm_in"])
             ws.send(json.dumps({"alarm_set": True}))
+
+    async def count_ops(self) -> int:
+        return len(await self.ctx.storage.list(prefix="op:"))
 
     async def alarm(self, info: AlarmInfo) -> None:
         fired = await self.ctx.storage.get("alarm_fired")
@@ -269,6 +274,39 @@ async def test_an_object_owned_elsewhere_without_a_key_is_503(dsn: str) -> None:
         assert b"owned by host a" in reply.body
 
 
+async def test_requests_and_calls_for_an_object_owned_elsewhere_are_relayed(dsn: str) -> None:
+    async with (
+        cluster_host(dsn, "a") as a,
+        cluster_host(dsn, "b") as b,
+        open_client(a, "/ledger/x") as ws,
+    ):
+        assert json.loads(await ask(ws, json.dumps({"op": 1}))) == {"ack": 1}
+        reply = await get(b, "/ledger/x")  # b relays it to a, which owns x
+        assert (reply.status, json.loads(reply.body)) == (200, [1])
+        stub = b.host.get_namespace("ledger").get_by_name("x")
+        assert await stub.count_ops() == 1
+        assert node_of(b).counters["relayed"] == 2
+        assert node_of(b).counters["claims"] == 0
+
+
+async def test_a_relayed_request_is_never_relayed_again(dsn: str) -> None:
+    async with (
+        cluster_host(dsn, "a") as a,
+        cluster_host(dsn, "b") as b,
+        open_client(a, "/ledger/x") as ws,
+    ):
+        await ask(ws, json.dumps({"op": 1}))
+        # A peer that wrongly believes b owns x relays to b: b answers, not a.
+        target = RelayTarget(f"127.0.0.1:{b.port}", KEY, timeout=WAIT_SECONDS)
+        object_id = ObjectId.from_name("ledger", "x")
+        response = await relay_fetch(
+            target, "ledger", object_id, Request(method="GET", url="/ledger/x")
+        )
+        assert response.status == 503
+        assert b"moved to host a" in response.body
+        assert node_of(b).counters["relayed"] == 0
+
+
 async def test_the_alarm_of_an_object_whose_owner_died_fires_on_another_host(dsn: str) -> None:
     async with cluster_host(dsn, "a") as a, open_client(a, "/ledger/x") as ws:
         assert json.loads(await ask(ws, json.dumps({"op": 1}))) == {"ack": 1}
@@ -302,12 +340,13 @@ async def test_postgres_unreachable_at_start_is_a_storage_error() -> None:
 
 
 def test_cluster_config_checks_its_values() -> None:
-    for options, match in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"host_id": "bad id"}, "host_id"),
         ({"advertise": "nohost"}, "HOST:PORT"),
         ({"lease_ttl": 0.1}, "lease_ttl"),
         ({"key": "short"}, "at least 16"),
-    ]:
+    ]
+    for options, match in cases:
         values: dict[str, Any] = {"dsn": "postgresql://x", "host_id": "a", **options}
         with pytest.raises(ValueError, match=match):
             ClusterConfig(**values)

@@ -76,9 +76,12 @@ async def relay_or_refuse(
     event: FetchEvent | CallEvent,
     owner: OwnedElsewhere,
     key: str | None,
+    patience: float,
 ) -> bool:
-    """Send ``event`` to its owner (a host nursery task). Returns whether it was
-    relayed; if not it was answered as :func:`unavailable` says."""
+    """Send ``event`` to its owner (a host nursery task), waiting for its answer at
+    most ``patience`` seconds (the lease TTL) or until the owner's lease ends, whichever
+    is later. Returns whether it was relayed; if not it was answered as
+    :func:`unavailable` says."""
     why = (
         f"{entry.namespace} {entry.object_id} is owned by host {owner.host_id} "
         f"({owner.address}), which this host cannot relay to"
@@ -88,8 +91,9 @@ async def relay_or_refuse(
         return False
     # An owner that does not answer while its lease runs may be stopped or dead: 503,
     # Retry-After, and the client's retry finds the lease expired (then claims) or the
-    # owner back. So the relay waits no longer than the lease has to run.
-    target = RelayTarget(owner.address, key, timeout=max(1.0, owner.expires_in))
+    # owner back. So the relay waits about as long as a lease lasts (a request the owner
+    # takes longer than that to answer is answered 503 too: documented).
+    target = RelayTarget(owner.address, key, timeout=max(1.0, patience, owner.expires_in))
     namespace, object_id = entry.namespace, entry.object_id
     if isinstance(event, FetchEvent):
         lease_ends = trio.current_time() + owner.expires_in

@@ -60,7 +60,7 @@ class ClusterNode:
         self._wall_clock = wall_clock
         self._runtime: ClusterRuntime | None = None
         self._fence_runtime: Callable[[str], None] | None = None
-        self._pending: dict[tuple[str, str], list[Event]] = {}
+        self._pending: dict[tuple[str, str], list[tuple[Event, bool]]] = {}
         self._claiming: dict[tuple[str, str], trio.Event] = {}
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         """What the node did so far (``/_cluster`` and ``/_metrics`` show them)."""
@@ -134,14 +134,16 @@ class ClusterNode:
 
     # -- placement -------------------------------------------------------------------------
 
-    def place(self, entry: ObjectEntry, event: Event) -> None:
-        """Deliver ``event`` once it is known where the object lives (see the module)."""
+    def place(self, entry: ObjectEntry, event: Event, *, relayed: bool = False) -> None:
+        """Deliver ``event`` once it is known where the object lives (see the module).
+        An event a peer ``relayed`` here is never relayed again: if yet another host
+        owns the object it is answered 503 (the client's retry goes to the owner)."""
         key = (entry.namespace, entry.object_id.hex)
         pending = self._pending.get(key)
         if pending is not None:
-            pending.append(event)
+            pending.append((event, relayed))
             return
-        self._pending[key] = [event]
+        self._pending[key] = [(event, relayed)]
         runtime = self._runtime
         assert runtime is not None
         runtime.spawn(partial(self._resolve, entry.namespace, entry.object_id))
@@ -157,7 +159,7 @@ class ClusterNode:
         except Exception as exc:
             log.error("cannot claim %s %s: %s", namespace, object_id, exc)
             entry = runtime.entry_for(namespace, object_id)
-            for event in self._pending.pop(key, []):
+            for event, _relayed in self._pending.pop(key, []):
                 self.counters["unavailable"] += 1
                 unavailable(runtime, entry, event, 1.0, f"PostgreSQL is unreachable: {exc}")
             return
@@ -166,14 +168,18 @@ class ClusterNode:
         # object's entry now (made again if needed).
         entry = runtime.entry_for(namespace, object_id)
         if isinstance(outcome, OwnedElsewhere):
-            for event in events:
-                if isinstance(event, FetchEvent | CallEvent):
+            for event, relayed in events:
+                if relayed:
+                    self.counters["unavailable"] += 1
+                    why = f"{namespace} {object_id} moved to host {outcome.host_id}"
+                    unavailable(runtime, entry, event, 1.0, why)
+                elif isinstance(event, FetchEvent | CallEvent):
                     runtime.spawn(partial(self._relay, entry, event, outcome))
                 else:
                     drop_socket_event(runtime, entry, event)
             return
         entry.placed = self.backend.epoch_of(namespace, object_id)
-        for event in events:
+        for event, _relayed in events:
             runtime.deliver(entry, event)
 
     async def _relay(
@@ -181,7 +187,8 @@ class ClusterNode:
     ) -> None:
         runtime = self._runtime
         assert runtime is not None
-        if await relay_or_refuse(runtime, entry, event, owner, self.config.key):
+        key, patience = self.config.key, self.config.lease_ttl
+        if await relay_or_refuse(runtime, entry, event, owner, key, patience):
             self.counters["relayed"] += 1
         else:
             self.counters["unavailable"] += 1

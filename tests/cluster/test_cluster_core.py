@@ -287,6 +287,7 @@ async def test_requests_and_calls_for_an_object_owned_elsewhere_are_relayed(dsn:
         assert await stub.count_ops() == 1
         assert node_of(b).counters["relayed"] == 2
         assert node_of(b).counters["claims"] == 0
+        assert len(runtime_of(b.host).objects) == 0  # b keeps nothing for relayed objects
 
 
 async def test_a_relayed_request_is_never_relayed_again(dsn: str) -> None:

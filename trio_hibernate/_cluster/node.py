@@ -162,6 +162,7 @@ class ClusterNode:
             for event, _relayed in self._pending.pop(key, []):
                 self.counters["unavailable"] += 1
                 unavailable(runtime, entry, event, 1.0, f"PostgreSQL is unreachable: {exc}")
+            runtime.forget_if_unused(entry)  # no entry stays for an object not held here
             return
         events = self._pending.pop(key, [])
         # The entry the events were for may have been forgotten meanwhile: use the
@@ -177,6 +178,7 @@ class ClusterNode:
                     runtime.spawn(partial(self._relay, entry, event, outcome))
                 else:
                     drop_socket_event(runtime, entry, event)
+            runtime.forget_if_unused(entry)  # no entry stays for an object not held here
             return
         entry.placed = self.backend.epoch_of(namespace, object_id)
         for event, _relayed in events:

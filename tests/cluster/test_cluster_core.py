@@ -180,6 +180,12 @@ async def test_acked_writes_are_in_postgres_and_move_with_the_object(dsn: str) -
     async with cluster_host(dsn, "a") as a, open_client(a, "/ledger/x") as ws:
         assert json.loads(await ask(ws, json.dumps({"op": 1}))) == {"ack": 1}
         assert sql(dsn, "SELECT key FROM th_kv") == [("op:00000001",)]
+        metrics = (await get(a, "/_metrics")).body.decode()
+        assert "trio_hibernate_cluster_claims_total 1.0" in metrics
+        assert "trio_hibernate_cluster_owned_objects 1.0" in metrics
+        assert "trio_hibernate_cluster_lease_valid 1.0" in metrics
+        assert 'trio_hibernate_cluster_hosts{state="alive"} 1.0' in metrics
+        assert "trio_hibernate_websockets 1.0" in metrics  # the host's own families too
         status = json.loads((await get(a, "/_cluster")).body)
         assert (status["host_id"], status["state"]) == ("a", "alive")
         assert [o["name"] for o in status["owned"]] == ["x"]

@@ -93,7 +93,8 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     """Type-check the package, tests, examples, conformance, bench and this file (mypy
     --strict)."""
-    session.install("-e", ".", *TEST_DEPS, "mypy>=1.10", "nox", "websockets>=15")
+    # The extra "cluster" too: mypy checks the cluster code against psycopg's types.
+    session.install("-e", ".[cluster]", *TEST_DEPS, "mypy>=1.10", "nox", "websockets>=15")
     session.run("mypy", *session.posargs)
 
 

@@ -347,7 +347,7 @@ async def open_host(
                     with trio.CancelScope(shield=True):
                         await runtime.shutdown(close_timeout)
                         if node is not None:
-                            await node.leave()
+                            await node.leave(close_timeout)
             finally:
                 scope.cancel()
     finally:

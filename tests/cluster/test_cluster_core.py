@@ -27,6 +27,7 @@ from helpers import WAIT_SECONDS, ask, closed_by_server, http_exchange, open_cli
 from trio_hibernate import (
     AlarmInfo,
     App,
+    ClusterCommitError,
     ClusterConfig,
     DurableObject,
     ObjectContext,
@@ -265,6 +266,50 @@ async def test_a_failed_commit_is_not_acked_and_the_object_reloads(
         # the second instance was loaded from PostgreSQL under a new epoch
         assert sql(dsn, "SELECT epoch FROM th_objects") == [(2,)]
         assert json.loads((await get(a, "/ledger/x")).body) == [1, 2]
+
+
+async def test_postgres_failing_while_an_object_is_reclaimed_ends_only_its_sockets(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import psycopg
+
+    real_commit, real_claim = store.commit_writes, store.claim
+    broken = {"commit": 1, "claim": 0}
+
+    def commit(*args: Any, **kwargs: Any) -> bool:
+        if broken["commit"]:
+            broken["commit"] -= 1
+            broken["claim"] = 1  # PostgreSQL stays down for the claim that follows
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return real_commit(*args, **kwargs)
+
+    def claim(*args: Any, **kwargs: Any) -> object:
+        if broken["claim"]:
+            broken["claim"] -= 1
+            raise psycopg.OperationalError("connection refused")
+        return real_claim(*args, **kwargs)
+
+    monkeypatch.setattr(store, "commit_writes", commit)
+    monkeypatch.setattr(store, "claim", claim)
+    async with cluster_host(dsn, "a") as a:
+        async with open_client(a, "/ledger/x") as ws:
+            await send(ws, json.dumps({"op": 1}))  # its commit fails: never acked
+            node = node_of(a)
+            await eventually(lambda: node.counters["claims_lost"] == 1)
+            await send(ws, json.dumps({"op": 2}))  # the claim fails: the socket is closed
+            code, _ = await closed_by_server(ws)
+            assert code == 1012
+        # the host lives on: a new client is served once PostgreSQL is back
+        async with open_client(a, "/ledger/x") as ws:
+            assert json.loads(await ask(ws, json.dumps({"op": 3}))) == {"ack": 3}
+        assert sql(dsn, "SELECT key FROM th_kv") == [("op:00000003",)]
+        # Before an activation, a failed claim is an OSError: the supervisor's
+        # preparation catches it (the object fails; the host goes on).
+        broken["claim"] = 1
+        object_id = ObjectId.from_name("ledger", "other")
+        with pytest.raises(ClusterCommitError, match="connection refused") as info:
+            await node_of(a).backend.prepare("ledger", object_id)
+        assert isinstance(info.value, OSError)
 
 
 async def test_an_object_owned_elsewhere_without_a_key_is_503(dsn: str) -> None:

@@ -91,8 +91,9 @@ async def relay_or_refuse(
         return False
     # An owner that does not answer while its lease runs may be stopped or dead: 503,
     # Retry-After, and the client's retry finds the lease expired (then claims) or the
-    # owner back. So the relay waits about as long as a lease lasts (a request the owner
-    # takes longer than that to answer is answered 503 too: documented).
+    # owner back. So the relay waits about as long as a lease lasts; a plain request the
+    # owner got but did not answer by then gets 504 (its outcome is unknown: a client
+    # must not take it for "not run"), an upgrade or a request not sent gets 503.
     target = RelayTarget(owner.address, key, timeout=max(1.0, patience, owner.expires_in))
     namespace, object_id = entry.namespace, entry.object_id
     if isinstance(event, FetchEvent):
@@ -103,9 +104,14 @@ async def relay_or_refuse(
             refused.append(_unavailable_response(lease_ends - trio.current_time(), why))
             return refused[0]
 
-        event.reply.send(
-            await relay_fetch(target, namespace, object_id, event.request, unreachable=refusal)
-        )
+        try:
+            response = await relay_fetch(
+                target, namespace, object_id, event.request, unreachable=refusal
+            )
+        except Exception:  # a bug of ours: this request only, answered all the same
+            log.exception("relaying %s to %s failed", event.request.path, owner.address)
+            response = Response(status=502, body="Bad Gateway\n")
+        event.reply.send(response)
         return not refused
     try:
         result = await relay_call(
@@ -116,6 +122,9 @@ async def relay_or_refuse(
         return False
     except (RemoteCallError, AttributeError, DataCloneError, LimitExceededError) as exc:
         event.reply.fail(exc)  # the call's own outcome, for the caller to raise
+    except Exception as exc:  # a bug of ours or a garbled answer: answered all the same
+        log.exception("relaying %s() to %s failed", event.method, owner.address)
+        event.reply.fail(RuntimeError(f"{why}: {exc}"))
     else:
         event.reply.send(result)
     return True

@@ -54,9 +54,12 @@ class ClusterNode:
 
     def __init__(self, config: ClusterConfig, wall_clock: Callable[[], float]) -> None:
         self.config = config
-        self.db = Postgres(config.dsn, config.pool_size)
+        self.db = Postgres(config.dsn, config.pool_size, config.lease_ttl)
+        # The lease has a connection (and a worker thread) of its own: a crowd of claims
+        # after a peer's death must not delay the renewals and fence this host too.
+        self._lease_db = Postgres(config.dsn, 1, config.lease_ttl)
         self.backend = ClusterBackend(self._flush_to, self._reclaim, self._poisoned)
-        self.lease = Lease(self.db, config.host_id, config.lease_ttl, self._fenced)
+        self.lease = Lease(self._lease_db, config.host_id, config.lease_ttl, self._fenced)
         self._wall_clock = wall_clock
         self._runtime: ClusterRuntime | None = None
         self._fence_runtime: Callable[[str], None] | None = None
@@ -71,6 +74,7 @@ class ClusterNode:
         """Connect to PostgreSQL and create the tables if missing (raises psycopg's
         errors, or ``psycopg_pool.PoolTimeout``)."""
         await trio.to_thread.run_sync(self.db.open, CONNECT_TIMEOUT)
+        await trio.to_thread.run_sync(self._lease_db.open, CONNECT_TIMEOUT)
         await self.db.run(store.create_schema)
 
     def attach(self, runtime: ClusterRuntime, fence: Callable[[str], None]) -> None:
@@ -111,9 +115,17 @@ class ClusterNode:
         runtime.spawn(self.lease.watch)
         runtime.spawn(self._sweep_alarms)
 
-    async def leave(self) -> None:
-        """Graceful leave, after every activation has ended: release every object this
-        host owns and end the lease, so that other hosts claim them at once."""
+    async def leave(self, grace: float) -> None:
+        """Graceful leave: wait (at most ``grace`` seconds) until every activation has
+        ended and flushed its commits, then release every object this host owns and end
+        the lease, so that other hosts claim them at once. A fenced host ends its lease
+        too (its objects can then be claimed without waiting for it to expire)."""
+        runtime = self._runtime
+        if runtime is not None:
+            with trio.move_on_after(grace):
+                # Every end of an activation signals ``rests`` (after its flusher ran).
+                while any(entry.activation is not None for entry in runtime.objects):
+                    await runtime.reaper.rests.wait()
         released = await self.lease.leave()
         if released is not None:
             log.info("cluster host %s left, releasing %d objects", self.config.host_id, released)
@@ -131,6 +143,7 @@ class ClusterNode:
         """Close the connections to PostgreSQL (blocking)."""
         self.backend.close()
         self.db.close()
+        self._lease_db.close()
 
     # -- placement -------------------------------------------------------------------------
 
@@ -183,6 +196,8 @@ class ClusterNode:
         entry.placed = self.backend.epoch_of(namespace, object_id)
         for event, _relayed in events:
             runtime.deliver(entry, event)
+        if not events and self.backend.alarm_of(namespace, object_id) is None:
+            runtime.forget_if_unused(entry)  # a sweep's claim for an alarm deleted since
 
     async def _relay(
         self, entry: ObjectEntry, event: FetchEvent | CallEvent, owner: OwnedElsewhere
@@ -233,7 +248,13 @@ class ClusterNode:
             raise ClusterCommitError("this host is fenced")
         held = self.held
         assert held is not None
-        outcome = await self.db.run(store.claim, held, namespace, object_id.hex, object_id.name)
+        try:
+            outcome = await self.db.run(store.claim, held, namespace, object_id.hex, object_id.name)
+        except Exception as exc:  # psycopg's errors, the pool's timeout: not OSErrors
+            raise ClusterCommitError(f"cannot claim {namespace} {object_id}: {exc}") from exc
+        if outcome is None:
+            self.lease.fence("its lease had expired when it tried to claim an object")
+            raise ClusterCommitError("this host's lease has expired")
         if isinstance(outcome, Claimed):
             self.counters["claims"] += 1
         return outcome
@@ -261,6 +282,8 @@ class ClusterNode:
             entry.placed = None
         if why.startswith("fenced"):
             self.counters["fenced_commits"] += 1
+            if self.lease.leaving:  # released by leave() while a flush ran: not a fence
+                return
             self.lease.fence(f"a commit of {namespace} {object_id} was fenced ({why})")
 
     def forgotten(self, entry: ObjectEntry) -> None:
@@ -319,7 +342,9 @@ class ClusterNode:
             if self.lease.fenced.is_set() or runtime.closing:
                 return
             try:
-                due = await self.db.run(store.due_orphans, self._wall_clock())
+                due = await self.db.run(
+                    store.due_orphans, self._wall_clock(), sorted(runtime.app.objects)
+                )
             except Exception as exc:
                 log.warning("alarm sweep failed: %s", exc)
                 continue

@@ -16,25 +16,54 @@ import trio
 if TYPE_CHECKING:
     import psycopg
 
-__all__ = ["Postgres"]
+__all__ = ["Postgres", "connection_options"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 
-class Postgres:
-    """A pool of ``size`` connections to ``dsn`` (opened by :meth:`open`)."""
+def connection_options(patience: float) -> dict[str, object]:
+    """libpq and server settings that bound every wait by about ``patience`` seconds
+    (the lease TTL): a PostgreSQL (or a peer holding a row lock) that is gone without a
+    word is noticed, instead of holding a worker thread and a lock for hours.
 
-    def __init__(self, dsn: str, size: int) -> None:
+    TCP keepalives and ``tcp_user_timeout`` end a connection to a silent server; the
+    session's ``statement_timeout`` and ``lock_timeout`` end a statement that waits
+    (a claim queued behind a dead host's row lock); ``idle_in_transaction_session_timeout``
+    ends the session of a client that died inside a transaction, releasing its locks.
+    """
+    millis = max(1000, int(patience * 1000))
+    return {
+        "autocommit": True,
+        "connect_timeout": max(2, round(patience)),
+        "keepalives": 1,
+        "keepalives_idle": max(1, round(patience / 2)),
+        "keepalives_interval": 1,
+        "keepalives_count": 3,
+        "tcp_user_timeout": max(1000, millis // 2),
+        "options": (
+            f"-c statement_timeout={millis} -c lock_timeout={millis} "
+            f"-c idle_in_transaction_session_timeout={2 * millis}"
+        ),
+    }
+
+
+class Postgres:
+    """A pool of ``size`` connections to ``dsn`` (opened by :meth:`open`); every wait
+    bounded by about ``patience`` seconds (:func:`connection_options`)."""
+
+    def __init__(self, dsn: str, size: int, patience: float) -> None:
         from psycopg_pool import ConnectionPool  # only cluster mode needs psycopg
 
         self._dsn = dsn
+        self._options = connection_options(patience)
         self._pool = ConnectionPool(
             dsn,
             min_size=min(2, size),
             max_size=size,
             open=False,
-            kwargs={"autocommit": True},
+            kwargs=self._options,
+            timeout=max(1.0, patience),  # waiting for a free connection
             name="trio-hibernate",
         )
         self._limiter = trio.CapacityLimiter(size)
@@ -45,7 +74,8 @@ class Postgres:
         ``psycopg_pool.PoolTimeout`` past ``timeout``)."""
         import psycopg
 
-        psycopg.connect(self._dsn, connect_timeout=max(2, int(timeout))).close()
+        options = {**self._options, "connect_timeout": max(2, int(timeout))}
+        psycopg.connect(self._dsn, **options).close()  # type: ignore[arg-type]
         self._pool.open(wait=True, timeout=timeout)
 
     def call(

@@ -58,6 +58,9 @@ _FRAMING: Final = frozenset({"connection", "content-length", "transfer-encoding"
 #: A relayed request's context travels in one header; the owner reads heads up to 16 KiB.
 MAX_CONTEXT_BYTES: Final = 8192
 _READ_BYTES: Final = 65536
+#: The largest response body relayed (a plain request's answer is held whole in
+#: memory on the relaying host, as the owner holds it); past it the client gets 502.
+MAX_RELAYED_BODY_BYTES: Final = 64 * 1024 * 1024
 
 
 @attrs.frozen
@@ -152,14 +155,17 @@ async def _send(stream: trio.abc.Stream, h: h11.Connection, head: h11.Request, b
     await stream.send_all(data)
 
 
-async def _next_event(stream: trio.abc.Stream, h: h11.Connection, raw: bytearray) -> object:
-    """The next h11 event of the owner's answer; what was received is added to ``raw``."""
+async def _next_event(stream: trio.abc.Stream, h: h11.Connection, raw: bytearray | None) -> object:
+    """The next h11 event of the owner's answer; what was received is added to ``raw``
+    (the bytes of a 101 go to the client as they are; a final response's body does not
+    need them: None)."""
     while True:
         event = h.next_event()
         if event is not h11.NEED_DATA:
             return event
         data = bytes(await stream.receive_some(_READ_BYTES))
-        raw += data
+        if raw is not None:
+            raw += data
         h.receive_data(data)
 
 
@@ -178,9 +184,13 @@ async def _read_response(
         raise h11.RemoteProtocolError(f"the owner answered {event!r} instead of a response")
     body = bytearray()
     while True:
-        part = await _next_event(stream, h, raw)
+        part = await _next_event(stream, h, None)
         if isinstance(part, h11.Data):
             body += part.data
+            if len(body) > MAX_RELAYED_BODY_BYTES:
+                raise h11.RemoteProtocolError(
+                    f"the owner's response body is over {MAX_RELAYED_BODY_BYTES} bytes"
+                )
         elif isinstance(part, h11.EndOfMessage):
             return event, bytes(body)
         else:
@@ -241,9 +251,11 @@ async def relay_fetch(
         return Response(status=500, body="Internal Server Error\n")
     h = h11.Connection(h11.CLIENT)
     stream: trio.abc.Stream | None = None
+    sent = False  # a plain request the owner may have run: its outcome is unknown
     try:
         with trio.fail_after(target.timeout):
             stream = await trio.open_tcp_stream(*target.host_and_port())
+            sent = ws is None
             await _send(
                 stream,
                 h,
@@ -268,10 +280,15 @@ async def relay_fetch(
             target.address,
             target.timeout,
         )
-        return unreachable() if unreachable else Response(status=504, body="Gateway Timeout\n")
+        if unreachable is not None and not sent:
+            return unreachable()
+        # Sent: the owner may have run it. Not a "retry later" (503): the outcome is unknown.
+        return Response(status=504, body="Gateway Timeout: the outcome is unknown\n")
     except (OSError, trio.BrokenResourceError, h11.ProtocolError, ValueError) as exc:
         log.warning("relaying %s to %s failed: %s; answering 502", what, target.address, exc)
-        return unreachable() if unreachable else Response(status=502, body="Bad Gateway\n")
+        if unreachable is not None and not sent:
+            return unreachable()
+        return Response(status=502, body="Bad Gateway\n")
     finally:
         if stream is not None:
             await trio.aclose_forcefully(stream)

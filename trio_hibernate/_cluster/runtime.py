@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from .._directory import ObjectEntry
     from .._ids import ObjectId
     from .._object import DurableObject
+    from .._reaper import IdleReaper
     from .._storage.alarms import AlarmScheduler
 
 __all__ = ["ClusterRuntime"]
@@ -31,6 +32,10 @@ class ClusterRuntime(Protocol):
     def alarms(self) -> AlarmScheduler: ...
     @property
     def buffers(self) -> MemoryBudget: ...
+    @property
+    def reaper(self) -> IdleReaper:
+        """Its ``rests`` signal fires whenever an activation ends."""
+        ...
 
     def entry_for(self, namespace: str, object_id: ObjectId) -> ObjectEntry:
         """The entry of an object, made if the runtime does not know it yet."""

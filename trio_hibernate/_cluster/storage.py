@@ -248,6 +248,11 @@ class ClusterBackend:
             del self._copies[key]
             copy.close()
 
+    def alarm_of(self, namespace: str, object_id: ObjectId) -> float | None:
+        """The alarm time in the valid copy held, or None (no alarm, or no copy)."""
+        copy = self._copies.get((namespace, object_id.hex))
+        return None if copy is None or copy.poisoned else copy.get_alarm()
+
     def epoch_of(self, namespace: str, object_id: ObjectId) -> int | None:
         """The epoch of the valid copy held, or None."""
         copy = self._copies.get((namespace, object_id.hex))

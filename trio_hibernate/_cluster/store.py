@@ -139,7 +139,8 @@ def renew(conn: psycopg.Connection, held: Held, ttl: float) -> bool:
     with conn.transaction():
         cur = conn.execute(
             "UPDATE th_hosts SET expires_at = now() + make_interval(secs => %s) "
-            "WHERE host_id = %s AND incarnation = %s AND state = 'alive'",
+            "WHERE host_id = %s AND incarnation = %s AND state = 'alive' "
+            "AND expires_at > now()",
             (ttl, held.host_id, held.incarnation),
         )
         return cur.rowcount == 1
@@ -178,11 +179,19 @@ def _read_data(conn: psycopg.Connection, namespace: str, hex_id: str, epoch: int
 
 def claim(
     conn: psycopg.Connection, held: Held, namespace: str, hex_id: str, name: str | None
-) -> Claimed | OwnedElsewhere:
+) -> Claimed | OwnedElsewhere | None:
     """Own the object unless another live host does: a new epoch (the fencing token
     every later commit of this host checks), and the object's data read in the same
-    transaction. An owner whose lease expired (by the database clock) is dead."""
+    transaction. An owner whose lease expired (by the database clock) is dead. None:
+    the claimer's own lease has expired (it must stop serving)."""
     with conn.transaction():
+        alive = conn.execute(
+            "SELECT 1 FROM th_hosts WHERE host_id = %s AND incarnation = %s "
+            "AND state = 'alive' AND expires_at > now()",
+            (held.host_id, held.incarnation),
+        ).fetchone()
+        if alive is None:
+            return None
         conn.execute(
             "INSERT INTO th_objects (namespace, object_id, name) VALUES (%s, %s, %s) "
             "ON CONFLICT DO NOTHING",
@@ -354,14 +363,18 @@ def hosts(conn: psycopg.Connection) -> list[HostRow]:
     return [HostRow(h, int(i), a, s, float(e)) for h, i, a, s, e in rows]
 
 
-def due_orphans(conn: psycopg.Connection, now: float) -> list[tuple[str, str, str | None]]:
-    """Objects with an alarm due at ``now`` (epoch seconds) and no live owner."""
+def due_orphans(
+    conn: psycopg.Connection, now: float, namespaces: list[str]
+) -> list[tuple[str, str, str | None]]:
+    """Objects of ``namespaces`` with an alarm due at ``now`` (epoch seconds) and no
+    live owner."""
     with conn.transaction():
         rows = conn.execute(
             "SELECT a.namespace, a.object_id, a.name FROM th_alarms a "
             "LEFT JOIN th_objects o USING (namespace, object_id) "
             "LEFT JOIN th_hosts h ON h.host_id = o.owner "
-            f"WHERE a.at <= %s AND NOT coalesce({ALIVE}, false) ORDER BY a.at LIMIT %s",
-            (now, SWEEP_BATCH),
+            f"WHERE a.at <= %s AND a.namespace = ANY(%s) AND NOT coalesce({ALIVE}, false) "
+            "ORDER BY a.at LIMIT %s",
+            (now, namespaces, SWEEP_BATCH),
         ).fetchall()
     return [(ns, oid, name) for ns, oid, name in rows]

@@ -11,7 +11,7 @@ host: ``elsewhere.py`` relays them or answers 503. The lease is ``lease.py``'s.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Final
 
@@ -19,19 +19,17 @@ import trio
 
 from .._core.events import CallEvent, Event, FetchEvent
 from .._errors import ClusterCommitError, FencedError
-from .._http import Request, Response
 from .._ids import ObjectId
 from . import store
 from .elsewhere import drop_socket_event, relay_or_refuse, unavailable
 from .lease import Lease
 from .pg import Postgres
-from .status import COUNTER_HELP, metric_families, status_response
+from .status import COUNTER_HELP
 from .storage import ClusterBackend
 from .store import Claimed, Held, OwnedElsewhere, Writes
+from .sweeper import sweep_alarms
 
 if TYPE_CHECKING:
-    from prometheus_client.metrics_core import Metric
-
     from .._directory import ObjectEntry
     from .config import ClusterConfig
     from .runtime import ClusterRuntime
@@ -113,7 +111,7 @@ class ClusterNode:
         assert runtime is not None
         runtime.spawn(self.lease.keep)
         runtime.spawn(self.lease.watch)
-        runtime.spawn(self._sweep_alarms)
+        runtime.spawn(partial(sweep_alarms, self, runtime, self._wall_clock))
 
     async def leave(self, grace: float) -> None:
         """Graceful leave: wait (at most ``grace`` seconds) until every activation has
@@ -329,46 +327,19 @@ class ClusterNode:
             audit=self.config.audit,
         )
 
-    # -- alarms of objects nobody owns -----------------------------------------------------
+    # -- alarms of objects nobody owns (sweeper.py) ----------------------------------------
 
-    async def _sweep_alarms(self) -> None:
-        """Claim objects whose alarm is due and whose owner is gone (the claim schedules
-        the alarm here). Every host sweeps; a claim decides who fires it."""
-        interval = max(0.25, self.config.lease_ttl / 4)
+    def claim_for_alarm(self, namespace: str, object_id: ObjectId) -> bool:
+        """A sweep found the object's alarm due and its owner gone: claim it (which
+        schedules the alarm here), unless this host holds it or is claiming it."""
         runtime = self._runtime
         assert runtime is not None
-        while True:
-            await trio.sleep(interval)
-            if self.lease.fenced.is_set() or runtime.closing:
-                return
-            try:
-                due = await self.db.run(
-                    store.due_orphans, self._wall_clock(), sorted(runtime.app.objects)
-                )
-            except Exception as exc:
-                log.warning("alarm sweep failed: %s", exc)
-                continue
-            self.counters["sweeps"] += 1
-            for namespace, hex_id, name in due:
-                if namespace not in runtime.app.objects:
-                    continue
-                object_id = ObjectId(hex_id, name)
-                entry = runtime.entry_for(namespace, object_id)
-                if entry.placed is None and (namespace, hex_id) not in self._pending:
-                    self.counters["sweep_claims"] += 1
-                    self._pending[(namespace, hex_id)] = []
-                    runtime.spawn(partial(self._resolve, namespace, object_id))
-
-    # -- /_cluster and /_metrics (status.py) ------------------------------------------------
-
-    def status_response(self, request: Request) -> Response:
-        """``GET /_cluster``."""
-        del request
-        return status_response(self)
-
-    def metric_families(self) -> Iterator[Metric]:
-        """Cluster mode's families in ``/_metrics``."""
-        return metric_families(self)
+        key = (namespace, object_id.hex)
+        if runtime.entry_for(namespace, object_id).placed is not None or key in self._pending:
+            return False
+        self._pending[key] = []
+        runtime.spawn(partial(self._resolve, namespace, object_id))
+        return True
 
     def owned(self) -> list[ObjectEntry]:
         """The entries of the objects this host owns."""

@@ -14,6 +14,7 @@ from .._http import Request, Response
 from .._net.operations import PROMETHEUS_TYPE, render_metrics
 from .._runtime import fence_runtime
 from .node import ClusterNode
+from .status import metric_families, status_response
 
 if TYPE_CHECKING:
     from .._runtime import Runtime
@@ -53,11 +54,11 @@ def attach_cluster(node: ClusterNode, runtime: Runtime, nursery: trio.Nursery) -
     runtime.cluster = node
     runtime.relay_key = node.config.key  # None: relays are neither made nor served
     node.attach(runtime, partial(fence_runtime, runtime))
-    runtime.extra_operations["/_cluster"] = node.status_response
+    runtime.extra_operations["/_cluster"] = lambda request: status_response(node)
 
     def metrics(request: Request) -> Response:
         del request
-        body = render_metrics(runtime.statistics(), node.metric_families)
+        body = render_metrics(runtime.statistics(), partial(metric_families, node))
         return Response(body=body, headers=(("content-type", PROMETHEUS_TYPE),))
 
     runtime.extra_operations["/_metrics"] = metrics

@@ -59,8 +59,14 @@ class Ledger(DurableObject):
         if request.websocket is not None:
             self.ctx.accept_websocket(request.websocket)
             return Response(status=101, websocket=request.websocket)
-        if request.path.endswith("/sql"):
-            self.ctx.storage.sql.exec("CREATE TABLE t (x)")
+        sql = self.ctx.storage.sql
+        if request.path.endswith("/sql"):  # one row more, and how many there are
+            sql.exec("CREATE TABLE IF NOT EXISTS t (x)")
+            params = request.query_params
+            value = "y" * int(params["size"]) if "size" in params else params.get("x", "row")
+            sql.exec("INSERT INTO t VALUES (?)", value)
+            rows = sql.exec("SELECT x FROM t ORDER BY rowid").to_list()
+            return Response(body=json.dumps([row["x"] for row in rows]))
         ops = await self.ctx.storage.list(prefix="op:")
         return Response(body=json.dumps(sorted(ops.values())))
 
@@ -137,7 +143,9 @@ def dsn(request: pytest.FixtureRequest) -> str:
     import psycopg
 
     with psycopg.connect(value, autocommit=True) as conn:
-        conn.execute("DROP TABLE IF EXISTS th_hosts, th_objects, th_kv, th_alarms, th_commit_log")
+        conn.execute(
+            "DROP TABLE IF EXISTS th_hosts, th_objects, th_kv, th_alarms, th_sql, th_commit_log"
+        )
     return value
 
 
@@ -377,11 +385,31 @@ async def test_the_alarm_of_an_object_whose_owner_died_fires_on_another_host(dsn
         assert sql(dsn, "SELECT owner FROM th_objects") == [("b",)]
 
 
-async def test_sql_is_refused_in_cluster_mode(dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+async def test_sql_tables_move_with_the_object(dsn: str) -> None:
+    async with cluster_host(dsn, "a") as a, open_client(a, "/ledger/x") as ws:
+        await ask(ws, json.dumps({"op": 1}))
+        assert json.loads((await get(a, "/ledger/x/sql?x=first")).body) == ["first"]
+        assert json.loads((await get(a, "/ledger/x/sql?x=second")).body) == ["first", "second"]
+        await ask(ws, json.dumps({"op": 2}))  # a key-value write after the SQL ones
+    assert sql(dsn, "SELECT count(*) FROM th_sql") == [(1,)]
+    async with cluster_host(dsn, "b") as b:  # a left: b restores x's database exactly
+        reply = await get(b, "/ledger/x/sql?x=third")
+        assert json.loads(reply.body) == ["first", "second", "third"]
+        assert json.loads((await get(b, "/ledger/x")).body) == [1, 2]
+
+
+async def test_a_sql_database_over_the_cap_is_not_committed(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trio_hibernate._cluster import storage
+
+    monkeypatch.setattr(storage, "MAX_SQL_IMAGE_BYTES", 64 * 1024)
     async with cluster_host(dsn, "a") as a:
-        reply = await get(a, "/ledger/x/sql")
-        assert reply.status == 500
-        assert "ctx.storage.sql is not available in cluster mode" in caplog.text
+        assert json.loads((await get(a, "/ledger/x/sql?x=small")).body) == ["small"]
+        reply = await get(a, "/ledger/x/sql?size=100000")
+        assert reply.status == 500  # the commit failed: the reply never left
+        # the object was reset to its last commit, here and in PostgreSQL
+        assert json.loads((await get(a, "/ledger/x/sql?x=again")).body) == ["small", "again"]
 
 
 async def test_postgres_unreachable_at_start_is_a_storage_error() -> None:

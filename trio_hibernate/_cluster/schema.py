@@ -50,6 +50,12 @@ CREATE TABLE IF NOT EXISTS th_alarms (
     PRIMARY KEY (namespace, object_id)
 );
 CREATE INDEX IF NOT EXISTS th_alarms_at ON th_alarms (at);
+CREATE TABLE IF NOT EXISTS th_sql (
+    namespace text NOT NULL,
+    object_id text NOT NULL,
+    image bytea NOT NULL,
+    PRIMARY KEY (namespace, object_id)
+);
 CREATE TABLE IF NOT EXISTS th_commit_log (
     seq bigserial PRIMARY KEY,
     namespace text NOT NULL,

@@ -12,9 +12,15 @@ runtime drops the held outputs and resets the instance, and the database is *poi
 the next activation reloads the object from PostgreSQL (a new claim), so no instance
 ever sees a write that PostgreSQL may not have.
 
-Only the key-value API and the alarm are shipped: the object's own SQL (``sql.exec``)
-raises in cluster mode (:data:`SQL_REFUSED`), rather than keep a database that would
-exist on one host only.
+The key-value entries and the alarm are shipped as changes (rows of ``th_kv`` and
+``th_alarms``). The object's own SQL (``sql.exec``) is shipped as a whole: a commit of
+turns that wrote with ``sql.exec`` (or ``delete_all``) takes an image of the local
+database (``sqlite3.Connection.serialize``) and the fenced statement stores it in
+``th_sql``; a claim restores it (``deserialize``), then puts back the entries and the
+alarm from their own tables, which are always at least as new. So a new owner sees the
+object's SQL tables exactly as the last acknowledged commit left them. The image costs
+its size per such commit: it is capped at :data:`MAX_SQL_IMAGE_BYTES` (a commit past it
+fails, and the object is reset to its last commit).
 """
 
 from __future__ import annotations
@@ -34,13 +40,11 @@ if TYPE_CHECKING:
     from .._limits import Limits
     from .._storage.backend import ObjectDatabase, SqlValue, UserCursor
 
-__all__ = ["SQL_REFUSED", "ClusterBackend", "ClusterDatabase"]
+__all__ = ["MAX_SQL_IMAGE_BYTES", "ClusterBackend", "ClusterDatabase"]
 
-SQL_REFUSED: Final = (
-    "ctx.storage.sql is not available in cluster mode: an object's SQL tables would live "
-    "on one host only and be lost when the object moves. Use the key-value API "
-    "(get/put/list/delete), which cluster mode stores in PostgreSQL (see docs/cluster.md)"
-)
+#: The largest SQL database an object may have in cluster mode (its image is shipped
+#: whole with each commit of turns that wrote with ``sql.exec``).
+MAX_SQL_IMAGE_BYTES: Final = 16 * 1024 * 1024
 
 
 class ClusterDatabase:
@@ -48,6 +52,7 @@ class ClusterDatabase:
     to PostgreSQL under ``epoch`` (worker thread); it returns False when fenced."""
 
     __slots__ = (
+        "_conn",
         "_flush_lock",
         "_local",
         "_queued",
@@ -60,7 +65,13 @@ class ClusterDatabase:
 
     def __init__(self, data: ObjectData, flush_to: Callable[[int, Writes], bool]) -> None:
         conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        if data.image is not None:
+            conn.deserialize(data.image)  # the SQL tables as the last commit left them
+        self._conn = conn
         self._local = SqliteDatabase(conn)
+        if data.image is not None:  # entries and alarm: their own tables are the newest
+            conn.execute("DELETE FROM _th_kv")
+            conn.execute("DELETE FROM _th_meta")
         if data.entries:
             self._local.put_many(data.entries)
         if data.alarm is not None:
@@ -86,9 +97,25 @@ class ClusterDatabase:
         self._local.begin()
 
     def commit(self) -> None:
+        """Commit locally and queue the writes (with an image of the SQL database if a
+        turn wrote with ``sql.exec``).
+
+        Raises:
+            ClusterCommitError: the SQL database is over :data:`MAX_SQL_IMAGE_BYTES`
+                (nothing is committed: the writes are rolled back).
+        """
+        if self._turn.sql and (size := self._local.database_size()) > MAX_SQL_IMAGE_BYTES:
+            self.rollback()
+            raise ClusterCommitError(
+                f"the object's SQL database would be {size} bytes, over the "
+                f"{MAX_SQL_IMAGE_BYTES} bytes cluster mode ships with a commit "
+                "(MAX_SQL_IMAGE_BYTES); the turn's writes are rolled back"
+            )
         self._local.commit()
         turn, self._turn = self._turn, Writes()
         self._savepoints.clear()
+        if turn.sql:
+            turn.image = self._conn.serialize()
         if not turn.empty:
             with self._flush_lock:
                 self._queued.merge(turn)
@@ -123,8 +150,7 @@ class ClusterDatabase:
 
     def savepoint(self, name: str) -> None:
         self._local.savepoint(name)
-        snapshot = Writes(self._turn.cleared, dict(self._turn.entries), self._turn.alarm)
-        self._savepoints.append((name, snapshot))
+        self._savepoints.append((name, self._turn.copy()))
 
     def release(self, name: str) -> None:
         self._local.release(name)
@@ -138,7 +164,7 @@ class ClusterDatabase:
             saved_name, snapshot = self._savepoints[i]
             if saved_name == name:
                 del self._savepoints[i + 1 :]  # ROLLBACK TO keeps the savepoint itself
-                self._turn = Writes(snapshot.cleared, dict(snapshot.entries), snapshot.alarm)
+                self._turn = snapshot.copy()
                 return
 
     # -- key-value and alarm ---------------------------------------------------------------
@@ -170,7 +196,7 @@ class ClusterDatabase:
 
     def delete_all(self) -> None:
         self._local.delete_all()
-        self._turn = Writes(cleared=True, alarm=None)
+        self._turn = Writes(cleared=True, alarm=None, sql=True)  # its tables are gone too
 
     def get_alarm(self) -> float | None:
         return self._local.get_alarm()
@@ -180,7 +206,10 @@ class ClusterDatabase:
         self._turn.alarm = when
 
     def execute_user(self, query: str, bindings: Sequence[SqlValue], limits: Limits) -> UserCursor:
-        raise NotImplementedError(SQL_REFUSED)
+        cursor = self._local.execute_user(query, bindings, limits)
+        if cursor.wrote:
+            self._turn.sql = True
+        return cursor
 
     def database_size(self) -> int:
         return self._local.database_size()

@@ -54,6 +54,9 @@ class ObjectData:
     epoch: int
     entries: list[tuple[str, bytes]]
     alarm: float | None
+    image: bytes | None = None
+    """The object's SQLite database as ``sql.exec`` left it (``serialize()``), or None
+    if it never used SQL."""
 
 
 @attrs.frozen
@@ -88,11 +91,19 @@ class HostRow:
 class Writes:
     """The writes of one or more committed turns of an object, to apply in PostgreSQL:
     ``cleared`` (``delete_all``) first, then ``entries`` (key -> value, None deletes),
-    then the alarm (a time, None to delete it, ``...`` unchanged)."""
+    then the alarm (a time, None to delete it, ``...`` unchanged), and the object's SQL
+    database as a whole (``image``, None: unchanged). ``sql``: a turn wrote with
+    ``sql.exec`` (its commit takes the image)."""
 
     cleared: bool = False
     entries: dict[str, bytes | None] = attrs.Factory(dict)
     alarm: float | object | None = ...
+    image: bytes | None = None
+    sql: bool = False
+
+    def copy(self) -> Writes:
+        """An independent copy (a savepoint's)."""
+        return Writes(self.cleared, dict(self.entries), self.alarm, self.image, self.sql)
 
     def merge(self, later: Writes) -> None:
         """Fold ``later`` (committed after these) into these."""
@@ -103,11 +114,13 @@ class Writes:
             self.entries.update(later.entries)
         if later.alarm is not ...:
             self.alarm = later.alarm
+        if later.image is not None:
+            self.image = later.image
 
     @property
     def empty(self) -> bool:
         """Nothing to write."""
-        return not self.cleared and not self.entries and self.alarm is ...
+        return not self.cleared and not self.entries and self.alarm is ... and self.image is None
 
 
 def create_schema(conn: psycopg.Connection) -> None:
@@ -172,8 +185,14 @@ def _read_data(conn: psycopg.Connection, namespace: str, hex_id: str, epoch: int
     alarm = conn.execute(
         "SELECT at FROM th_alarms WHERE namespace = %s AND object_id = %s", (namespace, hex_id)
     ).fetchone()
+    image = conn.execute(
+        "SELECT image FROM th_sql WHERE namespace = %s AND object_id = %s", (namespace, hex_id)
+    ).fetchone()
     return ObjectData(
-        epoch, [(k, bytes(v)) for k, v in entries], None if alarm is None else float(alarm[0])
+        epoch,
+        [(k, bytes(v)) for k, v in entries],
+        None if alarm is None else float(alarm[0]),
+        None if image is None else bytes(image[0]),
     )
 
 
@@ -278,6 +297,10 @@ def commit_writes(
         "SELECT %(ns)s, %(id)s, %(name)s, %(at)s WHERE %(alarm_set)s "
         "AND EXISTS (SELECT 1 FROM fence) ON CONFLICT (namespace, object_id) "
         "DO UPDATE SET at = excluded.at), "
+        "image AS (INSERT INTO th_sql (namespace, object_id, image) "
+        "SELECT %(ns)s, %(id)s, %(image)s::bytea WHERE %(image)s::bytea IS NOT NULL "
+        "AND EXISTS (SELECT 1 FROM fence) ON CONFLICT (namespace, object_id) "
+        "DO UPDATE SET image = excluded.image), "
         "log AS (INSERT INTO th_commit_log (namespace, object_id, epoch, host_id, "
         "incarnation, keys) SELECT %(ns)s, %(id)s, %(epoch)s, %(owner)s, %(inc)s, "
         "%(all_keys)s::text[] WHERE %(audit)s AND EXISTS (SELECT 1 FROM fence)) "
@@ -297,6 +320,7 @@ def commit_writes(
             "at": writes.alarm if alarm_set else None,
             "audit": audit,
             "all_keys": sorted(writes.entries),
+            "image": writes.image,
         },
     ).fetchone()
     assert row is not None
@@ -332,6 +356,12 @@ def _commit_cleared(
             conn.execute(
                 "INSERT INTO th_alarms (namespace, object_id, name, at) VALUES (%s, %s, %s, %s)",
                 (*where, name, writes.alarm),
+            )
+        if writes.image is not None:
+            conn.execute(
+                "INSERT INTO th_sql (namespace, object_id, image) VALUES (%s, %s, %s) "
+                "ON CONFLICT (namespace, object_id) DO UPDATE SET image = excluded.image",
+                (*where, writes.image),
             )
         if audit:
             conn.execute(

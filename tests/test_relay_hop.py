@@ -379,3 +379,17 @@ async def test_an_owner_that_cannot_be_reached_answers_502_or_what_the_caller_sa
         )
         with pytest.raises(OSError, match="connect"):
             await relay_call(target, "room", object_id, "add", (1, 2), {})
+
+
+def test_a_relayed_call_raises_the_runtime_errors_as_their_own_classes() -> None:
+    from trio_hibernate import ObjectUnavailableError, RemoteCallError, StorageCommitError
+    from trio_hibernate._cluster.relay import remote_error
+
+    assert type(remote_error("AttributeError", "no")) is AttributeError
+    assert type(remote_error("ClusterCommitError", "lost")) is StorageCommitError
+    unavailable = remote_error("ObjectUnavailableError", "owner gone")
+    assert isinstance(unavailable, ObjectUnavailableError)
+    assert unavailable.retry_after == 1
+    other = remote_error("KeyError", "'k'")
+    assert isinstance(other, RemoteCallError)
+    assert (other.remote_type, str(other)) == ("KeyError", "KeyError: 'k'")

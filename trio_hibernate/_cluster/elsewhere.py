@@ -19,7 +19,13 @@ import h11
 import trio
 
 from .._core.events import AlarmEvent, CallEvent, Event, FetchEvent, MessageEvent
-from .._errors import DataCloneError, LimitExceededError, ObjectUnavailableError, RemoteCallError
+from .._errors import (
+    DataCloneError,
+    LimitExceededError,
+    ObjectUnavailableError,
+    RemoteCallError,
+    StorageCommitError,
+)
 from .._http import Response
 from .relay import RelayTarget, relay_call, relay_fetch
 
@@ -120,7 +126,14 @@ async def relay_or_refuse(
     except (OSError, trio.BrokenResourceError, trio.TooSlowError, h11.ProtocolError) as exc:
         unavailable(runtime, entry, event, owner.expires_in, f"{why}: {exc}")
         return False
-    except (RemoteCallError, AttributeError, DataCloneError, LimitExceededError) as exc:
+    except (
+        RemoteCallError,
+        AttributeError,
+        DataCloneError,
+        LimitExceededError,
+        StorageCommitError,
+        ObjectUnavailableError,
+    ) as exc:
         event.reply.fail(exc)  # the call's own outcome, for the caller to raise
     except Exception as exc:  # a bug of ours or a garbled answer: answered all the same
         log.exception("relaying %s() to %s failed", event.method, owner.address)

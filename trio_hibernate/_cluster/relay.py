@@ -27,7 +27,14 @@ import h11
 import trio
 
 from .._core.codec import decode_data, encode_data
-from .._errors import DataCloneError, LimitExceededError, RemoteCallError, WebSocketStateError
+from .._errors import (
+    DataCloneError,
+    LimitExceededError,
+    ObjectUnavailableError,
+    RemoteCallError,
+    StorageCommitError,
+    WebSocketStateError,
+)
 from .._http import Request, Response
 from .._ids import ObjectId
 from .._limits import Limits
@@ -45,7 +52,7 @@ from .._net.relayed import (
 from .._net.splice import SplicedUpgrade
 from .._websocket import attach_splice, record_of, splice_of
 
-__all__ = ["RelayTarget", "relay_call", "relay_fetch"]
+__all__ = ["RelayTarget", "relay_call", "relay_fetch", "remote_error"]
 
 log = logging.getLogger("trio_hibernate.cluster")
 
@@ -346,7 +353,20 @@ async def relay_call(
         return outcome[1]
     if isinstance(outcome, list) and len(outcome) == 3 and outcome[0] == "error":
         _, remote_type, message = outcome
-        if remote_type == "AttributeError":
-            raise AttributeError(message)
-        raise RemoteCallError(str(remote_type), str(message))
+        raise remote_error(str(remote_type), str(message))
     raise RemoteCallError("HTTP 200", f"the owner answered {outcome!r}, not a call's outcome")
+
+
+def remote_error(remote_type: str, message: str) -> Exception:
+    """The exception a relayed call raises for the owner's ``remote_type``: the
+    runtime's own errors as their documented classes (so that callers catch them as
+    they would on one host), anything the method itself raised as RemoteCallError."""
+    if remote_type == "AttributeError":
+        return AttributeError(message)
+    if remote_type == "DataCloneError":
+        return DataCloneError(message)
+    if remote_type in ("StorageCommitError", "ClusterCommitError", "FencedError"):
+        return StorageCommitError(message)
+    if remote_type == "ObjectUnavailableError":
+        return ObjectUnavailableError(message, retry_after=1)
+    return RemoteCallError(remote_type, message)

@@ -393,3 +393,20 @@ def test_a_relayed_call_raises_the_runtime_errors_as_their_own_classes() -> None
     other = remote_error("KeyError", "'k'")
     assert isinstance(other, RemoteCallError)
     assert (other.remote_type, str(other)) == ("KeyError", "KeyError: 'k'")
+
+
+async def test_a_spliced_hop_has_tcp_keepalives() -> None:
+    import socket
+
+    from trio_hibernate._cluster.relay import _keep_alive
+
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    with listener, trio.fail_after(5):
+        stream = await trio.open_tcp_stream(*listener.getsockname()[:2])
+        async with stream:
+            _keep_alive(stream, patience=10.0)
+            assert stream.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 5
+            assert stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import socket
 from collections.abc import Callable
 from typing import Final
 from urllib.parse import quote
@@ -276,6 +277,7 @@ async def relay_fetch(
                 raise h11.RemoteProtocolError("the owner answered 101 to a plain request")
             headers = [(k, v) for k, v in _passed_on(head) if k != "sec-websocket-extensions"]
             response = Response(status=101, websocket=ws, headers=headers)
+            _keep_alive(stream, target.timeout)
             attach_splice(ws, SplicedUpgrade(bytes(raw), stream))
             stream = None  # the client's connection owns it now
             return response
@@ -370,3 +372,18 @@ def remote_error(remote_type: str, message: str) -> Exception:
     if remote_type == "ObjectUnavailableError":
         return ObjectUnavailableError(message, retry_after=1)
     return RemoteCallError(remote_type, message)
+
+
+def _keep_alive(stream: trio.abc.Stream, patience: float) -> None:
+    """TCP keepalives on a spliced socket's hop, so that an owner's machine lost without
+    a FIN ends the relayed socket (its client reconnects) after about ``patience``
+    seconds of silence, instead of when TCP gives up, hours later."""
+    if not isinstance(stream, trio.SocketStream):
+        return
+    idle = max(1, round(patience / 2))
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):  # Linux names; macOS has some of them
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    for level, option, value in options:
+        stream.setsockopt(level, option, value)

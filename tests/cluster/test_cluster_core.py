@@ -412,6 +412,19 @@ async def test_a_sql_database_over_the_cap_is_not_committed(
         assert json.loads((await get(a, "/ledger/x/sql?x=again")).body) == ["small", "again"]
 
 
+async def test_a_host_id_in_use_by_a_live_process_is_refused(dsn: str) -> None:
+    async with cluster_host(dsn, "a") as first:
+        incarnation = node_of(first).incarnation
+        assert incarnation is not None
+        twin = ClusterConfig(dsn=dsn, host_id="a", key=KEY, lease_ttl=0.5)
+        with pytest.raises(StorageError, match="'a' is in use by a live process"):
+            async with serve(APP, cluster=twin):
+                pass
+    # a left (its lease ended): the same host id joins at once, with a new incarnation
+    async with cluster_host(dsn, "a") as again:
+        assert (node_of(again).incarnation or 0) > incarnation
+
+
 async def test_postgres_unreachable_at_start_is_a_storage_error() -> None:
     config = ClusterConfig(dsn="postgresql://nobody@127.0.0.1:1/none", host_id="a")
     with pytest.raises(StorageError, match="cannot use the cluster's PostgreSQL database"):

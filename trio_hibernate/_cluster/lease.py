@@ -13,10 +13,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import trio
 
+from .._errors import StorageError
 from . import store
 
 if TYPE_CHECKING:
@@ -56,9 +58,33 @@ class Lease:
         self._deadline = math.inf
 
     async def join(self, address: str) -> Held:
-        """Take the lease with a new incarnation, advertising ``address``."""
-        started = trio.current_time()
-        self.held = held = await self._db.run(store.join, self.host_id, address, self.ttl)
+        """Take the lease with a new incarnation, advertising ``address``. If a live
+        process holds this host id, wait for its lease to expire (a restart after a
+        crash), at most twice the TTL.
+
+        Raises:
+            StorageError: another process still holds the host id's lease after that.
+        """
+        give_up = trio.current_time() + 2 * self.ttl
+        while True:
+            started = trio.current_time()
+            answer = await self._db.run(store.join, self.host_id, address, self.ttl)
+            if isinstance(answer, store.Held):
+                break
+            if started + answer > give_up:
+                raise StorageError(
+                    f"cluster host id {self.host_id!r} is in use by a live process (its "
+                    f"lease is renewed; {answer:.1f} s left): give this host another "
+                    "--host-id, or stop the other one",
+                    path=Path("postgresql"),
+                )
+            log.info(
+                "cluster host id %s is held by a previous process for %.1f s more; waiting",
+                self.host_id,
+                answer,
+            )
+            await trio.sleep(min(answer + 0.05, max(0.0, give_up - started)))
+        self.held = held = answer
         self._deadline = started + self.ttl * FENCE_FRACTION
         self.hosts = await self._db.run(store.hosts)
         self.joined.set()

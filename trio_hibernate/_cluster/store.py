@@ -130,20 +130,29 @@ def create_schema(conn: psycopg.Connection) -> None:
         conn.execute(SCHEMA)
 
 
-def join(conn: psycopg.Connection, host_id: str, address: str, ttl: float) -> Held:
-    """Take a lease for ``host_id`` with a new incarnation. A previous incarnation's
-    objects are then nobody's: its lease is replaced, so they can be claimed at once."""
+def join(conn: psycopg.Connection, host_id: str, address: str, ttl: float) -> Held | float:
+    """Take a lease for ``host_id`` with a new incarnation, unless a live process holds
+    it: then the seconds its lease has left (two processes never share a host id). A
+    previous incarnation's objects are nobody's once this one joined: they can be
+    claimed at once."""
     with conn.transaction():
         row = conn.execute(
             "INSERT INTO th_hosts (host_id, incarnation, address, expires_at, state) "
             "VALUES (%s, nextval('th_incarnations'), %s, now() + make_interval(secs => %s), "
             "'alive') ON CONFLICT (host_id) DO UPDATE SET incarnation = excluded.incarnation, "
             "address = excluded.address, expires_at = excluded.expires_at, state = 'alive', "
-            "joined_at = now() RETURNING incarnation",
+            "joined_at = now() WHERE th_hosts.state <> 'alive' OR th_hosts.expires_at <= now() "
+            "RETURNING incarnation",
             (host_id, address, ttl),
         ).fetchone()
-    assert row is not None
-    return Held(host_id, int(row[0]))
+        if row is not None:
+            return Held(host_id, int(row[0]))
+        left = conn.execute(
+            "SELECT extract(epoch FROM expires_at - now()) FROM th_hosts WHERE host_id = %s",
+            (host_id,),
+        ).fetchone()
+    assert left is not None
+    return max(0.0, float(left[0]))
 
 
 def renew(conn: psycopg.Connection, held: Held, ttl: float) -> bool:

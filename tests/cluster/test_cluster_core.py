@@ -32,6 +32,7 @@ from trio_hibernate import (
     DurableObject,
     ObjectContext,
     ObjectId,
+    RemoteCallError,
     Request,
     Response,
     StorageError,
@@ -85,6 +86,14 @@ class Ledger(DurableObject):
         elif "alarm_in" in data:
             await self.ctx.storage.set_alarm(time.time() + data["alarm_in"])
             ws.send(json.dumps({"alarm_set": True}))
+
+    async def bounce(self, names: list[str]) -> str:
+        """Call ``bounce`` on the next object named, and so on."""
+        if not names:
+            return "done"
+        stub = self.ctx.get_namespace("ledger").get_by_name(names[0])
+        result: str = await stub.bounce(names[1:])
+        return result
 
     async def count_ops(self) -> int:
         return len(await self.ctx.storage.list(prefix="op:"))
@@ -347,6 +356,24 @@ async def test_requests_and_calls_for_an_object_owned_elsewhere_are_relayed(dsn:
         assert node_of(b).counters["relayed"] == 2
         assert node_of(b).counters["claims"] == 0
         assert len(runtime_of(b.host).objects) == 0  # b keeps nothing for relayed objects
+
+
+async def test_a_call_cycle_across_hosts_is_refused_at_once(dsn: str) -> None:
+    async with (
+        cluster_host(dsn, "a") as a,
+        cluster_host(dsn, "b") as b,
+        open_client(a, "/ledger/x") as on_a,  # x lives on a
+        open_client(b, "/ledger/y") as on_b,  # y lives on b
+    ):
+        await ask(on_a, json.dumps({"op": 1}))
+        await ask(on_b, json.dumps({"op": 1}))
+        ledger = a.host.get_namespace("ledger")
+        assert await ledger.get_by_name("x").bounce(["y"]) == "done"
+        # x -> y (relayed to b) -> x (relayed back to a): x's turn waits for y, so y's
+        # call to x is refused on b at once, not after the relay's timeout.
+        with trio.fail_after(TTL / 2), pytest.raises(RemoteCallError) as info:
+            await ledger.get_by_name("x").bounce(["y", "x"])
+        assert info.value.remote_type == "ReentrantCallError"
 
 
 async def test_a_relayed_request_is_never_relayed_again(dsn: str) -> None:

@@ -121,7 +121,7 @@ async def relay_or_refuse(
         return not refused
     try:
         result = await relay_call(
-            target, namespace, object_id, event.method, event.args, event.kwargs
+            target, namespace, object_id, event.method, event.args, event.kwargs, event.chain
         )
     except (OSError, trio.BrokenResourceError, trio.TooSlowError, h11.ProtocolError) as exc:
         unavailable(runtime, entry, event, owner.expires_in, f"{why}: {exc}")

@@ -28,6 +28,7 @@ import h11
 import trio
 
 from .._core.codec import decode_data, encode_data
+from .._core.events import CallChain
 from .._errors import (
     DataCloneError,
     LimitExceededError,
@@ -310,11 +311,15 @@ async def relay_call(
     method: str,
     args: tuple[object, ...],
     kwargs: dict[str, object],
+    chain: CallChain = (),
 ) -> object:
     """Run ``await object.method(*args, **kwargs)`` on the host that owns the object,
     as a stub call there (a turn of the object), and return its result.
 
-    Arguments and result are copied as data, as for any stub call. A checkpoint.
+    Arguments and result are copied as data, as for any stub call. ``chain`` (the
+    objects whose turns wait for this call) goes along, so that a call that would come
+    back to one of them, on any host, raises ReentrantCallError there instead of
+    deadlocking until the timeout. A checkpoint.
 
     Raises:
         AttributeError: the object has no such public method.
@@ -326,8 +331,9 @@ async def relay_call(
         trio.TooSlowError: no answer within ``target.timeout``.
         OSError, trio.BrokenResourceError: the owner cannot be reached.
     """
+    waiting = [[ns, oid.hex, oid.name] for ns, oid, how in chain if how is None or how.active]
     body = encode_data(
-        [method, list(args), dict(kwargs)],
+        [method, list(args), dict(kwargs), waiting],
         what="A relayed call's arguments",
         limit_name="max_request_body_bytes",
         limit_bytes=Limits().max_request_body_bytes,

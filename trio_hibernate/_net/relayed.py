@@ -33,7 +33,7 @@ from urllib.parse import unquote
 import outcome
 
 from .._core.codec import decode_data, encode_data
-from .._core.events import CallEvent, FetchEvent
+from .._core.events import CallChain, CallEvent, FetchEvent, Waiting
 from .._errors import DataCloneError, LimitExceededError
 from .._http import Request, Response
 from .._ids import ObjectId
@@ -160,20 +160,27 @@ async def _call(
         call = decode_data(request.body)
     except ValueError as exc:
         raise ValueError(f"the body of {CALL_PATH} is not encoded data: {exc}") from None
-    if not isinstance(call, list) or len(call) != 3:
-        raise ValueError(f"the body of {CALL_PATH} is not [method, args, kwargs]")
-    method, args, kwargs = call
+    shape = f"the body of {CALL_PATH} is not [method, args, kwargs, chain]"
+    if not isinstance(call, list) or len(call) != 4:
+        raise ValueError(shape)
+    method, args, kwargs, waiters = call
     if not isinstance(method, str) or not isinstance(args, list) or not isinstance(kwargs, dict):
-        raise ValueError(f"the body of {CALL_PATH} is not [method, args, kwargs]")
+        raise ValueError(shape)
+    # The objects whose turns wait for this call, on whichever host: they wait while
+    # this call does, so a call back to one of them from its turn is refused at once.
+    waiting = Waiting()
+    chain = _chain(waiters, waiting)
     result: outcome.Outcome[object]
     if method.startswith("_") or method in RESERVED_METHODS:
         result = outcome.Error(AttributeError(f"{method!r} is not a public method to call"))
     else:
         answer: OneShot[object] = OneShot()
-        owner.deliver_relayed(
-            namespace, object_id, CallEvent(method, tuple(args), kwargs, answer.reply)
-        )
-        result = await answer.wait()
+        event = CallEvent(method, tuple(args), kwargs, answer.reply, chain)
+        owner.deliver_relayed(namespace, object_id, event)
+        try:
+            result = await answer.wait()
+        finally:
+            waiting.active = False
     limit = owner.limits.max_message_bytes
     if isinstance(result, outcome.Value):
         try:
@@ -197,3 +204,21 @@ async def _call(
         limit_bytes=max(limit, 8192),
     )
     return Response(body=body, headers=_CBOR)
+
+
+def _chain(waiters: object, waiting: Waiting) -> CallChain:
+    """The call chain a relayed call carries (``[[namespace, hex id, name], ...]``)."""
+    if not isinstance(waiters, list):
+        raise ValueError(f"the call chain of {CALL_PATH} is not a list")
+    chain: list[tuple[str, ObjectId, Waiting | None]] = []
+    for link in waiters:
+        if not (
+            isinstance(link, list)
+            and len(link) == 3
+            and isinstance(link[0], str)
+            and isinstance(link[1], str)
+            and (link[2] is None or isinstance(link[2], str))
+        ):
+            raise ValueError(f"a link of the call chain of {CALL_PATH} is malformed")
+        chain.append((link[0], ObjectId(link[1], link[2]), waiting))
+    return tuple(chain)

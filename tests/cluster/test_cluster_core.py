@@ -247,6 +247,28 @@ async def test_deletes_and_delete_all_reach_postgres(dsn: str) -> None:
         assert sql(dsn, "SELECT count(*) FROM th_alarms") == [(0,)]
 
 
+async def test_a_fenced_commit_in_a_batch_leaves_the_others_committed(dsn: str) -> None:
+    import psycopg
+
+    async with cluster_host(dsn, "a") as a:
+        for name in ("p", "q"):
+            await get(a, f"/ledger/{name}")  # claimed by a, epoch 1
+        held = node_of(a).held
+        assert held is not None
+        ids = {name: ObjectId.from_name("ledger", name).hex for name in ("p", "q")}
+        items: list[store.BatchItem] = [
+            ("ledger", ids["p"], "p", 1, store.Writes(entries={"k": b"p"})),
+            ("ledger", ids["q"], "q", 0, store.Writes(entries={"k": b"q"})),  # stale epoch
+        ]
+
+        def commit() -> list[bool]:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                return store.commit_batch(conn, held, items, audit=False)
+
+        assert await trio.to_thread.run_sync(commit) == [True, False]
+        assert sql(dsn, "SELECT object_id FROM th_kv") == [(ids["p"],)]
+
+
 async def test_a_commit_after_a_takeover_is_fenced_and_the_host_stops(dsn: str) -> None:
     async with cluster_host(dsn, "a") as a, open_client(a, "/ledger/x") as ws:
         assert json.loads(await ask(ws, json.dumps({"op": 1}))) == {"ack": 1}
@@ -265,16 +287,16 @@ async def test_a_failed_commit_is_not_acked_and_the_object_reloads(
 ) -> None:
     import psycopg
 
-    real = store.commit_writes
+    real = store.commit_batch
     failures = [psycopg.OperationalError("connection lost during COMMIT")]
 
-    def flaky(*args: Any, **kwargs: Any) -> bool:
+    def flaky(*args: Any, **kwargs: Any) -> list[bool]:
         if failures:
             real(*args, **kwargs)  # it may well have committed: the outcome is unknown
             raise failures.pop()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(store, "commit_writes", flaky)
+    monkeypatch.setattr(store, "commit_batch", flaky)
     async with cluster_host(dsn, "a") as a, open_client(a, "/ledger/x") as ws:
         await send(ws, json.dumps({"op": 1}))  # committed, but never acknowledged
         node = node_of(a)
@@ -290,10 +312,10 @@ async def test_postgres_failing_while_an_object_is_reclaimed_ends_only_its_socke
 ) -> None:
     import psycopg
 
-    real_commit, real_claim = store.commit_writes, store.claim
+    real_commit, real_claim = store.commit_batch, store.claim
     broken = {"commit": 1, "claim": 0}
 
-    def commit(*args: Any, **kwargs: Any) -> bool:
+    def commit(*args: Any, **kwargs: Any) -> list[bool]:
         if broken["commit"]:
             broken["commit"] -= 1
             broken["claim"] = 1  # PostgreSQL stays down for the claim that follows
@@ -306,7 +328,7 @@ async def test_postgres_failing_while_an_object_is_reclaimed_ends_only_its_socke
             raise psycopg.OperationalError("connection refused")
         return real_claim(*args, **kwargs)
 
-    monkeypatch.setattr(store, "commit_writes", commit)
+    monkeypatch.setattr(store, "commit_batch", commit)
     monkeypatch.setattr(store, "claim", claim)
     async with cluster_host(dsn, "a") as a:
         async with open_client(a, "/ledger/x") as ws:

@@ -21,12 +21,13 @@ from .._core.events import CallEvent, Event, FetchEvent
 from .._errors import ClusterCommitError, FencedError
 from .._ids import ObjectId
 from . import store
+from .commits import FencedCommits
 from .elsewhere import drop_socket_event, relay_or_refuse, unavailable
 from .lease import Lease
 from .pg import Postgres
 from .status import COUNTER_HELP
 from .storage import ClusterBackend
-from .store import Claimed, Held, OwnedElsewhere, Writes
+from .store import Claimed, Held, OwnedElsewhere
 from .sweeper import sweep_alarms
 
 if TYPE_CHECKING:
@@ -56,8 +57,10 @@ class ClusterNode:
         # The lease has a connection (and a worker thread) of its own: a crowd of claims
         # after a peer's death must not delay the renewals and fence this host too.
         self._lease_db = Postgres(config.dsn, 1, config.lease_ttl)
-        self.backend = ClusterBackend(self._flush_to, self._reclaim, self._poisoned)
         self.lease = Lease(self._lease_db, config.host_id, config.lease_ttl, self._fenced)
+        self.commits = FencedCommits(self.db, self.lease, audit=config.audit)
+        """Every fenced commit of this host's objects (``commits.py``)."""
+        self.backend = ClusterBackend(self.commits.flush_to, self._reclaim, self._poisoned)
         self._wall_clock = wall_clock
         self._runtime: ClusterRuntime | None = None
         self._fence_runtime: Callable[[str], None] | None = None
@@ -308,24 +311,6 @@ class ClusterNode:
             self.counters["releases"] += 1
 
     # -- commits ---------------------------------------------------------------------------
-
-    def _flush_to(
-        self, namespace: str, hex_id: str, name: str | None, epoch: int, writes: Writes
-    ) -> bool:
-        """A fenced commit (worker thread; see ``storage.py``)."""
-        held = self.held
-        if held is None or self.lease.fenced.is_set():
-            return False
-        return self.db.call(
-            store.commit_writes,
-            held,
-            namespace,
-            hex_id,
-            name,
-            epoch,
-            writes,
-            audit=self.config.audit,
-        )
 
     # -- alarms of objects nobody owns (sweeper.py) ----------------------------------------
 

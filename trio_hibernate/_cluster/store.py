@@ -287,53 +287,98 @@ def commit_writes(
     """
     if writes.cleared:
         return _commit_cleared(conn, held, namespace, hex_id, name, epoch, writes, audit=audit)
+    query, params = _fenced_statement(held, namespace, hex_id, name, epoch, writes, audit=audit)
+    row = conn.execute(query, params).fetchone()
+    assert row is not None
+    return int(row[0]) == 1
+
+
+#: One object's commit in a batch: namespace, hex id, name, epoch, writes (not cleared).
+BatchItem = tuple[str, str, str | None, int, Writes]
+
+
+def commit_batch(
+    conn: psycopg.Connection, held: Held, items: list[BatchItem], *, audit: bool
+) -> list[bool]:
+    """The commits of several objects in one transaction (one ``fsync`` for all): each
+    its own fenced statement, sent in a pipeline. A fenced object writes nothing and
+    gets False; the others commit. An error fails them all (nothing is written)."""
+    if len(items) == 1:  # one statement, its own transaction: one round trip
+        return [commit_writes(conn, held, *items[0], audit=audit)]
+    ordered = sorted(range(len(items)), key=lambda i: items[i][:2])  # one lock order
+    results = [False] * len(items)
+    # BEGIN, the statements and COMMIT go out together: one round trip.
+    with conn.pipeline(), conn.transaction():
+        cursors = [
+            (i, conn.execute(*_fenced_statement(held, *items[i], audit=audit))) for i in ordered
+        ]
+    for i, cursor in cursors:
+        row = cursor.fetchone()
+        assert row is not None
+        results[i] = int(row[0]) == 1
+    return results
+
+
+_FENCED_COMMIT: Final = (
+    "WITH fence AS (SELECT 1 FROM th_objects WHERE namespace = %(ns)s "
+    "AND object_id = %(id)s AND owner = %(owner)s AND incarnation = %(inc)s "
+    "AND epoch = %(epoch)s FOR UPDATE), "
+    "del AS (DELETE FROM th_kv WHERE namespace = %(ns)s AND object_id = %(id)s "
+    "AND key = ANY(%(deleted)s::text[]) AND EXISTS (SELECT 1 FROM fence)), "
+    "ins AS (INSERT INTO th_kv (namespace, object_id, key, value) "
+    "SELECT %(ns)s, %(id)s, k, v FROM unnest(%(keys)s::text[], %(values)s::bytea[]) "
+    "AS t(k, v) WHERE EXISTS (SELECT 1 FROM fence) "
+    "ON CONFLICT (namespace, object_id, key) DO UPDATE SET value = excluded.value), "
+    "alarm_del AS (DELETE FROM th_alarms WHERE %(alarm_delete)s "
+    "AND namespace = %(ns)s AND object_id = %(id)s AND EXISTS (SELECT 1 FROM fence)), "
+    "alarm_set AS (INSERT INTO th_alarms (namespace, object_id, name, at) "
+    "SELECT %(ns)s, %(id)s, %(name)s, %(at)s WHERE %(alarm_set)s "
+    "AND EXISTS (SELECT 1 FROM fence) ON CONFLICT (namespace, object_id) "
+    "DO UPDATE SET at = excluded.at), "
+    "image AS (INSERT INTO th_sql (namespace, object_id, image) "
+    "SELECT %(ns)s, %(id)s, %(image)s::bytea WHERE %(image)s::bytea IS NOT NULL "
+    "AND EXISTS (SELECT 1 FROM fence) ON CONFLICT (namespace, object_id) "
+    "DO UPDATE SET image = excluded.image), "
+    "log AS (INSERT INTO th_commit_log (namespace, object_id, epoch, host_id, "
+    "incarnation, keys) SELECT %(ns)s, %(id)s, %(epoch)s, %(owner)s, %(inc)s, "
+    "%(all_keys)s::text[] WHERE %(audit)s AND EXISTS (SELECT 1 FROM fence)) "
+    "SELECT count(*) FROM fence"
+)
+
+
+def _fenced_statement(
+    held: Held,
+    namespace: str,
+    hex_id: str,
+    name: str | None,
+    epoch: int,
+    writes: Writes,
+    *,
+    audit: bool,
+) -> tuple[str, dict[str, object]]:
+    """The one statement of a commit without ``cleared``: the fence is a ``FOR UPDATE``
+    CTE, and every write CTE runs only ``WHERE EXISTS`` the fence row; it returns how
+    many fence rows there are (1: committed, 0: fenced)."""
     deleted = [k for k, v in writes.entries.items() if v is None]
     stored = [(k, v) for k, v in writes.entries.items() if v is not None]
     alarm_set = isinstance(writes.alarm, float)
-    row = conn.execute(
-        "WITH fence AS (SELECT 1 FROM th_objects WHERE namespace = %(ns)s "
-        "AND object_id = %(id)s AND owner = %(owner)s AND incarnation = %(inc)s "
-        "AND epoch = %(epoch)s FOR UPDATE), "
-        "del AS (DELETE FROM th_kv WHERE namespace = %(ns)s AND object_id = %(id)s "
-        "AND key = ANY(%(deleted)s::text[]) AND EXISTS (SELECT 1 FROM fence)), "
-        "ins AS (INSERT INTO th_kv (namespace, object_id, key, value) "
-        "SELECT %(ns)s, %(id)s, k, v FROM unnest(%(keys)s::text[], %(values)s::bytea[]) "
-        "AS t(k, v) WHERE EXISTS (SELECT 1 FROM fence) "
-        "ON CONFLICT (namespace, object_id, key) DO UPDATE SET value = excluded.value), "
-        "alarm_del AS (DELETE FROM th_alarms WHERE %(alarm_delete)s "
-        "AND namespace = %(ns)s AND object_id = %(id)s AND EXISTS (SELECT 1 FROM fence)), "
-        "alarm_set AS (INSERT INTO th_alarms (namespace, object_id, name, at) "
-        "SELECT %(ns)s, %(id)s, %(name)s, %(at)s WHERE %(alarm_set)s "
-        "AND EXISTS (SELECT 1 FROM fence) ON CONFLICT (namespace, object_id) "
-        "DO UPDATE SET at = excluded.at), "
-        "image AS (INSERT INTO th_sql (namespace, object_id, image) "
-        "SELECT %(ns)s, %(id)s, %(image)s::bytea WHERE %(image)s::bytea IS NOT NULL "
-        "AND EXISTS (SELECT 1 FROM fence) ON CONFLICT (namespace, object_id) "
-        "DO UPDATE SET image = excluded.image), "
-        "log AS (INSERT INTO th_commit_log (namespace, object_id, epoch, host_id, "
-        "incarnation, keys) SELECT %(ns)s, %(id)s, %(epoch)s, %(owner)s, %(inc)s, "
-        "%(all_keys)s::text[] WHERE %(audit)s AND EXISTS (SELECT 1 FROM fence)) "
-        "SELECT count(*) FROM fence",
-        {
-            "ns": namespace,
-            "id": hex_id,
-            "name": name,
-            "owner": held.host_id,
-            "inc": held.incarnation,
-            "epoch": epoch,
-            "deleted": deleted,
-            "keys": [k for k, _ in stored],
-            "values": [v for _, v in stored],
-            "alarm_delete": writes.alarm is None,
-            "alarm_set": alarm_set,
-            "at": writes.alarm if alarm_set else None,
-            "audit": audit,
-            "all_keys": sorted(writes.entries),
-            "image": writes.image,
-        },
-    ).fetchone()
-    assert row is not None
-    return int(row[0]) == 1
+    return _FENCED_COMMIT, {
+        "ns": namespace,
+        "id": hex_id,
+        "name": name,
+        "owner": held.host_id,
+        "inc": held.incarnation,
+        "epoch": epoch,
+        "deleted": deleted,
+        "keys": [k for k, _ in stored],
+        "values": [v for _, v in stored],
+        "alarm_delete": writes.alarm is None,
+        "alarm_set": alarm_set,
+        "at": writes.alarm if alarm_set else None,
+        "audit": audit,
+        "all_keys": sorted(writes.entries),
+        "image": writes.image,
+    }
 
 
 def _commit_cleared(

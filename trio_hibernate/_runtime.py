@@ -300,7 +300,7 @@ class Runtime:
         if self.closing:
             self.refuse_unrun_event(entry, event)
             return
-        if entry.placed is None and self.cluster is not None:
+        if self.cluster is not None and entry.placed is None:
             self.cluster.place(entry, event)  # claimed first, or relayed
             return
         if entry.core.enqueue(event):

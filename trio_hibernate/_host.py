@@ -338,7 +338,7 @@ async def open_host(
                 nursery.start_soon(runtime.alarms.run)
                 nursery.start_soon(runtime.reaper.run)
                 if node is not None:
-                    attach_cluster(node, runtime, nursery)
+                    attach_cluster(node, runtime)
                     if cluster is not None and cluster.advertise is not None:
                         await node.join(cluster.advertise)
                 try:
@@ -356,8 +356,9 @@ async def open_host(
         if runtime is not None:
             runtime.close()
         backend.close()
-        if node is not None:
-            node.close()
+        if node is not None:  # closing the pools joins their threads: not on the loop
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(node.close)
 
 
 async def _run_host_nursery(

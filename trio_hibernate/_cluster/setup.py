@@ -48,9 +48,8 @@ async def connect_cluster(config: ClusterConfig, wall_clock: Callable[[], float]
     return node
 
 
-def attach_cluster(node: ClusterNode, runtime: Runtime, nursery: trio.Nursery) -> None:
+def attach_cluster(node: ClusterNode, runtime: Runtime) -> None:
     """Route ``runtime``'s events through ``node`` and serve ``/_cluster``."""
-    del nursery
     runtime.cluster = node
     runtime.relay_key = node.config.key  # None: relays are neither made nor served
     node.attach(runtime, partial(fence_runtime, runtime))

@@ -101,7 +101,7 @@ class Lease:
                 return
             try:
                 ok = await self._db.run(store.renew, held, self.ttl)
-            except Exception as exc:  # PostgreSQL unreachable: the watch decides
+            except OSError as exc:  # PostgreSQL unreachable: the watch decides
                 self.renewal_failures += 1
                 log.warning("could not renew the lease of %s: %s", held.host_id, exc)
                 continue
@@ -113,7 +113,7 @@ class Lease:
             self._deadline = started + self.ttl * FENCE_FRACTION
             try:
                 self.hosts = await self._db.run(store.hosts)
-            except Exception as exc:
+            except OSError as exc:
                 log.warning("could not read the cluster's hosts: %s", exc)
 
     async def watch(self) -> None:
@@ -153,6 +153,6 @@ class Lease:
             return None
         try:  # a fenced host too: what it still owns is released (every epoch check holds)
             return await self._db.run(store.leave, held)
-        except Exception:
+        except OSError:
             log.exception("could not release this host's objects; they move when its lease ends")
             return None

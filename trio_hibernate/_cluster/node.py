@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import trio
 
 from .._core.events import CallEvent, Event, FetchEvent
-from .._errors import ClusterCommitError, FencedError
+from .._errors import ClusterCommitError, FencedError, StorageError
 from .._ids import ObjectId
 from . import store
 from .commits import FencedCommits
@@ -102,7 +103,12 @@ class ClusterNode:
             return
         self.config = config = self.config.with_advertise(address)
         assert config.advertise is not None
-        held = await self.lease.join(config.advertise)
+        try:
+            held = await self.lease.join(config.advertise)
+        except OSError as exc:  # PostgreSQL went away since the host connected
+            raise StorageError(
+                f"cannot join the cluster as {config.host_id}: {exc}", path=Path("postgresql")
+            ) from exc
         log.info(
             "cluster host %s joined as incarnation %d (advertising %s, lease %g s)",
             config.host_id,
@@ -170,7 +176,7 @@ class ClusterNode:
         key = (namespace, object_id.hex)
         try:
             outcome = await self._ensure_claimed(namespace, object_id)
-        except Exception as exc:
+        except Exception as exc:  # whatever it was, the waiting events are answered
             log.error("cannot claim %s %s: %s", namespace, object_id, exc)
             entry = runtime.entry_for(namespace, object_id)
             for event, _relayed in self._pending.pop(key, []):
@@ -251,7 +257,7 @@ class ClusterNode:
         assert held is not None
         try:
             outcome = await self.db.run(store.claim, held, namespace, object_id.hex, object_id.name)
-        except Exception as exc:  # psycopg's errors, the pool's timeout: not OSErrors
+        except OSError as exc:  # PostgreSQL failed or is unreachable (pg.py)
             raise ClusterCommitError(f"cannot claim {namespace} {object_id}: {exc}") from exc
         if outcome is None:
             self.lease.fence("its lease had expired when it tried to claim an object")
@@ -305,7 +311,7 @@ class ClusterNode:
     async def _release(self, held: Held, namespace: str, hex_id: str, epoch: int) -> None:
         try:
             await self.db.run(store.release, held, namespace, hex_id, epoch)
-        except Exception as exc:  # harmless: the object moves when the lease ends
+        except OSError as exc:  # harmless: the object moves when the lease ends
             log.warning("could not release %s %s: %s", namespace, hex_id, exc)
         else:
             self.counters["releases"] += 1

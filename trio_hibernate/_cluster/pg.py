@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
 import trio
 
+from .._errors import ClusterCommitError
+
 if TYPE_CHECKING:
     import psycopg
 
@@ -81,9 +83,20 @@ class Postgres:
     def call(
         self, fn: Callable[Concatenate[psycopg.Connection, P], T], *args: P.args, **kw: P.kwargs
     ) -> T:
-        """``fn(connection, *args)`` on a pooled connection, in this (worker) thread."""
-        with self._pool.connection() as conn:
-            return fn(conn, *args, **kw)
+        """``fn(connection, *args)`` on a pooled connection, in this (worker) thread.
+
+        Raises:
+            ClusterCommitError: PostgreSQL failed the call or cannot be reached (an
+                OSError: the callers handle it as the storage failing, which it is).
+        """
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        try:
+            with self._pool.connection() as conn:
+                return fn(conn, *args, **kw)
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise ClusterCommitError(f"PostgreSQL: {exc}") from exc
 
     async def run(
         self, fn: Callable[Concatenate[psycopg.Connection, P], T], *args: P.args, **kw: P.kwargs

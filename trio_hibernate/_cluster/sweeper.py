@@ -58,7 +58,7 @@ async def sweep_alarms(
         namespaces = sorted(runtime.app.objects)
         try:
             due = await node.db.run(store.due_orphans, wall_clock(), namespaces)
-        except Exception as exc:  # PostgreSQL unreachable: the next sweep tries again
+        except OSError as exc:  # PostgreSQL unreachable: the next sweep tries again
             log.warning("alarm sweep failed: %s", exc)
             continue
         node.counters["sweeps"] += 1

@@ -255,11 +255,6 @@ class ClusterBackend:
     def open_descriptors(self) -> int:
         return 0
 
-    @property
-    def copies(self) -> int:
-        """Objects whose data this host holds."""
-        return len(self._copies)
-
     def install(self, namespace: str, object_id: ObjectId, data: ObjectData) -> None:
         """Keep the data a claim read (replacing an older copy)."""
         key = (namespace, object_id.hex)

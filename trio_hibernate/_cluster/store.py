@@ -392,37 +392,16 @@ def _commit_cleared(
     *,
     audit: bool,
 ) -> bool:
-    """:func:`commit_writes` after a ``delete_all``: statement by statement."""
+    """:func:`commit_writes` after a ``delete_all``: under the fence, the object's
+    entries and alarm go first, then the fenced statement writes what came after."""
     with conn.transaction():
         if not _fence(conn, held, namespace, hex_id, epoch):
             return False
         where = (namespace, hex_id)
         conn.execute("DELETE FROM th_kv WHERE namespace = %s AND object_id = %s", where)
-        stored = [(k, v) for k, v in writes.entries.items() if v is not None]
-        if stored:
-            conn.execute(
-                "INSERT INTO th_kv (namespace, object_id, key, value) "
-                "SELECT %s, %s, k, v FROM unnest(%s::text[], %s::bytea[]) AS t(k, v)",
-                (*where, [k for k, _ in stored], [v for _, v in stored]),
-            )
         conn.execute("DELETE FROM th_alarms WHERE namespace = %s AND object_id = %s", where)
-        if isinstance(writes.alarm, float):
-            conn.execute(
-                "INSERT INTO th_alarms (namespace, object_id, name, at) VALUES (%s, %s, %s, %s)",
-                (*where, name, writes.alarm),
-            )
-        if writes.image is not None:
-            conn.execute(
-                "INSERT INTO th_sql (namespace, object_id, image) VALUES (%s, %s, %s) "
-                "ON CONFLICT (namespace, object_id) DO UPDATE SET image = excluded.image",
-                (*where, writes.image),
-            )
-        if audit:
-            conn.execute(
-                "INSERT INTO th_commit_log (namespace, object_id, epoch, host_id, incarnation, "
-                "keys) VALUES (%s, %s, %s, %s, %s, %s)",
-                (*where, epoch, held.host_id, held.incarnation, sorted(writes.entries)),
-            )
+        later = attrs.evolve(writes, cleared=False)
+        conn.execute(*_fenced_statement(held, namespace, hex_id, name, epoch, later, audit=audit))
     return True
 
 
